@@ -1,2 +1,201 @@
-def main():
-    pass
+"""The ``edgediff`` command line: export, generate, info.
+
+``generate`` and ``info`` import only the runtime (no torch); ``export``
+imports the export side lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0] if __doc__ else None)
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def export(
+    source: Optional[str] = typer.Argument(None, help="diffusers folder, .safetensors/.ckpt file, or hub id"),
+    out: Optional[Path] = typer.Argument(None, help="artifact folder to write"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing artifact folder"),
+    config: Optional[str] = typer.Option(None, help="for single-file checkpoints: a diffusers folder or hub id giving the component configs"),
+    random_weights: Optional[str] = typer.Option(
+        None, "--random-weights", help="export an architecture built from a recipe with seeded random weights (then the only argument is OUT)"
+    ),
+    seed: int = typer.Option(0, help="seed of --random-weights"),
+) -> None:
+    """Export a Stable Diffusion checkpoint to an artifact folder (ONNX + manifest)."""
+    try:
+        from edgediff.export import ExportError, export_artifact
+        from edgediff.export.recipes import RECIPES, build_pipeline
+    except ImportError as e:
+        _fail(f"export needs the export extra ({e.name} is missing): pip install 'edgediff[export]'")
+    import tempfile
+
+    if random_weights:
+        if out is None and source is not None:
+            source, out = None, Path(source)
+        if source is not None or out is None:
+            _fail("with --random-weights give only OUT: edgediff export --random-weights RECIPE OUT")
+        if random_weights not in RECIPES:
+            _fail(f"unknown recipe {random_weights!r}; valid: {', '.join(RECIPES)}")
+    elif source is None or out is None:
+        _fail("usage: edgediff export SOURCE OUT (or --random-weights RECIPE OUT)")
+    if out.exists() and not force:
+        _fail(f"{out} already exists; pass --force to overwrite it")
+    t0 = time.perf_counter()
+    with console.status("exporting") as status:
+        try:
+            if random_weights:
+                with tempfile.TemporaryDirectory() as tmp:
+                    status.update(f"building {random_weights} with random weights (seed {seed})")
+                    build_pipeline(random_weights, Path(tmp) / "src", seed=seed)
+                    manifest = export_artifact(str(Path(tmp) / "src"), out, force=force, random_weights=True,
+                                               progress=status.update)
+                    manifest.provenance["source"] = f"random-weights:{random_weights}:seed={seed}"
+                    manifest.save(out)
+            else:
+                manifest = export_artifact(source, out, force=force, config=config, progress=status.update)
+        except (ExportError, OSError, ValueError) as e:
+            _fail(str(e))
+    for comp, variants in manifest.components.items():
+        v = variants["fp32"]
+        err = v.quality["parity_vs_torch"]["max_rel_err"]
+        console.print(f"  {comp:13s} {v.bytes / 1e6:9.1f} MB   ONNX vs PyTorch relative error {err:.2e}")
+    console.print(f"exported {manifest.family} ({manifest.prediction_type}) to [bold]{out}[/] in {time.perf_counter() - t0:.1f} s")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="what to draw"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="artifact folder"),
+    negative: str = typer.Option("", "--negative", help="negative prompt"),
+    steps: int = typer.Option(25, help="denoising steps"),
+    guidance: float = typer.Option(7.5, help="classifier-free guidance scale (<= 1 disables it)"),
+    seed: int = typer.Option(0, help="random seed"),
+    rng: str = typer.Option("numpy", help="numpy, or torch to reproduce diffusers' images for a seed"),
+    width: Optional[int] = typer.Option(None, help="image width, a multiple of 8 (default: the model's)"),
+    height: Optional[int] = typer.Option(None, help="image height, a multiple of 8 (default: the model's)"),
+    scheduler: Optional[str] = typer.Option(None, help="ddim, pndm, lms, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, unipc, heun, lcm (default: the model's)"),
+    backend: str = typer.Option("auto", help="auto, onnxruntime or openvino"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, dml (onnxruntime); cpu, gpu, npu, auto (openvino)"),
+    precision: Optional[str] = typer.Option(None, help="component precisions, e.g. fp16 or unet=int8,vae_decoder=fp16"),
+    num_images: int = typer.Option(1, "--num-images", help="images to generate"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads (default: the backend's)"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache folder"),
+    ov_precision: str = typer.Option("auto", "--ov-precision", help="OpenVINO execution precision: auto (bf16 where the CPU has it), f32, bf16, f16"),
+    output: Path = typer.Option(Path("edgediff.png"), "--output", "-o", help="PNG to write (several images get -1, -2 ...)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="print per-stage timings"),
+) -> None:
+    """Generate images from a prompt with an exported artifact (no PyTorch needed)."""
+    from edgediff.runtime import ArtifactError, BackendError, Pipeline
+
+    if model is None:
+        _fail("--model is required: an artifact folder written by `edgediff export`")
+    try:
+        t0 = time.perf_counter()
+        pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, threads=threads,
+                             cache_dir=cache_dir, ov_precision=ov_precision)
+        load_s = time.perf_counter() - t0
+        if pipe.manifest.random_weights:
+            console.print("[yellow]note:[/] this artifact has random weights (for latency measurement); it draws noise")
+        with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console, transient=not verbose) as bar:
+            task = bar.add_task("steps", total=None)
+
+            def on_step(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            images = pipe.txt2img(prompt, negative or None, steps=steps, guidance=guidance, seed=seed, width=width,
+                                  height=height, scheduler=scheduler, num_images=num_images, rng=rng, callback=on_step)
+    except (ArtifactError, BackendError, ValueError) as e:
+        _fail(str(e))
+    params = {
+        "prompt": prompt, "negative": negative, "steps": steps, "guidance": guidance, "seed": seed, "rng": rng,
+        "width": images[0].width, "height": images[0].height,
+        "scheduler": scheduler or pipe.manifest.scheduler, "model": str(model), "backend": pipe.backend,
+        "precision": {c: s.variant.precision for c, s in pipe.sessions.items()},
+    }
+    paths = _write_images(images, output, params)
+    for p in paths:
+        typer.echo(f"wrote {p}")
+    if verbose:
+        _print_timings(load_s, pipe)
+
+
+def _write_images(images, output: Path, params: dict) -> list[Path]:
+    from PIL.PngImagePlugin import PngInfo
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, image in enumerate(images):
+        path = output if len(images) == 1 else output.with_name(f"{output.stem}-{k + 1}{output.suffix or '.png'}")
+        info = PngInfo()
+        info.add_text("parameters", f"{params['prompt']}\nNegative prompt: {params['negative']}\n"
+                      f"Steps: {params['steps']}, Sampler: {params['scheduler']}, CFG scale: {params['guidance']}, "
+                      f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}")
+        info.add_text("edgediff", json.dumps({**params, "index": k}))
+        image.save(path, pnginfo=info)
+        paths.append(path)
+    return paths
+
+
+def _print_timings(load_s: float, pipe) -> None:
+    t = pipe.last_timings.stages
+    unet = t.get("unet", [])
+    table = Table(title="timings (s)")
+    for col in ("stage", "calls", "total", "first", "median of rest"):
+        table.add_column(col)
+    table.add_row("load", "", f"{load_s:.3f}", "", "")
+    for stage, values in t.items():
+        rest = sorted(values[1:])
+        table.add_row(stage, str(len(values)), f"{sum(values):.3f}", f"{values[0]:.3f}",
+                      f"{rest[len(rest) // 2]:.3f}" if rest else "")
+    console.print(table)
+    console.print(f"devices: {json.dumps(pipe.describe())}")
+    if unet:
+        console.print(f"unet: {len(unet)} calls, first {unet[0]:.3f} s")
+
+
+@app.command()
+def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omit for the installed backends only)")) -> None:
+    """Show an artifact's manifest (components, precisions, parity) and the devices of the installed backends."""
+    from edgediff.runtime import ArtifactError, available_devices, load_manifest
+
+    if model is not None:
+        try:
+            m = load_manifest(model)
+        except ArtifactError as e:
+            _fail(str(e))
+        table = Table(title=f"{model}: {m.family}, {m.prediction_type}, {m.sample_size}px default, scheduler {m.scheduler}"
+                      + (" [random weights]" if m.random_weights else ""))
+        for col in ("component", "precision", "MB", "inputs", "quality"):
+            table.add_column(col)
+        for comp, variants in m.components.items():
+            for prec, v in variants.items():
+                ins = ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in v.inputs)
+                table.add_row(comp, prec, f"{v.bytes / 1e6:.1f}", ins, json.dumps(v.quality.get("parity_vs_torch", v.quality))[:80])
+        Console().print(table)
+        Console().print(f"provenance: {json.dumps(m.provenance)}")
+    Console().print_json(json.dumps({"backends": available_devices()}))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -59,15 +59,16 @@ def train_betas(config: dict[str, Any]) -> np.ndarray:
     )
 
 
-def alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
-    """Cumulative product of (1 - beta), float32 like diffusers' torch.cumprod on float32."""
-    alphas = (1.0 - train_betas(config)).astype(np.float32)
-    return np.cumprod(alphas, dtype=np.float32)
+def alphas_cumprod(config: dict[str, Any], betas: np.ndarray | None = None) -> np.ndarray:
+    """Cumulative product of (1 - beta) for the config's betas (or ``betas``), float32 like
+    diffusers' torch.cumprod on float32, which on the CPU accumulates in double."""
+    alphas = (1.0 - (train_betas(config) if betas is None else betas)).astype(np.float32)
+    return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     """Lin et al. 2023, Algorithm 1: rescale betas to zero terminal SNR."""
-    alphas_bar_sqrt = np.sqrt(np.cumprod(1.0 - betas))
+    alphas_bar_sqrt = np.sqrt(np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32))  # torch: double accumulator
     first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
     alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)
     alphas_bar = alphas_bar_sqrt**2
@@ -95,3 +96,78 @@ class Scheduler(Protocol):
     def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
         """Advance ``sample`` past UNet call ``i`` given the (guided) model output."""
         ...
+
+
+# --- helpers shared by the sigma-based ("k-diffusion") and multistep schedulers ---
+
+
+def config_choice(config: dict[str, Any], key: str, default: Any, accepted: tuple[Any, ...]) -> Any:
+    """``config.get(key, default)``, or ValueError naming the key, the value and what is accepted."""
+    value = config.get(key, default)
+    if not any(value is a or (type(value) is type(a) and value == a) for a in accepted):
+        raise ValueError(f"{key}={value!r} is not supported; accepted: {', '.join(repr(a) for a in accepted)}")
+    return value
+
+
+def discrete_timesteps(config: dict[str, Any], num_inference_steps: int) -> np.ndarray:
+    """Float32 timesteps of Euler/Heun/LMS ``set_timesteps`` ("linspace", "leading", "trailing"),
+    Table 2 of Lin et al. 2023 (https://huggingface.co/papers/2305.08891)."""
+    n_train = int(config.get("num_train_timesteps", 1000))
+    spacing = config_choice(config, "timestep_spacing", "linspace", ("linspace", "leading", "trailing"))
+    if spacing == "linspace":
+        return np.linspace(0, n_train - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
+    if spacing == "leading":
+        step_ratio = n_train // num_inference_steps
+        timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].copy().astype(np.float32)
+        return timesteps + np.float32(config.get("steps_offset", 0))
+    step_ratio = n_train / num_inference_steps
+    return np.arange(n_train, 0, -step_ratio).round().astype(np.float32) - np.float32(1)
+
+
+def multistep_timesteps(config: dict[str, Any], num_inference_steps: int, last_timestep: int) -> np.ndarray:
+    """Int64 timesteps of DPMSolverMultistep/UniPC ``set_timesteps``; ``last_timestep`` is
+    ``num_train_timesteps`` unless DPM-Solver's ``lambda_min_clipped`` cuts the schedule."""
+    n_train = int(config.get("num_train_timesteps", 1000))
+    n = num_inference_steps
+    spacing = config_choice(config, "timestep_spacing", "linspace", ("linspace", "leading", "trailing"))
+    if spacing == "linspace":
+        return np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if spacing == "leading":
+        step_ratio = last_timestep // (n + 1)
+        timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64)
+        return timesteps + int(config.get("steps_offset", 0))
+    step_ratio = n_train / n
+    return np.arange(last_timestep, 0, -step_ratio).round().copy().astype(np.int64) - 1
+
+
+def sigma_to_t(sigma: np.ndarray | float, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of ``sigma``: linear interpolation in log sigma (diffusers' ``_sigma_to_t``)."""
+    sigma = np.asarray(sigma)
+    # get log sigma
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    # get distribution
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    # get sigmas range
+    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low = log_sigmas[low_idx]
+    high = log_sigmas[high_idx]
+    # interpolate sigmas
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    # transform interpolation to time range
+    t = (1 - w) * low_idx + w * high_idx
+    return t.reshape(sigma.shape)
+
+
+def karras_sigmas(in_sigmas: np.ndarray, num_inference_steps: int, config: dict[str, Any]) -> np.ndarray:
+    """Karras et al. 2022 (EDM, https://huggingface.co/papers/2206.00364) rho=7 noise levels, float64,
+    from ``config["sigma_max"]``/``["sigma_min"]`` or else ``in_sigmas[0]``/``[-1]`` (diffusers' ``_convert_to_karras``)."""
+    sigma_min = config.get("sigma_min")
+    sigma_max = config.get("sigma_max")
+    sigma_min = sigma_min if sigma_min is not None else float(in_sigmas[-1])
+    sigma_max = sigma_max if sigma_max is not None else float(in_sigmas[0])
+    rho = 7.0  # 7.0 is the value used in the paper
+    ramp = np.linspace(0, 1, num_inference_steps)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho

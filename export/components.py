@@ -1,0 +1,242 @@
+"""One export function per component, each with a declared contract.
+
+Every contract names the graph's inputs and outputs, their dtypes and dynamic
+axes, and builds sample inputs. ``export_component`` traces the wrapper with
+PyTorch's ONNX exporter (opset 17), then runs the ONNX graph in ONNX Runtime
+on the sample inputs and compares with PyTorch: the error goes into the
+manifest, and over ``max_rel_err`` the export fails.
+
+Why torch.onnx and not optimum's exporter: optimum-onnx pins
+``transformers<4.58`` and ``optimum~=2.1``, which clash with the diffusers and
+transformers this project pins; the four SD graphs are simple enough that
+the exporter plus a parity check is less code than the shim.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from edgediff.runtime.manifest import TensorSpec, Variant
+
+OPSET = 17
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's limit is 2 GiB; leave headroom
+
+
+class ExportError(RuntimeError):
+    """An exported graph failed its parity check or could not be written."""
+
+
+@dataclass
+class Contract:
+    name: str
+    module: torch.nn.Module
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    sample: Callable[[], tuple[torch.Tensor, ...]]
+    max_rel_err: float = 1e-3
+
+
+class _TextEncoder(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+class _UNet(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class _VaeDecoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class _VaeEncoder(torch.nn.Module):
+    """Outputs the latent distribution's raw moments (mean, logvar); the runtime samples."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        h = self.vae.encoder(sample)
+        return self.vae.quant_conv(h) if self.vae.quant_conv is not None else h
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def text_encoder_contract(text_encoder, max_length: int) -> Contract:
+    hidden = text_encoder.config.hidden_size
+    vocab = text_encoder.config.vocab_size
+
+    def sample():
+        ids = torch.randint(0, vocab - 2, (2, max_length), generator=_gen(0))
+        ids[:, 0] = vocab - 2  # <|startoftext|>
+        ids[:, -5:] = vocab - 1  # <|endoftext|> and padding
+        return (ids,)
+
+    return Contract(
+        "text_encoder",
+        _TextEncoder(text_encoder),
+        (TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+        (TensorSpec("last_hidden_state", "float32", ("batch", "sequence", hidden)),),
+        sample,
+    )
+
+
+def unet_contract(unet, latent_size: int) -> Contract:
+    c = unet.config
+    in_ch, out_ch, ctx = c.in_channels, c.out_channels, c.cross_attention_dim
+    # An odd latent size makes diffusers forward each upsampler's output size
+    # from the skip connection, so the traced graph accepts any size that the
+    # VAE does (multiples of 8 pixels), not only multiples of 64.
+    h, w = latent_size + 1, latent_size + 3
+
+    def sample():
+        g = _gen(1)
+        return (
+            torch.randn(2, in_ch, h, w, generator=g),
+            torch.tensor([981.0, 981.0]),
+            torch.randn(2, 77, ctx, generator=g),
+        )
+
+    return Contract(
+        "unet",
+        _UNet(unet),
+        (
+            TensorSpec("sample", "float32", ("batch", in_ch, "height", "width")),
+            TensorSpec("timestep", "float32", ("batch",)),
+            TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", ctx)),
+        ),
+        (TensorSpec("out_sample", "float32", ("batch", out_ch, "height", "width")),),
+        sample,
+    )
+
+
+def vae_decoder_contract(vae, latent_size: int) -> Contract:
+    ch = vae.config.latent_channels
+
+    def sample():
+        return (torch.randn(1, ch, latent_size, latent_size + 2, generator=_gen(2)),)
+
+    return Contract(
+        "vae_decoder",
+        _VaeDecoder(vae),
+        (TensorSpec("latent_sample", "float32", ("batch", ch, "latent_height", "latent_width")),),
+        (TensorSpec("sample", "float32", ("batch", 3, "height", "width")),),
+        sample,
+    )
+
+
+def vae_encoder_contract(vae, image_size: int) -> Contract:
+    ch = vae.config.latent_channels
+
+    def sample():
+        return (torch.rand(1, 3, image_size, image_size + 16, generator=_gen(3)) * 2 - 1,)
+
+    return Contract(
+        "vae_encoder",
+        _VaeEncoder(vae),
+        (TensorSpec("sample", "float32", ("batch", 3, "height", "width")),),
+        (TensorSpec("latent_parameters", "float32", ("batch", 2 * ch, "latent_height", "latent_width")),),
+        sample,
+    )
+
+
+def _dynamic_axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:
+    return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in specs}
+
+
+def export_component(contract: Contract, out_dir: Path, progress: Callable[[str], Any] = lambda s: None) -> Variant:
+    """Export ``contract`` to ``out_dir/<name>/model.onnx``, check parity, return its manifest entry."""
+    import onnx
+
+    comp_dir = out_dir / contract.name
+    comp_dir.mkdir(parents=True, exist_ok=True)
+    path = comp_dir / "model.onnx"
+    args = contract.sample()
+    progress(f"tracing {contract.name}")
+    with torch.no_grad():
+        torch.onnx.export(
+            contract.module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[t.name for t in contract.inputs],
+            output_names=[t.name for t in contract.outputs],
+            dynamic_axes=_dynamic_axes(contract.inputs + contract.outputs),
+            do_constant_folding=True,
+        )
+        reference = contract.module(*args)
+    # Re-save in one layout: a single file below the protobuf limit, else one
+    # external data file beside it.
+    model = onnx.load(str(path), load_external_data=True)
+    for f in comp_dir.iterdir():
+        if f != path:
+            f.unlink()
+    big = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _proto_size_ok(model) else True
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=big,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+    )
+    del model
+    gc.collect()
+    progress(f"checking {contract.name} against PyTorch")
+    quality = check_parity(path, contract, args, reference.numpy())
+    size = sum(f.stat().st_size for f in comp_dir.iterdir())
+    return Variant("fp32", f"{contract.name}/model.onnx", size, contract.inputs, contract.outputs, quality)
+
+
+def _proto_size_ok(model) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except Exception:  # protobuf refuses to size messages over 2 GiB
+        return False
+
+
+def check_parity(path: Path, contract: Contract, args, reference: np.ndarray) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = os.cpu_count() or 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feeds = {t.name: a.numpy() for t, a in zip(contract.inputs, args)}
+    (out,) = sess.run(None, feeds)
+    del sess
+    if out.shape != reference.shape:
+        raise ExportError(f"{contract.name}: ONNX output shape {out.shape} differs from PyTorch {reference.shape}")
+    err = float(np.abs(out - reference).max())
+    scale = float(np.abs(reference).max()) or 1.0
+    rel = err / scale
+    if not np.isfinite(err) or rel > contract.max_rel_err:
+        raise ExportError(
+            f"{contract.name}: ONNX differs from PyTorch by {err:.3g} (relative {rel:.3g}, "
+            f"limit {contract.max_rel_err:g}); the export is wrong, refusing to write it"
+        )
+    return {"parity_vs_torch": {"max_abs_err": err, "max_rel_err": rel, "shape": list(reference.shape)}}

@@ -1,0 +1,171 @@
+"""``edgediff export``: a diffusers checkpoint becomes one artifact folder.
+
+The artifact is written into a temporary sibling folder and moved into place
+only after every component passed its parity check, so an interrupted or
+failed export never leaves a folder that looks valid.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edgediff import __version__
+from edgediff.runtime.manifest import MANIFEST_FILE, Manifest
+from edgediff.runtime.schedulers import default_scheduler_name
+
+from . import components as C
+from .components import ExportError
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def load_source(source: str, config: str | None = None):
+    """A diffusers pipeline from a folder, a single-file checkpoint or a hub id."""
+    import diffusers
+
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ExportError(
+                f"{source} is a folder without model_index.json; expected a diffusers checkpoint folder, "
+                "a .safetensors/.ckpt file or a hub id"
+            )
+        return diffusers.DiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise ExportError(f"{source}: no such checkpoint file")
+        # diffusers reads the original SD key layout; the component configs come
+        # from `config` (a local diffusers folder or hub id) or are inferred.
+        kwargs: dict[str, Any] = {"config": config} if config else {}
+        return diffusers.StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+    if path.exists():
+        raise ExportError(f"{source} is neither a diffusers folder nor a {'/'.join(SINGLE_FILE_SUFFIXES)} file")
+    if source.count("/") != 1:
+        raise ExportError(
+            f"{source} does not exist locally and is not a hub id (owner/name); "
+            "accepted: a diffusers folder, a .safetensors/.ckpt file, or a hub id"
+        )
+    return diffusers.DiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
+
+
+def family_of(pipe) -> str:
+    ctx = pipe.unet.config.cross_attention_dim
+    return {768: "sd1", 1024: "sd2"}.get(ctx, "sd")
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "edgediff": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def export_artifact(
+    source: str,
+    out: str | Path,
+    *,
+    force: bool = False,
+    config: str | None = None,
+    random_weights: bool = False,
+    progress: Callable[[str], Any] = lambda s: None,
+) -> Manifest:
+    """Export ``source`` to the artifact folder ``out``; returns its manifest."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to overwrite it")
+    if str(source) and Path(source).resolve() == out.resolve():
+        raise ExportError("the artifact folder cannot be the source folder")
+    progress(f"loading {source}")
+    pipe = load_source(str(source), config)
+    for name in ("text_encoder", "unet", "vae", "tokenizer", "scheduler"):
+        if getattr(pipe, name, None) is None:
+            raise ExportError(f"{source} has no {name}; edgediff exports Stable Diffusion 1.x/2.x checkpoints")
+    pipe.text_encoder.eval()
+    pipe.unet.eval()
+    pipe.vae.eval()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        latent = int(pipe.unet.config.sample_size)
+        max_length = int(pipe.tokenizer.model_max_length)
+        contracts = [
+            lambda: C.text_encoder_contract(pipe.text_encoder, max_length),
+            lambda: C.unet_contract(pipe.unet, min(latent, 64)),
+            lambda: C.vae_decoder_contract(pipe.vae, min(latent, 64)),
+            lambda: C.vae_encoder_contract(pipe.vae, min(latent, 64) * vae_scale),
+        ]
+        components = {}
+        for make in contracts:
+            t0 = time.perf_counter()
+            contract = make()
+            variant = C.export_component(contract, tmp, progress)
+            variant.quality["export_seconds"] = round(time.perf_counter() - t0, 2)
+            components[contract.name] = {"fp32": variant}
+            del contract
+            gc.collect()
+
+        pipe.tokenizer.backend_tokenizer.save(str(_mkdir(tmp / "tokenizer") / "tokenizer.json"))
+        sched_config = dict(pipe.scheduler.config)
+        sched_config["_class_name"] = type(pipe.scheduler).__name__
+        (_mkdir(tmp / "scheduler") / "scheduler_config.json").write_text(json.dumps(sched_config, indent=2, default=list))
+
+        manifest = Manifest(
+            family=family_of(pipe),
+            prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+            sample_size=latent * vae_scale,
+            vae_scale_factor=vae_scale,
+            latent_channels=int(pipe.vae.config.latent_channels),
+            unet_in_channels=int(pipe.unet.config.in_channels),
+            scaling_factor=float(pipe.vae.config.scaling_factor),
+            shift_factor=float(getattr(pipe.vae.config, "shift_factor", None) or 0.0),
+            text_max_length=max_length,
+            text_hidden_size=int(pipe.text_encoder.config.hidden_size),
+            pad_token_id=int(pipe.tokenizer.pad_token_id),
+            scheduler=default_scheduler_name(sched_config),
+            components=components,
+            random_weights=random_weights,
+            provenance={
+                "source": str(source),
+                "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "opset": C.OPSET,
+                "versions": _versions(),
+            },
+        )
+        manifest.save(tmp)  # written last: a folder without it is never taken for an artifact
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+        progress(f"wrote {out / MANIFEST_FILE}")
+        return manifest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -1,0 +1,128 @@
+"""Checkpoints built from configs with seeded random weights.
+
+``tiny-sd1`` and ``tiny-sd2-v`` are the test models: the real Stable Diffusion
+classes (CLIPTextModel, UNet2DConditionModel with cross-attention,
+AutoencoderKL with a downsampling factor of 8) at toy widths, with the real
+CLIP tokenizer. Their images are noise; they exist to prove the export and
+runtime paths equal diffusers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .clip_tokenizer import build_clip_tokenizer
+
+PNDM_SD1 = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+}
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "tiny-sd1": {
+        "text": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4},
+        "unet": {
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "attention_head_dim": 8,
+            "norm_num_groups": 16,
+            "sample_size": 8,
+        },
+        "vae": {"block_out_channels": (16, 16, 32, 32), "layers_per_block": 1, "norm_num_groups": 8},
+        "scheduler": ("PNDMScheduler", {**PNDM_SD1, "prediction_type": "epsilon"}),
+        "pad_token": "<|endoftext|>",
+    },
+    "tiny-sd2-v": {
+        "text": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "hidden_act": "gelu"},
+        "unet": {
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "attention_head_dim": (2, 4),
+            "use_linear_projection": True,
+            "norm_num_groups": 16,
+            "sample_size": 8,
+        },
+        "vae": {"block_out_channels": (16, 16, 32, 32), "layers_per_block": 1, "norm_num_groups": 8},
+        "scheduler": ("DDIMScheduler", {**PNDM_SD1, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+        "pad_token": "!",
+    },
+}
+
+
+def build_pipeline(recipe: str, out_dir: str | Path, seed: int = 0, inpainting: bool = False) -> Path:
+    """Build ``recipe`` with seeded random weights and save it as a diffusers folder."""
+    import diffusers
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+    r = RECIPES[recipe]
+    out_dir = Path(out_dir)
+    tokenizer = build_clip_tokenizer(out_dir / "tokenizer", pad_token=r["pad_token"])
+
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **r["text"],
+    )
+    text_encoder = CLIPTextModel(text_config).eval()
+    unet = diffusers.UNet2DConditionModel(
+        in_channels=9 if inpainting else 4,
+        out_channels=4,
+        cross_attention_dim=r["text"]["hidden_size"],
+        **r["unet"],
+    ).eval()
+    n = len(r["vae"]["block_out_channels"])
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        sample_size=r["unet"]["sample_size"] * 2 ** (n - 1),
+        **r["vae"],
+    ).eval()
+    _perturb_zero_init(unet)
+    sched_cls, sched_cfg = r["scheduler"]
+    scheduler = getattr(diffusers, sched_cls).from_config(sched_cfg)
+    pipe_cls = diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
+    pipe = pipe_cls(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def _perturb_zero_init(module) -> None:
+    """diffusers zero-initialises output convs; random weights there make parity tests bite."""
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim > 0 and torch.count_nonzero(p) == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)

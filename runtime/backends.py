@@ -1,0 +1,253 @@
+"""Backends behind one narrow interface: ``open_session(path, spec, device, options)``.
+
+A ``Session`` is called with named numpy arrays and returns a dict of named
+arrays. Both backends read the same ONNX files. Device strings live here and
+nowhere else; the pipeline never branches on the backend.
+
+- ``onnxruntime``: devices ``cpu``, ``cuda``, ``dml`` (execution providers).
+- ``openvino``: devices ``cpu``, ``gpu``, ``npu``, ``auto`` (OpenVINO's AUTO plugin).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .manifest import TensorSpec, Variant
+
+BACKENDS = ("onnxruntime", "openvino")
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
+OV_DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU", "auto": "AUTO"}
+OV_PRECISIONS = ("auto", "f32", "bf16", "f16")
+DEVICES = ("auto", "cpu", "cuda", "dml", "gpu", "npu")
+
+
+class BackendError(RuntimeError):
+    """A backend or device is unavailable, or a session was fed the wrong inputs."""
+
+
+@dataclass
+class BackendOptions:
+    threads: int | None = None  # intra-op threads; None = the backend's default
+    cache_dir: str | None = None  # OpenVINO compiled-model cache
+    ov_precision: str = "auto"  # OpenVINO inference precision hint: auto = the device's default (bf16 on AMX/AVX512-BF16 CPUs)
+
+
+@dataclass
+class Session:
+    """One loaded graph. Checks every call's inputs against the manifest's signature."""
+
+    component: str
+    variant: Variant
+    run: Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+    backend: str
+    device: str  # what actually executes (provider / OpenVINO device), for reports
+    execution_precision: str = "f32"
+    load_seconds: float = 0.0
+    durations: list[float] = field(default_factory=list)  # raw per-call wall times
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = check_inputs(self.component, self.variant.inputs, inputs)
+        t0 = time.perf_counter()
+        outputs = self.run(feeds)
+        self.durations.append(time.perf_counter() - t0)
+        return {spec.name: out for spec, out in zip(self.variant.outputs, outputs)}
+
+
+def check_inputs(component: str, specs: tuple[TensorSpec, ...], inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    expected = {s.name: s for s in specs}
+    missing = sorted(set(expected) - set(inputs))
+    extra = sorted(set(inputs) - set(expected))
+    if missing or extra:
+        raise BackendError(
+            f"{component}: inputs {sorted(inputs)} do not match the graph's {sorted(expected)}"
+            + (f" (missing {missing})" if missing else "")
+            + (f" (unexpected {extra})" if extra else "")
+        )
+    feeds = {}
+    for name, spec in expected.items():
+        a = inputs[name]
+        if not isinstance(a, np.ndarray):
+            raise BackendError(f"{component}.{name}: expected a numpy array, got {type(a).__name__}")
+        if a.dtype != np.dtype(spec.dtype):
+            raise BackendError(f"{component}.{name}: expected dtype {spec.dtype}, got {a.dtype}")
+        if a.ndim != len(spec.shape):
+            raise BackendError(
+                f"{component}.{name}: expected rank {len(spec.shape)} {list(spec.shape)}, got shape {list(a.shape)}"
+            )
+        for axis, (want, got) in enumerate(zip(spec.shape, a.shape)):
+            if isinstance(want, int) and want != got:
+                raise BackendError(
+                    f"{component}.{name}: axis {axis} must be {want} (shape {list(spec.shape)}), got shape {list(a.shape)}"
+                )
+        feeds[name] = np.ascontiguousarray(a)
+    return feeds
+
+
+def installed_backends() -> list[str]:
+    return [b for b, mod in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")) if importlib.util.find_spec(mod)]
+
+
+def resolve(backend: str, device: str) -> tuple[str, str]:
+    """Pick the backend and device: ``auto`` chooses the fastest installed one.
+
+    On CPUs OpenVINO wins when installed (SD1.5 UNet at 512x512 on an AVX-512
+    BF16 CPU: 4.3 s/step vs 9.5 s for ONNX Runtime's CPU EP); CUDA and DirectML
+    are ONNX Runtime's; Intel GPU and NPU are OpenVINO's.
+    """
+    if backend not in ("auto",) + BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise BackendError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
+    have = installed_backends()
+    if not have:
+        raise BackendError("no backend installed: pip install 'edgediff[cpu]' (ONNX Runtime) or 'edgediff[openvino]'")
+    if backend == "auto":
+        if device in ("cuda", "dml"):
+            backend = "onnxruntime"
+        elif device in ("gpu", "npu"):
+            backend = "openvino"
+        elif device == "auto" and "onnxruntime" in have and _ort_accelerator():
+            backend = "onnxruntime"
+        else:
+            backend = "openvino" if "openvino" in have else "onnxruntime"
+    if backend not in have:
+        extra = {"onnxruntime": "cpu] or [cuda] or [directml", "openvino": "openvino"}[backend]
+        raise BackendError(f"backend {backend} is not installed: pip install 'edgediff[{extra}]'")
+    if backend == "onnxruntime":
+        if device == "auto":
+            device = _ort_accelerator() or "cpu"
+        if device not in ORT_PROVIDERS:
+            raise BackendError(f"onnxruntime runs on devices {', '.join(ORT_PROVIDERS)} (or auto); got {device!r}")
+    elif device not in OV_DEVICES:
+        raise BackendError(f"openvino runs on devices {', '.join(OV_DEVICES)}; got {device!r}")
+    return backend, device
+
+
+def _ort_accelerator() -> str | None:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    for dev in ("cuda", "dml"):
+        if ORT_PROVIDERS[dev] in available:
+            return dev
+    return None
+
+
+def open_session(root: Path, component: str, variant: Variant, backend: str, device: str, options: BackendOptions) -> Session:
+    path = Path(root) / variant.file
+    t0 = time.perf_counter()
+    if backend == "onnxruntime":
+        run, actual, precision = _open_ort(path, device, options)
+    else:
+        run, actual, precision = _open_ov(path, device, options)
+    return Session(component, variant, run, backend, actual, precision, time.perf_counter() - t0)
+
+
+def _open_ort(path: Path, device: str, options: BackendOptions):
+    import onnxruntime as ort
+
+    provider = ORT_PROVIDERS[device]
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise BackendError(
+            f"ONNX Runtime here has no {provider} (device {device!r}); available: {', '.join(available)}. "
+            "Install onnxruntime-gpu for cuda or onnxruntime-directml for dml (not together with onnxruntime)"
+        )
+    if device == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if options.threads:
+        so.intra_op_num_threads = options.threads
+    so.log_severity_level = 3
+    providers = [provider] if device == "cpu" else [provider, "CPUExecutionProvider"]
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types per failure
+        raise BackendError(f"ONNX Runtime could not load {path}: {e}") from e
+    used = sess.get_providers()[0]
+    if used != provider:
+        raise BackendError(f"ONNX Runtime fell back to {used} for {path.parent.name} although {provider} was asked for")
+    names = [o.name for o in sess.get_outputs()]
+    return (lambda feeds: sess.run(names, feeds)), used, "f32"
+
+
+def _open_ov(path: Path, device: str, options: BackendOptions):
+    import openvino as ov
+
+    core = _ov_core()
+    target = OV_DEVICES[device]
+    if target != "AUTO" and target not in {d.split(".")[0] for d in core.available_devices}:
+        raise BackendError(
+            f"OpenVINO has no {target} device here; available: {', '.join(core.available_devices)}"
+        )
+    if options.ov_precision not in OV_PRECISIONS:
+        raise BackendError(f"unknown OpenVINO precision {options.ov_precision!r}; valid: {', '.join(OV_PRECISIONS)}")
+    config: dict[str, Any] = {}
+    if options.cache_dir:
+        config["CACHE_DIR"] = str(options.cache_dir)
+    if options.threads and target == "CPU":
+        config["INFERENCE_NUM_THREADS"] = int(options.threads)
+    if options.ov_precision != "auto":
+        config["INFERENCE_PRECISION_HINT"] = options.ov_precision
+    try:
+        compiled = core.compile_model(str(path), target, config)
+    except Exception as e:  # OpenVINO raises RuntimeError subclasses with its own messages
+        raise BackendError(f"OpenVINO could not compile {path} for {target}: {e}") from e
+    request = compiled.create_infer_request()
+    outputs = compiled.outputs
+    try:
+        precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    except Exception:  # not every device reports it
+        precision = "unknown"
+    try:
+        actual = ",".join(compiled.get_property("EXECUTION_DEVICES"))
+    except Exception:
+        actual = target
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = request.infer(feeds, share_inputs=True)
+        return [np.array(result[o], copy=True) for o in outputs]
+
+    return run, actual, {"<Type: 'float32'>": "f32", "<Type: 'bfloat16'>": "bf16", "<Type: 'float16'>": "f16"}.get(precision, precision)
+
+
+_CORE = None
+
+
+def _ov_core():
+    global _CORE
+    if _CORE is None:
+        import openvino as ov
+
+        _CORE = ov.Core()
+    return _CORE
+
+
+def available_devices() -> dict[str, Any]:
+    """What each installed backend can run on, for ``edgediff info``."""
+    info: dict[str, Any] = {}
+    if "onnxruntime" in installed_backends():
+        import onnxruntime as ort
+
+        info["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
+    if "openvino" in installed_backends():
+        import openvino as ov
+
+        core = _ov_core()
+        info["openvino"] = {
+            "version": ov.__version__,
+            "devices": {d: core.get_property(d, "FULL_DEVICE_NAME") for d in core.available_devices},
+        }
+    return info
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,216 @@
+"""The artifact folder's contract: ``manifest.json``, versioned and validated on load.
+
+One canonical name per component, used by export, quantize, runtime and bench::
+
+    ARTIFACT/
+      manifest.json
+      tokenizer/tokenizer.json
+      scheduler/scheduler_config.json
+      text_encoder/model.onnx   unet/model.onnx   vae_decoder/model.onnx   vae_encoder/model.onnx
+
+Each component lists its variants by precision (``fp32`` from export; ``fp16``,
+``int8``... added later by ``edgediff quantize``), each with its file, size,
+input/output signature and measured parity.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "edgediff-artifact"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class ArtifactError(ValueError):
+    """The artifact folder is missing, damaged, or of a format this version cannot read."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, float16, int64, int32
+    shape: tuple[int | str, ...]  # ints are fixed, strings are named dynamic axes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class Variant:
+    precision: str
+    file: str  # relative to the artifact root
+    bytes: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    quality: dict[str, Any] = field(default_factory=dict)  # parity / quality figures
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "bytes": self.bytes,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "quality": self.quality,
+        }
+
+    @classmethod
+    def from_json(cls, precision: str, d: dict[str, Any]) -> Variant:
+        return cls(
+            precision,
+            d["file"],
+            int(d["bytes"]),
+            tuple(TensorSpec.from_json(t) for t in d["inputs"]),
+            tuple(TensorSpec.from_json(t) for t in d["outputs"]),
+            dict(d.get("quality", {})),
+        )
+
+
+@dataclass
+class Manifest:
+    family: str
+    prediction_type: str
+    sample_size: int  # default image side in pixels
+    vae_scale_factor: int
+    latent_channels: int
+    unet_in_channels: int
+    scaling_factor: float
+    text_max_length: int
+    text_hidden_size: int
+    pad_token_id: int
+    scheduler: str  # our name of the checkpoint's own scheduler
+    components: dict[str, dict[str, Variant]]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    random_weights: bool = False
+    shift_factor: float = 0.0
+    format_version: int = FORMAT_VERSION
+
+    tokenizer_file = "tokenizer/tokenizer.json"
+    scheduler_file = "scheduler/scheduler_config.json"
+
+    def variant(self, component: str, precision: str = "fp32") -> Variant:
+        if component not in self.components:
+            raise ArtifactError(f"the artifact has no {component}; it has: {', '.join(self.components)}")
+        variants = self.components[component]
+        if precision not in variants:
+            raise ArtifactError(
+                f"{component} has no {precision!r} variant; available: {', '.join(variants)}"
+            )
+        return variants[precision]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "family": self.family,
+            "prediction_type": self.prediction_type,
+            "sample_size": self.sample_size,
+            "vae_scale_factor": self.vae_scale_factor,
+            "latent_channels": self.latent_channels,
+            "unet_in_channels": self.unet_in_channels,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "text": {
+                "max_length": self.text_max_length,
+                "hidden_size": self.text_hidden_size,
+                "pad_token_id": self.pad_token_id,
+                "tokenizer": self.tokenizer_file,
+            },
+            "scheduler": {"default": self.scheduler, "config": self.scheduler_file},
+            "random_weights": self.random_weights,
+            "components": {
+                name: {"variants": {p: v.to_json() for p, v in variants.items()}}
+                for name, variants in self.components.items()
+            },
+            "provenance": self.provenance,
+        }
+
+    def save(self, root: Path) -> None:
+        (Path(root) / MANIFEST_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def _require(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+    if key not in d:
+        raise ArtifactError(f"manifest.json{where} lacks the required key {key!r}")
+    value = d[key]
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ArtifactError(f"manifest.json{where}: {key!r} must be {names}, got {value!r}")
+    return value
+
+
+def load_manifest(root: str | Path) -> Manifest:
+    """Read and validate ``root/manifest.json``; every referenced file must exist."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ArtifactError(f"{root} is not an artifact folder (no such directory); export one with `edgediff export`")
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: {root} is not an edgediff artifact (or its export did not finish)")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the artifact") from e
+    if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{path} is not an edgediff manifest (expected \"format\": \"{FORMAT_NAME}\")")
+    version = _require(d, "format_version", int)
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format_version {version}, newer than this edgediff reads ({FORMAT_VERSION}); "
+            "upgrade edgediff"
+        )
+    if version < 1:
+        raise ArtifactError(f"{path} has an invalid format_version {version}")
+    prediction = _require(d, "prediction_type", str)
+    if prediction not in PREDICTION_TYPES:
+        raise ArtifactError(f"{path}: prediction_type {prediction!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    text = _require(d, "text", dict)
+    sched = _require(d, "scheduler", dict)
+    comps = _require(d, "components", dict)
+    missing = [c for c in REQUIRED_COMPONENTS if c not in comps]
+    if missing:
+        raise ArtifactError(f"{path} lists no {', '.join(missing)}; an artifact needs {', '.join(REQUIRED_COMPONENTS)}")
+    components: dict[str, dict[str, Variant]] = {}
+    for name, entry in comps.items():
+        if name not in COMPONENTS:
+            raise ArtifactError(f"{path}: unknown component {name!r}; known: {', '.join(COMPONENTS)}")
+        variants = _require(entry, "variants", dict, f" components.{name}")
+        try:
+            components[name] = {p: Variant.from_json(p, v) for p, v in variants.items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{path}: components.{name} has a malformed variant ({e!r})") from e
+        for v in components[name].values():
+            if not (root / v.file).is_file():
+                raise ArtifactError(f"{root / v.file} is missing ({name} {v.precision}); the artifact is incomplete")
+    m = Manifest(
+        family=_require(d, "family", str),
+        prediction_type=prediction,
+        sample_size=_require(d, "sample_size", int),
+        vae_scale_factor=_require(d, "vae_scale_factor", int),
+        latent_channels=_require(d, "latent_channels", int),
+        unet_in_channels=_require(d, "unet_in_channels", int),
+        scaling_factor=float(_require(d, "scaling_factor", (int, float))),
+        shift_factor=float(d.get("shift_factor") or 0.0),
+        text_max_length=_require(text, "max_length", int, " text"),
+        text_hidden_size=_require(text, "hidden_size", int, " text"),
+        pad_token_id=_require(text, "pad_token_id", int, " text"),
+        scheduler=_require(sched, "default", str, " scheduler"),
+        components=components,
+        provenance=dict(d.get("provenance", {})),
+        random_weights=bool(d.get("random_weights", False)),
+        format_version=version,
+    )
+    for rel in (m.tokenizer_file, m.scheduler_file):
+        if not (root / rel).is_file():
+            raise ArtifactError(f"{root / rel} is missing; the artifact is incomplete")
+    return m

@@ -1,0 +1,124 @@
+"""DDIM sampler: deterministic for eta = 0, DDPM-like noise injection for eta > 0.
+
+Ported from diffusers ``schedulers/scheduling_ddim.py`` (``DDIMScheduler``).
+Paper: Song, Meng & Ermon, "Denoising Diffusion Implicit Models", ICLR 2021
+(https://arxiv.org/abs/2010.02502), formulas (12) and (16).
+
+``eta`` is a call argument of diffusers' ``step`` (pipelines pass 0.0 by
+default); here it is read from the config key ``"eta"`` (default 0.0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .common import NoiseSource, alphas_cumprod, config_choice, rescale_zero_terminal_snr, train_betas
+
+_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+_SPACINGS = ("linspace", "leading", "trailing")
+
+
+def _ddim_timesteps(spacing: str, num_train: int, steps: int, steps_offset: int) -> np.ndarray:
+    """``DDIMScheduler.set_timesteps``: integer timesteps, descending."""
+    # "linspace", "leading", "trailing" corresponds to annotation of Table 2. of https://arxiv.org/abs/2305.08891
+    if spacing == "linspace":
+        return np.linspace(0, num_train - 1, steps).round()[::-1].copy().astype(np.int64)
+    if spacing == "leading":
+        step_ratio = num_train // steps
+        timesteps = (np.arange(0, steps) * step_ratio).round()[::-1].copy().astype(np.int64)
+        return timesteps + steps_offset
+    # "trailing"
+    step_ratio = num_train / steps
+    return np.round(np.arange(num_train, 0, -step_ratio)).astype(np.int64) - 1
+
+
+class DDIM:
+    """Denoising Diffusion Implicit Models (numpy)."""
+
+    order = 1
+
+    def __init__(self, config: dict[str, Any], num_inference_steps: int):
+        num_train = int(config.get("num_train_timesteps", 1000))
+        self.prediction_type: str = config_choice(config, "prediction_type", "epsilon", _PREDICTION_TYPES)
+        spacing = config_choice(config, "timestep_spacing", "leading", _SPACINGS)
+        config_choice(config, "thresholding", False, (False,))  # dynamic thresholding: pixel-space models only
+        rescale = bool(config_choice(config, "rescale_betas_zero_snr", False, (False, True)))
+        if num_inference_steps > num_train:
+            raise ValueError(
+                f"num_inference_steps {num_inference_steps} cannot be larger than num_train_timesteps {num_train}"
+            )
+        self.eta = float(config.get("eta", 0.0))
+        if self.eta < 0:
+            raise ValueError(f"eta {self.eta!r} is not supported; accepted: eta >= 0")
+        self.clip_sample = bool(config.get("clip_sample", True))
+        self.clip_sample_range = np.float32(config.get("clip_sample_range", 1.0))
+
+        betas = train_betas(config)
+        # Rescale for zero SNR
+        if rescale:
+            betas = rescale_zero_terminal_snr(betas)
+        acp = alphas_cumprod(config, betas)
+        # For the final step there is no previous alphas_cumprod: `set_alpha_to_one`
+        # decides whether it is 1 or the alphas_cumprod of step 0.
+        final_alpha_cumprod = np.float32(1.0) if config.get("set_alpha_to_one", True) else acp[0]
+
+        # standard deviation of the initial noise distribution
+        self.init_noise_sigma = 1.0
+
+        timesteps = _ddim_timesteps(spacing, num_train, num_inference_steps, int(config.get("steps_offset", 0)))
+        self.timesteps = timesteps.astype(np.float32)
+
+        # per-step tables. 1. get previous step value (=t-1): diffusers subtracts
+        # num_train // steps whatever the spacing, so the same here.
+        prev_timesteps = timesteps - num_train // num_inference_steps
+        self.alpha_prod_t = acp[timesteps]
+        self.alpha_prod_t_prev = np.where(
+            prev_timesteps >= 0, acp[np.maximum(prev_timesteps, 0)], final_alpha_cumprod
+        ).astype(np.float32)
+        # 5. compute variance: "sigma_t(η)" -> see formula (16)
+        # σ_t = sqrt((1 − α_t−1)/(1 − α_t)) * sqrt(1 − α_t/α_t−1)
+        beta_prod_t = 1 - self.alpha_prod_t
+        beta_prod_t_prev = 1 - self.alpha_prod_t_prev
+        variance = (beta_prod_t_prev / beta_prod_t) * (1 - self.alpha_prod_t / self.alpha_prod_t_prev)
+        self.std_dev_t = (np.float32(self.eta) * variance**0.5).astype(np.float32)
+
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
+        return sample
+
+    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
+        # 2. compute alphas, betas
+        alpha_prod_t = self.alpha_prod_t[i]
+        alpha_prod_t_prev = self.alpha_prod_t_prev[i]
+        beta_prod_t = 1 - alpha_prod_t
+
+        # 3. compute predicted original sample from predicted noise also called
+        # "predicted x_0" of formula (12) from https://arxiv.org/abs/2010.02502
+        if self.prediction_type == "epsilon":
+            pred_original_sample = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
+            pred_epsilon = model_output
+        elif self.prediction_type == "sample":
+            pred_original_sample = model_output
+            pred_epsilon = (sample - alpha_prod_t**0.5 * pred_original_sample) / beta_prod_t**0.5
+        else:  # v_prediction
+            pred_original_sample = alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
+            pred_epsilon = alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
+
+        # 4. Clip "predicted x_0"
+        if self.clip_sample:
+            pred_original_sample = np.clip(pred_original_sample, -self.clip_sample_range, self.clip_sample_range)
+
+        # 5. compute variance (table)
+        std_dev_t = self.std_dev_t[i]
+
+        # 6. compute "direction pointing to x_t" of formula (12) from https://arxiv.org/abs/2010.02502
+        pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * pred_epsilon
+
+        # 7. compute x_t without "random noise" of formula (12) from https://arxiv.org/abs/2010.02502
+        prev_sample = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
+
+        if self.eta > 0:
+            variance_noise = rng.randn(model_output.shape).astype(model_output.dtype, copy=False)
+            prev_sample = prev_sample + std_dev_t * variance_noise
+        return prev_sample

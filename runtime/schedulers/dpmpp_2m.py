@@ -1,0 +1,184 @@
+"""DPM-Solver++ multistep (2M; orders 1-3): Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling
+of Diffusion Probabilistic Models" (https://huggingface.co/papers/2211.01095).
+
+Ported from diffusers ``schedulers/scheduling_dpmsolver_multistep.py`` (``DPMSolverMultistepScheduler``) for
+``algorithm_type="dpmsolver++"`` (data prediction, deterministic: no noise is drawn), ``solver_type``
+"midpoint" or "heun", ``solver_order`` 1, 2 or 3. The registry's ``dpmpp_2m_karras`` is this class with
+``use_karras_sigmas=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .common import (
+    NoiseSource,
+    alphas_cumprod,
+    config_choice,
+    karras_sigmas,
+    multistep_timesteps,
+    rescale_zero_terminal_snr,
+    sigma_to_t,
+    train_betas,
+)
+
+_OFF = (False, None)
+
+
+class DPMSolverPP2M:
+    order = 1
+
+    def __init__(self, config: dict[str, Any], num_inference_steps: int):
+        n_train = int(config.get("num_train_timesteps", 1000))
+        self.solver_order = config_choice(config, "solver_order", 2, (1, 2, 3))
+        self.prediction_type = config_choice(config, "prediction_type", "epsilon", ("epsilon", "v_prediction", "sample"))
+        config_choice(config, "thresholding", False, (False,))
+        # diffusers itself maps "deis" to dpmsolver++, and the UniPC/DEIS solver types to midpoint
+        algorithm_type = config_choice(config, "algorithm_type", "dpmsolver++", ("dpmsolver++", "deis"))
+        solver_type = config_choice(config, "solver_type", "midpoint", ("midpoint", "heun", "logrho", "bh1", "bh2"))
+        self.solver_type = "heun" if solver_type == "heun" else "midpoint"
+        lower_order_final = bool(config_choice(config, "lower_order_final", True, (True, False)))
+        euler_at_final = bool(config_choice(config, "euler_at_final", False, (False, True)))
+        use_karras_sigmas = bool(config_choice(config, "use_karras_sigmas", False, (False, True, None)))
+        for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"):
+            config_choice(config, key, False, _OFF)
+        final_sigmas_type = config_choice(config, "final_sigmas_type", "zero", ("zero", "sigma_min"))
+        if algorithm_type == "deis" and final_sigmas_type == "zero":  # as diffusers
+            raise ValueError("final_sigmas_type='zero' is not supported with algorithm_type='deis'; use 'sigma_min'")
+        lambda_min_clipped = float(config.get("lambda_min_clipped", -float("inf")))
+        # other values (e.g. DDPM's "fixed_small") are ignored by diffusers too
+        self.learned_variance = config.get("variance_type") in ("learned", "learned_range")
+        rescale = bool(config_choice(config, "rescale_betas_zero_snr", False, (False, True)))
+
+        # training schedule (DPMSolverMultistepScheduler.__init__)
+        betas = train_betas(config)
+        if rescale:
+            betas = rescale_zero_terminal_snr(betas)
+        acp = alphas_cumprod(config, betas)
+        if rescale:
+            # Close to 0 without being 0 so first sigma is not inf
+            acp[-1] = 2**-24
+        lambda_train = np.log(np.sqrt(acp)) - np.log(np.sqrt(1 - acp))
+
+        # set_timesteps
+        clipped_idx = int(np.searchsorted(lambda_train[::-1], np.float32(lambda_min_clipped)))
+        timesteps = multistep_timesteps(config, num_inference_steps, n_train - clipped_idx)
+        sigmas = ((1 - acp) / acp) ** 0.5
+        log_sigmas = np.log(sigmas)
+        if use_karras_sigmas:
+            sigmas = karras_sigmas(sigmas[::-1].copy(), num_inference_steps, config)
+            timesteps = np.array([sigma_to_t(sigma, log_sigmas) for sigma in sigmas])
+            if config.get("beta_schedule", "linear") != "squaredcos_cap_v2":
+                timesteps = timesteps.round()
+            timesteps = timesteps.astype(np.int64)  # torch .to(int64) truncates
+        else:
+            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
+        if final_sigmas_type == "sigma_min":
+            sigma_last = ((1 - acp[0]) / acp[0]) ** 0.5
+        else:
+            sigma_last = 0
+        self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
+        self.timesteps = timesteps.astype(np.float32)
+        self.init_noise_sigma = 1.0
+
+        # _sigma_to_alpha_sigma_t and lambda of every sigma; sigma = 0 gives lambda = inf
+        self.alpha_t = (1 / ((self.sigmas**2 + 1) ** 0.5)).astype(np.float32)
+        self.sigma_t = self.sigmas * self.alpha_t
+        with np.errstate(divide="ignore"):
+            self.lambda_t = np.log(self.alpha_t) - np.log(self.sigma_t)
+
+        # solver order of each step (step()'s lower_order_final / lower_order_second / warmup)
+        n = len(self.timesteps)
+        self.step_order = []
+        for i in range(n):
+            lower_order_nums = min(i, self.solver_order)
+            final = i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_sigmas_type == "zero")
+            second = i == n - 2 and lower_order_final and n < 15
+            if self.solver_order == 1 or lower_order_nums < 1 or final:
+                self.step_order.append(1)
+            elif self.solver_order == 2 or lower_order_nums < 2 or second:
+                self.step_order.append(2)
+            else:
+                self.step_order.append(3)
+
+        # per-generation state: data predictions x0 of the latest steps, oldest first
+        self._model_outputs: list[np.ndarray] = []
+
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
+        return sample
+
+    def convert_model_output(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
+        """DPM-Solver++ integrates the data prediction x0."""
+        if self.prediction_type == "epsilon":
+            if self.learned_variance:  # learned variance: the first 3 channels are the noise
+                model_output = model_output[:, :3]
+            return (sample - self.sigma_t[i] * model_output) / self.alpha_t[i]
+        if self.prediction_type == "sample":
+            return model_output
+        return self.alpha_t[i] * sample - self.sigma_t[i] * model_output  # v_prediction
+
+    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
+        model_output = self.convert_model_output(model_output, i, sample)
+        self._model_outputs = [*self._model_outputs, model_output][-self.solver_order :]
+        sample = sample.astype(np.float32)
+        order = self.step_order[i]
+        if order == 1:
+            prev_sample = self.dpm_solver_first_order_update(model_output, i, sample)
+        elif order == 2:
+            prev_sample = self.multistep_dpm_solver_second_order_update(self._model_outputs, i, sample)
+        else:
+            prev_sample = self.multistep_dpm_solver_third_order_update(self._model_outputs, i, sample)
+        return prev_sample.astype(np.float32)
+
+    def dpm_solver_first_order_update(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
+        """One step of the first-order DPM-Solver++ (equivalent to DDIM)."""
+        alpha_t, sigma_t, sigma_s = self.alpha_t[i + 1], self.sigma_t[i + 1], self.sigma_t[i]
+        h = self.lambda_t[i + 1] - self.lambda_t[i]
+        return (sigma_t / sigma_s) * sample - (alpha_t * (np.exp(-h) - 1.0)) * model_output
+
+    def multistep_dpm_solver_second_order_update(
+        self, model_output_list: list[np.ndarray], i: int, sample: np.ndarray
+    ) -> np.ndarray:
+        """One step of the second-order multistep DPM-Solver++."""
+        alpha_t, sigma_t, sigma_s0 = self.alpha_t[i + 1], self.sigma_t[i + 1], self.sigma_t[i]
+        lambda_t, lambda_s0, lambda_s1 = self.lambda_t[i + 1], self.lambda_t[i], self.lambda_t[i - 1]
+        m0, m1 = model_output_list[-1], model_output_list[-2]
+        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+        r0 = h_0 / h
+        D0, D1 = m0, (1.0 / r0) * (m0 - m1)
+        if self.solver_type == "midpoint":
+            # See https://arxiv.org/abs/2211.01095 for detailed derivations
+            return (
+                (sigma_t / sigma_s0) * sample
+                - (alpha_t * (np.exp(-h) - 1.0)) * D0
+                - 0.5 * (alpha_t * (np.exp(-h) - 1.0)) * D1
+            )
+        return (  # heun
+            (sigma_t / sigma_s0) * sample
+            - (alpha_t * (np.exp(-h) - 1.0)) * D0
+            + (alpha_t * ((np.exp(-h) - 1.0) / h + 1.0)) * D1
+        )
+
+    def multistep_dpm_solver_third_order_update(
+        self, model_output_list: list[np.ndarray], i: int, sample: np.ndarray
+    ) -> np.ndarray:
+        """One step of the third-order multistep DPM-Solver++."""
+        alpha_t, sigma_t, sigma_s0 = self.alpha_t[i + 1], self.sigma_t[i + 1], self.sigma_t[i]
+        lambda_t, lambda_s0 = self.lambda_t[i + 1], self.lambda_t[i]
+        lambda_s1, lambda_s2 = self.lambda_t[i - 1], self.lambda_t[i - 2]
+        m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
+        h, h_0, h_1 = lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2
+        r0, r1 = h_0 / h, h_1 / h
+        D0 = m0
+        D1_0, D1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
+        D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+        D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
+        # See https://arxiv.org/abs/2206.00927 for detailed derivations
+        return (
+            (sigma_t / sigma_s0) * sample
+            - (alpha_t * (np.exp(-h) - 1.0)) * D0
+            + (alpha_t * ((np.exp(-h) - 1.0) / h + 1.0)) * D1
+            - (alpha_t * ((np.exp(-h) - 1.0 + h) / h**2 - 0.5)) * D2
+        )

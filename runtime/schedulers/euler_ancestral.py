@@ -1,0 +1,72 @@
+"""Ancestral sampling with Euler steps ("Euler a", Katherine Crowson's k-diffusion ``sample_euler_ancestral``;
+Karras et al. 2022, https://huggingface.co/papers/2206.00364, and Song et al. 2021 for the ancestral split).
+
+Ported from diffusers ``schedulers/scheduling_euler_ancestral_discrete.py`` (``EulerAncestralDiscreteScheduler``).
+Each ``step`` draws one Gaussian of the sample's shape, where diffusers calls ``randn_tensor``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .common import NoiseSource, alphas_cumprod, config_choice, discrete_timesteps, rescale_zero_terminal_snr, train_betas
+
+
+class EulerAncestral:
+    order = 1
+
+    def __init__(self, config: dict[str, Any], num_inference_steps: int):
+        # diffusers raises NotImplementedError for "sample"
+        self.prediction_type = config_choice(config, "prediction_type", "epsilon", ("epsilon", "v_prediction"))
+        rescale = bool(config_choice(config, "rescale_betas_zero_snr", False, (False, True)))
+
+        # training schedule (EulerAncestralDiscreteScheduler.__init__)
+        betas = train_betas(config)
+        if rescale:
+            betas = rescale_zero_terminal_snr(betas)
+        acp = alphas_cumprod(config, betas)
+        if rescale:
+            # Close to 0 without being 0 so first sigma is not inf
+            acp[-1] = 2**-24
+
+        # set_timesteps
+        self.timesteps = discrete_timesteps(config, num_inference_steps)
+        sigmas = ((1 - acp) / acp) ** 0.5
+        sigmas = np.interp(self.timesteps, np.arange(0, len(sigmas)), sigmas)
+        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+        # ancestral split of each step sigma_from -> sigma_to (from step())
+        sigma_from, sigma_to = self.sigmas[:-1], self.sigmas[1:]
+        self.sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+        self.sigma_down = (sigma_to**2 - self.sigma_up**2) ** 0.5
+
+        max_sigma = self.sigmas.max()
+        if config.get("timestep_spacing", "linspace") in ("linspace", "trailing"):
+            self.init_noise_sigma = float(max_sigma)
+        else:
+            self.init_noise_sigma = float((max_sigma**2 + 1) ** 0.5)
+
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
+        sigma = self.sigmas[i]
+        return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
+
+    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
+        sigma = self.sigmas[i]
+        sample = sample.astype(np.float32)
+
+        # 1. compute predicted original sample (x_0) from sigma-scaled predicted noise
+        if self.prediction_type == "epsilon":
+            pred_original_sample = sample - sigma * model_output
+        else:  # v_prediction: * c_out + input * c_skip
+            pred_original_sample = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+
+        # 2. Convert to an ODE derivative
+        derivative = (sample - pred_original_sample) / sigma
+        dt = self.sigma_down[i] - sigma
+        prev_sample = sample + derivative * dt
+
+        noise = rng.randn(model_output.shape)
+        prev_sample = prev_sample + noise * self.sigma_up[i]
+        return prev_sample.astype(np.float32)

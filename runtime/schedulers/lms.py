@@ -1,0 +1,103 @@
+"""LMS sampler: 4th-order linear multistep on the probability-flow ODE in sigma.
+
+Ported from diffusers ``schedulers/scheduling_lms_discrete.py`` (``LMSDiscreteScheduler``),
+which follows k-diffusion's ``sample_lms``. Method: Karras et al., "Elucidating
+the Design Space of Diffusion-Based Generative Models", NeurIPS 2022
+(https://arxiv.org/abs/2206.00364) for the sigma parameterisation and the
+Karras schedule; linear multistep (Adams-Bashforth) coefficients as in
+k-diffusion.
+
+diffusers integrates each Lagrange basis polynomial with ``scipy.integrate.quad``;
+the integrand is a polynomial of degree <= 3, so here it is integrated exactly
+with ``numpy.polynomial`` (no scipy at run time).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.polynomial import Polynomial
+
+from .common import NoiseSource, alphas_cumprod, config_choice, discrete_timesteps, karras_sigmas, sigma_to_t
+
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_OFF = (False, None)
+
+
+def _lms_coefficient(sigmas: np.ndarray, order: int, t: int, current_order: int) -> float:
+    """Integral over [sigmas[t], sigmas[t + 1]] of the Lagrange basis polynomial of node t - current_order."""
+    nodes = sigmas.astype(np.float64)
+    basis = Polynomial([1.0])
+    for k in range(order):
+        if current_order == k:
+            continue
+        basis = basis * Polynomial([-nodes[t - k], 1.0]) / (nodes[t - current_order] - nodes[t - k])
+    antiderivative = basis.integ()
+    return float(antiderivative(nodes[t + 1]) - antiderivative(nodes[t]))
+
+
+class LMS:
+    """Linear multistep (order 4) in sigma, numpy."""
+
+    order = 1
+    lms_order = 4
+
+    def __init__(self, config: dict[str, Any], num_inference_steps: int):
+        self.prediction_type: str = config_choice(config, "prediction_type", "epsilon", _PREDICTION_TYPES)
+        spacing = config_choice(config, "timestep_spacing", "linspace", ("linspace", "leading", "trailing"))
+        config_choice(config, "use_exponential_sigmas", False, _OFF)
+        config_choice(config, "use_beta_sigmas", False, _OFF)  # diffusers needs scipy.stats for it
+        use_karras_sigmas = bool(config_choice(config, "use_karras_sigmas", False, (False, True, None)))
+
+        acp = alphas_cumprod(config)
+        train_sigmas = (((1 - acp) / acp) ** 0.5).astype(np.float32)
+        log_sigmas = np.log(train_sigmas)
+
+        timesteps = discrete_timesteps(config, num_inference_steps)
+        sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
+        if use_karras_sigmas:
+            # LMS's _convert_to_karras ignores config sigma_min / sigma_max: hence {}
+            sigmas = karras_sigmas(sigmas, num_inference_steps, {})
+            timesteps = sigma_to_t(sigmas, log_sigmas)
+        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        self.timesteps = timesteps.astype(np.float32)
+
+        # standard deviation of the initial noise distribution
+        max_sigma = self.sigmas.max()
+        self.init_noise_sigma = float(max_sigma if spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5)
+
+        # 3. linear multistep coefficients, one list per step (newest derivative first)
+        self.lms_coeffs: list[list[float]] = []
+        for i in range(len(self.timesteps)):
+            order = min(i + 1, self.lms_order)
+            self.lms_coeffs.append([_lms_coefficient(self.sigmas, order, i, j) for j in range(order)])
+        self.derivatives: list[np.ndarray] = []
+
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
+        sigma = self.sigmas[i]
+        return sample / ((sigma**2 + 1) ** 0.5)
+
+    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
+        sigma = self.sigmas[i]
+
+        # 1. compute predicted original sample (x_0) from sigma-scaled predicted noise
+        if self.prediction_type == "epsilon":
+            pred_original_sample = sample - sigma * model_output
+        elif self.prediction_type == "v_prediction":
+            # * c_out + input * c_skip
+            pred_original_sample = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+        else:  # sample
+            pred_original_sample = model_output
+
+        # 2. Convert to an ODE derivative
+        derivative = (sample - pred_original_sample) / sigma
+        self.derivatives.append(derivative)
+        if len(self.derivatives) > self.lms_order:
+            self.derivatives.pop(0)
+
+        # 3. Compute linear multistep coefficients (precomputed in __init__)
+        lms_coeffs = self.lms_coeffs[i]
+
+        # 4. Compute previous sample based on the derivatives path
+        return sample + sum(coeff * derivative for coeff, derivative in zip(lms_coeffs, reversed(self.derivatives)))

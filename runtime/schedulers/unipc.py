@@ -1,0 +1,199 @@
+"""UniPC multistep: Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
+Diffusion Models" (https://huggingface.co/papers/2302.04867).
+
+Ported from diffusers ``schedulers/scheduling_unipc_multistep.py`` (``UniPCMultistepScheduler``): UniP predictor
+and UniC corrector with B(h) "bh1"/"bh2", data (``predict_x0``) or noise prediction, any ``solver_order``,
+``lower_order_final``, ``disable_corrector``. Deterministic: no noise is drawn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .common import (
+    NoiseSource,
+    alphas_cumprod,
+    config_choice,
+    karras_sigmas,
+    multistep_timesteps,
+    rescale_zero_terminal_snr,
+    sigma_to_t,
+    train_betas,
+)
+
+_OFF = (False, None)
+
+
+class UniPC:
+    order = 1
+
+    def __init__(self, config: dict[str, Any], num_inference_steps: int):
+        n_train = int(config.get("num_train_timesteps", 1000))
+        self.solver_order = int(config.get("solver_order", 2))
+        if self.solver_order < 1:
+            raise ValueError(f"solver_order={self.solver_order!r} is not supported; accepted: an int >= 1")
+        self.prediction_type = config_choice(config, "prediction_type", "epsilon", ("epsilon", "v_prediction", "sample"))
+        config_choice(config, "thresholding", False, (False,))
+        self.predict_x0 = bool(config_choice(config, "predict_x0", True, (True, False)))
+        # diffusers maps the DPM-Solver/DEIS solver types to bh2
+        solver_type = config_choice(config, "solver_type", "bh2", ("bh1", "bh2", "midpoint", "heun", "logrho"))
+        self.solver_type = "bh1" if solver_type == "bh1" else "bh2"
+        lower_order_final = bool(config_choice(config, "lower_order_final", True, (True, False)))
+        self.disable_corrector = [int(k) for k in config.get("disable_corrector", [])]
+        config_choice(config, "solver_p", None, (None,))
+        use_karras_sigmas = bool(config_choice(config, "use_karras_sigmas", False, (False, True, None)))
+        for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting"):
+            config_choice(config, key, False, _OFF)
+        config_choice(config, "shift_terminal", None, (None,))  # diffusers: only with use_flow_sigmas
+        final_sigmas_type = config_choice(config, "final_sigmas_type", "zero", ("zero", "sigma_min"))
+        rescale = bool(config_choice(config, "rescale_betas_zero_snr", False, (False, True)))
+
+        # training schedule (UniPCMultistepScheduler.__init__)
+        betas = train_betas(config)
+        if rescale:
+            betas = rescale_zero_terminal_snr(betas)
+        acp = alphas_cumprod(config, betas)
+        if rescale:
+            # Close to 0 without being 0 so first sigma is not inf
+            acp[-1] = 2**-24
+
+        # set_timesteps
+        timesteps = multistep_timesteps(config, num_inference_steps, n_train)
+        sigmas = ((1 - acp) / acp) ** 0.5
+        if use_karras_sigmas:
+            log_sigmas = np.log(sigmas)
+            sigmas = karras_sigmas(sigmas[::-1].copy(), num_inference_steps, config)
+            timesteps = np.array([sigma_to_t(sigma, log_sigmas) for sigma in sigmas]).round().astype(np.int64)
+            sigma_last = sigmas[-1] if final_sigmas_type == "sigma_min" else 0
+        else:
+            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
+            sigma_last = ((1 - acp[0]) / acp[0]) ** 0.5 if final_sigmas_type == "sigma_min" else 0
+        self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
+        self.timesteps = timesteps.astype(np.float32)
+        self.init_noise_sigma = 1.0
+
+        # _sigma_to_alpha_sigma_t and lambda of every sigma; sigma = 0 gives lambda = inf
+        self.alpha_t = (1 / ((self.sigmas**2 + 1) ** 0.5)).astype(np.float32)
+        self.sigma_t = self.sigmas * self.alpha_t
+        with np.errstate(divide="ignore"):
+            self.lambda_t = np.log(self.alpha_t) - np.log(self.sigma_t)
+
+        # UniP order of each step (step()'s lower_order_final and warmup); UniC at step i reuses order i - 1
+        n = len(self.timesteps)
+        self.step_order = []
+        for i in range(n):
+            this_order = min(self.solver_order, n - i) if lower_order_final else self.solver_order
+            self.step_order.append(min(this_order, min(i, self.solver_order) + 1))  # warmup for multistep
+
+        # per-generation state: converted model outputs of the latest steps (oldest first), the sample before the
+        # last predictor
+        self._model_outputs: list[np.ndarray] = []
+        self._last_sample: np.ndarray | None = None
+
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
+        return sample
+
+    def convert_model_output(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
+        """x0 (``predict_x0``) or epsilon, whichever the solver integrates."""
+        alpha_t, sigma_t = self.alpha_t[i], self.sigma_t[i]
+        if self.predict_x0:
+            if self.prediction_type == "epsilon":
+                return (sample - sigma_t * model_output) / alpha_t
+            if self.prediction_type == "sample":
+                return model_output
+            return alpha_t * sample - sigma_t * model_output  # v_prediction
+        if self.prediction_type == "epsilon":
+            return model_output
+        if self.prediction_type == "sample":
+            return (sample - alpha_t * model_output) / sigma_t
+        return alpha_t * model_output + sigma_t * sample  # v_prediction
+
+    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
+        use_corrector = i > 0 and i - 1 not in self.disable_corrector and self._last_sample is not None
+        model_output_convert = self.convert_model_output(model_output, i, sample)
+        if use_corrector:
+            sample = self.multistep_uni_c_bh_update(
+                model_output_convert, i, last_sample=self._last_sample, this_sample=sample, order=self.step_order[i - 1]
+            )
+        self._model_outputs = [*self._model_outputs, model_output_convert][-self.solver_order :]
+        self._last_sample = sample
+        prev_sample = self.multistep_uni_p_bh_update(i, sample, order=self.step_order[i])
+        return prev_sample.astype(np.float32)
+
+    def _bh_coefficients(self, h: np.float32, rks: list[np.float32], order: int):
+        """hh, h*phi_1(hh), B(h), and the matrix R and vector b of the order conditions (shared by UniP and UniC)."""
+        rks = np.array([*rks, 1.0], dtype=np.float32)
+        hh = -h if self.predict_x0 else h
+        h_phi_1 = np.expm1(hh)  # h\phi_1(h) = e^h - 1
+        h_phi_k = h_phi_1 / hh - 1
+        factorial_i = 1
+        B_h = hh if self.solver_type == "bh1" else np.expm1(hh)
+        R, b = [], []
+        for k in range(1, order + 1):
+            R.append(rks ** (k - 1))
+            b.append(h_phi_k * factorial_i / B_h)
+            factorial_i *= k + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial_i
+        return h_phi_1, B_h, np.stack(R), np.array(b, dtype=np.float32)
+
+    def multistep_uni_p_bh_update(self, i: int, sample: np.ndarray, order: int) -> np.ndarray:
+        """One step of UniP (B(h) version): from sample at sigmas[i] to sigmas[i + 1]."""
+        model_output_list = self._model_outputs
+        m0 = model_output_list[-1]
+        x = sample
+        alpha_t, sigma_t, lambda_t = self.alpha_t[i + 1], self.sigma_t[i + 1], self.lambda_t[i + 1]
+        alpha_s0, sigma_s0, lambda_s0 = self.alpha_t[i], self.sigma_t[i], self.lambda_t[i]
+        h = lambda_t - lambda_s0
+
+        rks, D1s = [], []
+        for k in range(1, order):
+            mi = model_output_list[-(k + 1)]
+            rk = (self.lambda_t[i - k] - lambda_s0) / h
+            rks.append(rk)
+            D1s.append((mi - m0) / rk)
+        h_phi_1, B_h, R, b = self._bh_coefficients(h, rks, order)
+
+        if D1s:
+            # for order 2, we use a simplified version
+            rhos_p = np.array([0.5], np.float32) if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1])
+            pred_res = sum(rho * d for rho, d in zip(rhos_p, D1s))
+        else:
+            pred_res = 0
+        if self.predict_x0:
+            x_t_ = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
+            return x_t_ - alpha_t * B_h * pred_res
+        x_t_ = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0
+        return x_t_ - sigma_t * B_h * pred_res
+
+    def multistep_uni_c_bh_update(
+        self, this_model_output: np.ndarray, i: int, last_sample: np.ndarray, this_sample: np.ndarray, order: int
+    ) -> np.ndarray:
+        """One step of UniC (B(h) version): corrects ``this_sample`` (at sigmas[i]), predicted from
+        ``last_sample`` (at sigmas[i - 1]), with the model output at ``this_sample``."""
+        model_output_list = self._model_outputs
+        m0 = model_output_list[-1]
+        x = last_sample
+        model_t = this_model_output
+        alpha_t, sigma_t, lambda_t = self.alpha_t[i], self.sigma_t[i], self.lambda_t[i]
+        alpha_s0, sigma_s0, lambda_s0 = self.alpha_t[i - 1], self.sigma_t[i - 1], self.lambda_t[i - 1]
+        h = lambda_t - lambda_s0
+
+        rks, D1s = [], []
+        for k in range(1, order):
+            mi = model_output_list[-(k + 1)]
+            rk = (self.lambda_t[i - (k + 1)] - lambda_s0) / h
+            rks.append(rk)
+            D1s.append((mi - m0) / rk)
+        h_phi_1, B_h, R, b = self._bh_coefficients(h, rks, order)
+
+        # for order 1, we use a simplified version
+        rhos_c = np.array([0.5], np.float32) if order == 1 else np.linalg.solve(R, b)
+        corr_res = sum(rho * d for rho, d in zip(rhos_c[:-1], D1s)) if D1s else 0
+        D1_t = model_t - m0
+        if self.predict_x0:
+            x_t_ = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
+            return x_t_ - alpha_t * B_h * (corr_res + rhos_c[-1] * D1_t)
+        x_t_ = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0
+        return x_t_ - sigma_t * B_h * (corr_res + rhos_c[-1] * D1_t)

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny Stable Diffusion checkpoints built from configs, exported with our own CLI."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+warnings.filterwarnings("ignore", module="torch.onnx")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images (inf when identical)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def run_cli(*args: str):
+    from typer.testing import CliRunner
+
+    from edgediff.cli import app
+
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def _build_and_export(tmp_path_factory, recipe: str) -> tuple[Path, Path]:
+    from edgediff.export.recipes import build_pipeline
+
+    root = tmp_path_factory.mktemp(recipe)
+    src = build_pipeline(recipe, root / "diffusers", seed=0)
+    result = run_cli("export", str(src), str(root / "artifact"))
+    assert result.exit_code == 0, result.output
+    return src, root / "artifact"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory) -> tuple[Path, Path]:
+    """(diffusers folder, artifact folder) of an SD1-style epsilon model."""
+    return _build_and_export(tmp_path_factory, "tiny-sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v(tmp_path_factory) -> tuple[Path, Path]:
+    """(diffusers folder, artifact folder) of an SD2-style v-prediction model."""
+    return _build_and_export(tmp_path_factory, "tiny-sd2-v")
+
+
+_PARITY: list[tuple] = []
+
+
+@pytest.fixture
+def parity_log():
+    """Record (model, backend, scheduler, PSNR) rows; printed at the end of the run."""
+    return _PARITY.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _PARITY:
+        terminalreporter.write_line("txt2img PSNR vs diffusers (dB):")
+        for model, backend, scheduler, score in sorted(_PARITY):
+            terminalreporter.write_line(f"  {model:12s} {backend:12s} {scheduler:16s} {score:6.1f}")
