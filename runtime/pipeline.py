@@ -150,8 +150,8 @@ class Pipeline:
         m = self.manifest
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
-        width = width or m.sample_size
-        height = height or m.sample_size
+        width = m.sample_size if width is None else width
+        height = m.sample_size if height is None else height
         scheduler = scheduler or m.scheduler
         _check_args(width, height, steps, guidance, num_images, scheduler, rng, seed, m.vae_scale_factor)
         batch = len(prompts) * num_images

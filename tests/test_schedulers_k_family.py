@@ -46,6 +46,8 @@ SD2 = {**SD15, "prediction_type": "v_prediction", "timestep_spacing": "trailing"
 LINSPACE = {**SD15, "timestep_spacing": "linspace"}
 CONFIGS = {"sd15": SD15, "sd2_v_trailing": SD2, "linspace": LINSPACE}
 
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # no stray overflow / 0-division in our ports
+
 SHAPE = (2, 4, 5, 7)  # batch of 2; 280 values, not a multiple of 16 (torch.randn's tail path)
 
 
@@ -137,15 +139,21 @@ FEATURES: list[tuple[str, dict[str, Any]]] = [
     ("dpmpp_2m", {"variance_type": "fixed_small"}),  # a DDPM key: no effect in diffusers either
     ("dpmpp_2m_karras", {"solver_order": 3}),
     ("dpmpp_2m_karras", {"final_sigmas_type": "sigma_min", "euler_at_final": True}),
+    ("dpmpp_2m_karras", {"final_sigmas_type": "sigma_min"}),  # last step h = 0
+    ("dpmpp_2m_karras", {"final_sigmas_type": "sigma_min", "solver_order": 3, "lower_order_final": False}),
     ("dpmpp_2m_karras", {"beta_schedule": "squaredcos_cap_v2"}),  # karras timesteps truncated, not rounded
     ("dpmpp_2m_karras", {"sigma_min": 0.1, "sigma_max": 10.0}),
     ("unipc", {"solver_order": 1}),
     ("unipc", {"solver_order": 3}),
     ("unipc", {"solver_order": 3, "lower_order_final": False, "final_sigmas_type": "sigma_min"}),
     ("unipc", {"solver_type": "bh1"}),
+    ("unipc", {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
     ("unipc", {"solver_type": "midpoint"}),  # diffusers maps it to bh2
     ("unipc", {"predict_x0": False}),
-    ("unipc", {"predict_x0": False, "solver_type": "bh1", "prediction_type": "v_prediction"}),
+    ("unipc", {"predict_x0": False, "final_sigmas_type": "sigma_min"}),
+    ("unipc", {"predict_x0": False, "final_sigmas_type": "sigma_min", "solver_order": 3, "solver_type": "bh1"}),
+    ("unipc", {"predict_x0": False, "final_sigmas_type": "sigma_min", "prediction_type": "v_prediction"}),
+    ("unipc", {"predict_x0": False, "final_sigmas_type": "sigma_min", "prediction_type": "sample"}),
     ("unipc", {"disable_corrector": [0, 3]}),
     ("unipc", {"use_karras_sigmas": True}),
     ("unipc", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
@@ -163,8 +171,23 @@ def _feature_config(overrides: dict[str, Any]) -> dict[str, Any]:
 
 def _unstable(name: str, overrides: dict[str, Any], steps: int) -> str | None:
     """Combos diffusers itself cannot run (NaN or errors there); None when runnable."""
-    if name == "unipc" and not overrides.get("predict_x0", True) and overrides.get("final_sigmas_type") != "sigma_min":
+    final_zero = overrides.get("final_sigmas_type", "zero") == "zero"
+    if name == "unipc" and not overrides.get("predict_x0", True) and final_zero:
         return "diffusers UniPC with predict_x0=False steps to sigma=0 as 0 * inf = NaN"
+    if name == "unipc" and overrides.get("solver_type") == "bh1" and final_zero:
+        return "diffusers UniPC bh1 steps to sigma=0 with B(h) = -inf, times 0 = NaN"
+    if name == "dpmpp_2m_karras" and overrides.get("beta_schedule") == "squaredcos_cap_v2" and steps >= 7:
+        return (
+            "diffusers IndexError: the first Karras timesteps repeat (998, 998, ...), so its step index starts at 1"
+            " and runs past the end"
+        )
+    if (
+        name == "dpmpp_2m_karras"
+        and overrides.get("final_sigmas_type") == "sigma_min"
+        and overrides.get("solver_order") == 3
+        and not overrides.get("lower_order_final", True)
+    ):
+        return "diffusers 3rd-order step onto the repeated Karras sigma_min (h = 0) gives inf / inf = NaN"
     return None
 
 

@@ -146,7 +146,8 @@ class DPMSolverPP2M:
         lambda_t, lambda_s0, lambda_s1 = self.lambda_t[i + 1], self.lambda_t[i], self.lambda_t[i - 1]
         m0, m1 = model_output_list[-1], model_output_list[-2]
         h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
-        r0 = h_0 / h
+        with np.errstate(divide="ignore"):  # h = 0 onto a repeated final sigma_min: r0 = inf, D1 = 0
+            r0 = h_0 / h
         D0, D1 = m0, (1.0 / r0) * (m0 - m1)
         if self.solver_type == "midpoint":
             # See https://arxiv.org/abs/2211.01095 for detailed derivations

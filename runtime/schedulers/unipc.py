@@ -127,15 +127,16 @@ class UniPC:
         rks = np.array([*rks, 1.0], dtype=np.float32)
         hh = -h if self.predict_x0 else h
         h_phi_1 = np.expm1(hh)  # h\phi_1(h) = e^h - 1
-        h_phi_k = h_phi_1 / hh - 1
         factorial_i = 1
         B_h = hh if self.solver_type == "bh1" else np.expm1(hh)
         R, b = [], []
-        for k in range(1, order + 1):
-            R.append(rks ** (k - 1))
-            b.append(h_phi_k * factorial_i / B_h)
-            factorial_i *= k + 1
-            h_phi_k = h_phi_k / hh - 1 / factorial_i
+        with np.errstate(divide="ignore", invalid="ignore"):  # h = 0 (final sigma_min step): NaNs left unused
+            h_phi_k = h_phi_1 / hh - 1
+            for k in range(1, order + 1):
+                R.append(rks ** (k - 1))
+                b.append(h_phi_k * factorial_i / B_h)
+                factorial_i *= k + 1
+                h_phi_k = h_phi_k / hh - 1 / factorial_i
         return h_phi_1, B_h, np.stack(R), np.array(b, dtype=np.float32)
 
     def multistep_uni_p_bh_update(self, i: int, sample: np.ndarray, order: int) -> np.ndarray:

@@ -1,0 +1,121 @@
+"""``edgediff export``: the artifact contract, parity recorded, failures leave nothing that looks valid."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from edgediff.runtime import load_manifest
+from edgediff.runtime.manifest import COMPONENTS
+
+from .conftest import run_cli
+
+
+def test_manifest_describes_the_model(tiny_sd1, tiny_sd2v):
+    m = load_manifest(tiny_sd1[1])
+    assert m.prediction_type == "epsilon" and m.scheduler == "pndm"
+    assert (m.vae_scale_factor, m.latent_channels, m.unet_in_channels, m.sample_size) == (8, 4, 4, 64)
+    assert m.scaling_factor == pytest.approx(0.18215)
+    assert m.text_max_length == 77 and m.text_hidden_size == 32 and m.pad_token_id == 49407
+    assert set(m.components) == set(COMPONENTS)
+    for comp, variants in m.components.items():
+        parity = variants["fp32"].quality["parity_vs_torch"]
+        assert 0 <= parity["max_rel_err"] < 1e-3, comp
+    assert m.provenance["versions"]["torch"].startswith("2.13")
+    m2 = load_manifest(tiny_sd2v[1])
+    assert m2.prediction_type == "v_prediction" and m2.scheduler == "ddim" and m2.pad_token_id == 0
+
+
+def test_onnx_graphs_are_opset17_with_dynamic_axes(tiny_sd1):
+    m = load_manifest(tiny_sd1[1])
+    unet = onnx.load(str(tiny_sd1[1] / m.variant("unet").file))
+    assert max(o.version for o in unet.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in unet.graph.input}
+    assert dims["sample"] == ["batch", 4, "height", "width"]
+    assert dims["timestep"] == ["batch"]
+
+
+def test_unet_runs_at_sizes_not_multiple_of_64(tiny_sd1):
+    """Traced at an odd latent size, the UNet accepts any multiple of 8 pixels (latent 5x7 here)."""
+    from edgediff.runtime import Pipeline
+
+    pipe = Pipeline.load(tiny_sd1[1], backend="onnxruntime", device="cpu")
+    (image,) = pipe.txt2img("a red circle", steps=2, width=56, height=40)
+    assert image.size == (56, 40)
+
+
+def test_refuses_to_overwrite_without_force(tiny_sd1, tmp_path):
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = run_cli("export", str(tiny_sd1[0]), str(out))
+    assert r.exit_code == 2 and "already exists; pass --force" in r.output
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_force_overwrites(tiny_sd1, tmp_path):
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    r = run_cli("export", str(tiny_sd1[0]), str(out), "--force")
+    assert r.exit_code == 0, r.output
+    assert not (out / "stale.txt").exists()
+    assert load_manifest(out).prediction_type == "epsilon"
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary folders left behind
+
+
+def test_failed_parity_leaves_no_artifact(tiny_sd1, tmp_path, monkeypatch):
+    from edgediff.export import components
+
+    real = components.check_parity
+
+    def broken(path, contract, args, reference):
+        if contract.name == "vae_decoder":
+            return real(path, contract, args, reference + 1.0)  # as if the graph were wrong
+        return real(path, contract, args, reference)
+
+    monkeypatch.setattr(components, "check_parity", broken)
+    out = tmp_path / "a"
+    r = run_cli("export", str(tiny_sd1[0]), str(out))
+    assert r.exit_code == 2
+    assert "vae_decoder: ONNX differs from PyTorch" in r.output and "refusing" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_sources(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_cli("export", str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert r.exit_code == 2 and "without model_index.json" in r.output
+    r = run_cli("export", str(tmp_path / "missing.safetensors"), str(tmp_path / "out"))
+    assert r.exit_code == 2 and "no such checkpoint file" in r.output
+    r = run_cli("export", "not/a/hub/id", str(tmp_path / "out"))
+    assert r.exit_code == 2 and "not a hub id" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_random_weights_export(tmp_path):
+    r = run_cli("export", "--random-weights", "tiny-sd1", str(tmp_path / "rw"))
+    assert r.exit_code == 0, r.output
+    m = load_manifest(tmp_path / "rw")
+    assert m.random_weights and m.provenance["source"] == "random-weights:tiny-sd1:seed=0"
+    r = run_cli("export", "--random-weights", "sd99", str(tmp_path / "x"))
+    assert r.exit_code == 2 and "unknown recipe 'sd99'" in r.output
+
+
+def test_info_lists_components_and_backends(tiny_sd1):
+    r = run_cli("info", str(tiny_sd1[1]))
+    assert r.exit_code == 0, r.output
+    assert "unet" in r.output and "fp32" in r.output and "CPUExecutionProvider" in r.output
+
+
+def test_tokenizer_is_the_real_clip_bpe(tiny_sd1):
+    from edgediff.runtime.text import PromptTokenizer
+
+    tok = PromptTokenizer(tiny_sd1[1] / "tokenizer" / "tokenizer.json", 77, 49407)
+    ids = tok(["a red circle on a blue background"])[0]
+    # ids of openai/clip-vit-large-patch14 for this prompt
+    assert ids[:9].tolist() == [49406, 320, 736, 7117, 525, 320, 1746, 5994, 49407]
+    assert np.all(ids[9:] == 49407)
