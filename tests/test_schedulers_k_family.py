@@ -80,7 +80,7 @@ def run_ours(name: str, config: dict[str, Any], steps: int, seed: int):
     return np.asarray(sched.timesteps), sched.init_noise_sigma, latents
 
 
-def check_parity(name: str, config: dict[str, Any], steps: int, seed: int) -> float:
+def check_parity(name: str, config: dict[str, Any], steps: int, seed: int, rtol: float = 1e-4) -> float:
     """Assert parity; return the error relative to the tolerance's scale."""
     ts_ref, sigma_ref, ref = run_diffusers(name, config, steps, seed)
     ts, sigma, out = run_ours(name, config, steps, seed)
@@ -91,7 +91,7 @@ def check_parity(name: str, config: dict[str, Any], steps: int, seed: int) -> fl
     assert np.isfinite(ref).all()
     scale = max(1.0, float(np.abs(ref).max()))
     err = float(np.abs(out.astype(np.float64) - ref).max())
-    assert err <= 1e-4 * scale, f"max abs error {err:.3g} > 1e-4 * {scale:.3g}"
+    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:g} * {scale:.3g}"
     return err / scale
 
 
@@ -120,6 +120,7 @@ FEATURES: list[tuple[str, dict[str, Any]]] = [
     ("euler_a", {"timestep_spacing": "linspace", "prediction_type": "v_prediction"}),
     ("heun", {"use_karras_sigmas": True}),
     ("heun", {"use_karras_sigmas": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
+    ("heun", {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),  # "hidden" keys, used by diffusers
     ("heun", {"prediction_type": "sample"}),
     ("heun", {"clip_sample": True, "clip_sample_range": 0.5, "prediction_type": "sample"}),
     ("heun", {"clip_sample": True, "clip_sample_range": 2.0}),
@@ -157,6 +158,7 @@ FEATURES: list[tuple[str, dict[str, Any]]] = [
     ("unipc", {"disable_corrector": [0, 3]}),
     ("unipc", {"use_karras_sigmas": True}),
     ("unipc", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
+    ("unipc", {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
     ("unipc", {"final_sigmas_type": "sigma_min", "lower_order_final": False}),
     ("unipc", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
     ("unipc", {"prediction_type": "sample"}),
@@ -176,11 +178,10 @@ def _unstable(name: str, overrides: dict[str, Any], steps: int) -> str | None:
         return "diffusers UniPC with predict_x0=False steps to sigma=0 as 0 * inf = NaN"
     if name == "unipc" and overrides.get("solver_type") == "bh1" and final_zero:
         return "diffusers UniPC bh1 steps to sigma=0 with B(h) = -inf, times 0 = NaN"
-    if name == "dpmpp_2m_karras" and overrides.get("beta_schedule") == "squaredcos_cap_v2" and steps >= 7:
-        return (
-            "diffusers IndexError: the first Karras timesteps repeat (998, 998, ...), so its step index starts at 1"
-            " and runs past the end"
-        )
+    timesteps = make_scheduler(name, _feature_config(overrides), steps).timesteps
+    if len(timesteps) > 1 and timesteps[0] == timesteps[1] and name != "heun":
+        # e.g. Karras sigmas on squaredcos_cap_v2: 998, 998, 998, 997, ...
+        return "diffusers IndexError: the first timestep repeats, so its step index starts at 1 and runs past the end"
     if (
         name == "dpmpp_2m_karras"
         and overrides.get("final_sigmas_type") == "sigma_min"
@@ -193,13 +194,19 @@ def _unstable(name: str, overrides: dict[str, Any], steps: int) -> str | None:
 
 @pytest.mark.parametrize("steps", [1, 3, 7, 20])
 @pytest.mark.parametrize(
-    ("name", "overrides"), FEATURES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'sd15'}" for n, o in FEATURES]
+    ("name", "overrides"),
+    FEATURES,
+    ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'sd15'}" for n, o in FEATURES],
 )
 def test_parity_config_features(name: str, overrides: dict[str, Any], steps: int) -> None:
     reason = _unstable(name, overrides, steps)
     if reason:
         pytest.skip(reason)
-    check_parity(name, _feature_config(overrides), steps, seed=7)
+    # Zero terminal SNR starts at sigma = 4096, and the first step cancels ~4096-sized terms: float32 rounding
+    # there leaves ~1e-4 of the final scale in diffusers itself (its float32 run vs the same run in float64),
+    # and torch's float32 sqrt/exp/log differ from numpy's by up to an ulp, so allow 3e-4 for those configs.
+    rtol = 3e-4 if overrides.get("rescale_betas_zero_snr") else 1e-4
+    check_parity(name, _feature_config(overrides), steps, seed=7, rtol=rtol)
 
 
 def test_heun_timesteps_and_order() -> None:

@@ -32,7 +32,7 @@ _REFERENCE_CACHE: dict = {}
 def diffusers_image(src, scheduler: str, **kw) -> np.ndarray:
     import diffusers
 
-    key = (str(src), scheduler, tuple(sorted(kw.items())))
+    key = (str(src), scheduler, repr(sorted(kw.items())))
     if key not in _REFERENCE_CACHE:
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(src), safety_checker=None, requires_safety_checker=False)
         cls, extra = DIFFUSERS[scheduler]

@@ -68,9 +68,10 @@ def alphas_cumprod(config: dict[str, Any], betas: np.ndarray | None = None) -> n
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     """Lin et al. 2023, Algorithm 1: rescale betas to zero terminal SNR."""
-    alphas_bar_sqrt = np.sqrt(np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32))  # torch: double accumulator
+    # torch's CPU cumprod accumulates in double
+    alphas_bar_sqrt = np.sqrt(np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32))
     first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
-    alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))  # diffusers' operation order
     alphas_bar = alphas_bar_sqrt**2
     alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
     return (1 - alphas).astype(np.float32)
@@ -160,8 +161,9 @@ def sigma_to_t(sigma: np.ndarray | float, log_sigmas: np.ndarray) -> np.ndarray:
 
 
 def karras_sigmas(in_sigmas: np.ndarray, num_inference_steps: int, config: dict[str, Any]) -> np.ndarray:
-    """Karras et al. 2022 (EDM, https://huggingface.co/papers/2206.00364) rho=7 noise levels, float64,
-    from ``config["sigma_max"]``/``["sigma_min"]`` or else ``in_sigmas[0]``/``[-1]`` (diffusers' ``_convert_to_karras``)."""
+    """Karras et al. 2022 (EDM, https://huggingface.co/papers/2206.00364) rho=7 noise levels, float64, from
+    ``config["sigma_max"]``/``["sigma_min"]`` or else ``in_sigmas[0]``/``[-1]`` (diffusers' ``_convert_to_karras``;
+    diffusers reads those keys even where they are only "hidden" config from another scheduler class)."""
     sigma_min = config.get("sigma_min")
     sigma_max = config.get("sigma_max")
     sigma_min = sigma_min if sigma_min is not None else float(in_sigmas[-1])

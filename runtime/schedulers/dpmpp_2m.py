@@ -1,10 +1,9 @@
-"""DPM-Solver++ multistep (2M; orders 1-3): Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling
-of Diffusion Probabilistic Models" (https://huggingface.co/papers/2211.01095).
+"""Ported from diffusers ``schedulers/scheduling_dpmsolver_multistep.py`` (``DPMSolverMultistepScheduler``).
 
-Ported from diffusers ``schedulers/scheduling_dpmsolver_multistep.py`` (``DPMSolverMultistepScheduler``) for
-``algorithm_type="dpmsolver++"`` (data prediction, deterministic: no noise is drawn), ``solver_type``
-"midpoint" or "heun", ``solver_order`` 1, 2 or 3. The registry's ``dpmpp_2m_karras`` is this class with
-``use_karras_sigmas=True``.
+DPM-Solver++ multistep (2M; orders 1-3) of Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
+Diffusion Probabilistic Models" (https://huggingface.co/papers/2211.01095), for ``algorithm_type="dpmsolver++"``
+(data prediction, deterministic: no noise is drawn), ``solver_type`` "midpoint" or "heun", ``solver_order``
+1, 2 or 3. The registry's ``dpmpp_2m_karras`` is this class with ``use_karras_sigmas=True``.
 """
 
 from __future__ import annotations
@@ -33,7 +32,9 @@ class DPMSolverPP2M:
     def __init__(self, config: dict[str, Any], num_inference_steps: int):
         n_train = int(config.get("num_train_timesteps", 1000))
         self.solver_order = config_choice(config, "solver_order", 2, (1, 2, 3))
-        self.prediction_type = config_choice(config, "prediction_type", "epsilon", ("epsilon", "v_prediction", "sample"))
+        self.prediction_type = config_choice(
+            config, "prediction_type", "epsilon", ("epsilon", "v_prediction", "sample")
+        )
         config_choice(config, "thresholding", False, (False,))
         # diffusers itself maps "deis" to dpmsolver++, and the UniPC/DEIS solver types to midpoint
         algorithm_type = config_choice(config, "algorithm_type", "dpmsolver++", ("dpmsolver++", "deis"))
@@ -63,6 +64,8 @@ class DPMSolverPP2M:
         lambda_train = np.log(np.sqrt(acp)) - np.log(np.sqrt(1 - acp))
 
         # set_timesteps
+        # Clipping the minimum of all lambda(t) for numerical stability.
+        # This is critical for cosine (squaredcos_cap_v2) noise schedule.
         clipped_idx = int(np.searchsorted(lambda_train[::-1], np.float32(lambda_min_clipped)))
         timesteps = multistep_timesteps(config, num_inference_steps, n_train - clipped_idx)
         sigmas = ((1 - acp) / acp) ** 0.5
@@ -89,7 +92,8 @@ class DPMSolverPP2M:
         with np.errstate(divide="ignore"):
             self.lambda_t = np.log(self.alpha_t) - np.log(self.sigma_t)
 
-        # solver order of each step (step()'s lower_order_final / lower_order_second / warmup)
+        # solver order of each step: step()'s warmup (lower_order_nums) and, to improve numerical stability for
+        # small number of steps, lower_order_final / lower_order_second
         n = len(self.timesteps)
         self.step_order = []
         for i in range(n):
@@ -110,7 +114,7 @@ class DPMSolverPP2M:
         return sample
 
     def convert_model_output(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
-        """DPM-Solver++ integrates the data prediction x0."""
+        """DPM-Solver++ needs to solve an integral of the data prediction model: x0."""
         if self.prediction_type == "epsilon":
             if self.learned_variance:  # learned variance: the first 3 channels are the noise
                 model_output = model_output[:, :3]
@@ -122,6 +126,7 @@ class DPMSolverPP2M:
     def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
         model_output = self.convert_model_output(model_output, i, sample)
         self._model_outputs = [*self._model_outputs, model_output][-self.solver_order :]
+        # Upcast to avoid precision issues when computing prev_sample
         sample = sample.astype(np.float32)
         order = self.step_order[i]
         if order == 1:
@@ -150,7 +155,7 @@ class DPMSolverPP2M:
             r0 = h_0 / h
         D0, D1 = m0, (1.0 / r0) * (m0 - m1)
         if self.solver_type == "midpoint":
-            # See https://arxiv.org/abs/2211.01095 for detailed derivations
+            # See https://huggingface.co/papers/2211.01095 for detailed derivations
             return (
                 (sigma_t / sigma_s0) * sample
                 - (alpha_t * (np.exp(-h) - 1.0)) * D0
@@ -176,7 +181,7 @@ class DPMSolverPP2M:
         D1_0, D1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
         D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
         D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
-        # See https://arxiv.org/abs/2206.00927 for detailed derivations
+        # See https://huggingface.co/papers/2206.00927 for detailed derivations
         return (
             (sigma_t / sigma_s0) * sample
             - (alpha_t * (np.exp(-h) - 1.0)) * D0

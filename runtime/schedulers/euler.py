@@ -1,8 +1,8 @@
-"""Euler sampler, deterministic (s_churn = 0): Karras et al. 2022, "Elucidating the Design Space of
-Diffusion-Based Generative Models", Algorithm 2 (https://huggingface.co/papers/2206.00364).
+"""Ported from diffusers ``schedulers/scheduling_euler_discrete.py`` (``EulerDiscreteScheduler``).
 
-Ported from diffusers ``schedulers/scheduling_euler_discrete.py`` (``EulerDiscreteScheduler``), as
-``StableDiffusionPipeline`` calls it (``step`` without ``s_churn``, so gamma = 0 and no noise is drawn).
+Euler sampler of Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models",
+Algorithm 2 (https://huggingface.co/papers/2206.00364), deterministic as ``StableDiffusionPipeline`` calls it:
+``step`` without ``s_churn``, so gamma = 0 and no noise is drawn.
 """
 
 from __future__ import annotations

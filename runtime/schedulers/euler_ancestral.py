@@ -1,8 +1,9 @@
-"""Ancestral sampling with Euler steps ("Euler a", Katherine Crowson's k-diffusion ``sample_euler_ancestral``;
-Karras et al. 2022, https://huggingface.co/papers/2206.00364, and Song et al. 2021 for the ancestral split).
+"""Ported from diffusers ``schedulers/scheduling_euler_ancestral_discrete.py`` (``EulerAncestralDiscreteScheduler``).
 
-Ported from diffusers ``schedulers/scheduling_euler_ancestral_discrete.py`` (``EulerAncestralDiscreteScheduler``).
-Each ``step`` draws one Gaussian of the sample's shape, where diffusers calls ``randn_tensor``.
+"Euler a": ancestral sampling with Euler steps, Katherine Crowson's k-diffusion ``sample_euler_ancestral``
+(Karras et al. 2022, https://huggingface.co/papers/2206.00364; the ancestral split of Song et al. 2021,
+https://huggingface.co/papers/2011.13456). Each ``step`` draws one Gaussian of the sample's shape from ``rng``,
+where diffusers calls ``randn_tensor``, so a torch-compatible stream reproduces diffusers' images.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from .common import NoiseSource, alphas_cumprod, config_choice, discrete_timesteps, rescale_zero_terminal_snr, train_betas
+from .common import (
+    NoiseSource,
+    alphas_cumprod,
+    config_choice,
+    discrete_timesteps,
+    rescale_zero_terminal_snr,
+    train_betas,
+)
 
 
 class EulerAncestral:

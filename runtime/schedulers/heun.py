@@ -1,10 +1,10 @@
-"""Heun's 2nd-order sampler: Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
-Generative Models", Algorithm 1 (https://huggingface.co/papers/2206.00364).
+"""Ported from diffusers ``schedulers/scheduling_heun_discrete.py`` (``HeunDiscreteScheduler``).
 
-Ported from diffusers ``schedulers/scheduling_heun_discrete.py`` (``HeunDiscreteScheduler``).
-Each solver step takes two UNet calls, so ``timesteps`` holds 2N - 1 entries: t0, t1, t1, t2, t2, ...
-Call index ``i`` even is the Euler (1st-order) half, ``i`` odd the Heun correction of the step begun at i - 1;
-the last call (sigma_next = 0) stays first order.
+Heun's 2nd-order sampler of Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
+Models", Algorithm 1 (https://huggingface.co/papers/2206.00364). Each solver step takes two UNet calls, so
+``timesteps`` holds 2N - 1 entries: t0, t1, t1, t2, t2, ... Call index ``i`` even is the Euler (1st-order)
+half, ``i`` odd the Heun correction of the step begun at ``i - 1``; the last call (to sigma = 0) stays
+first order. diffusers keys this state machine on its stored ``dt``; here it is keyed on ``i``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ class Heun:
     order = 2
 
     def __init__(self, config: dict[str, Any], num_inference_steps: int):
-        self.prediction_type = config_choice(config, "prediction_type", "epsilon", ("epsilon", "v_prediction", "sample"))
+        self.prediction_type = config_choice(
+            config, "prediction_type", "epsilon", ("epsilon", "v_prediction", "sample")
+        )
         use_karras_sigmas = bool(config_choice(config, "use_karras_sigmas", False, (False, True, None)))
         config_choice(config, "use_exponential_sigmas", False, _OFF)
         config_choice(config, "use_beta_sigmas", False, _OFF)
@@ -88,7 +90,8 @@ class Heun:
             # store for 2nd order step
             self._first_order = (derivative, dt, sample)
         else:
-            assert self._first_order is not None, "Heun: step(i - 1) must come before step(i)"
+            if self._first_order is None:
+                raise RuntimeError(f"Heun: step({i - 1}) must come before step({i})")
             prev_derivative, dt, first_sample = self._first_order
             # 2. 2nd order / Heun's method
             derivative = (sample - pred_original_sample) / sigma_next

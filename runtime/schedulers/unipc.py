@@ -1,9 +1,9 @@
-"""UniPC multistep: Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
-Diffusion Models" (https://huggingface.co/papers/2302.04867).
+"""Ported from diffusers ``schedulers/scheduling_unipc_multistep.py`` (``UniPCMultistepScheduler``).
 
-Ported from diffusers ``schedulers/scheduling_unipc_multistep.py`` (``UniPCMultistepScheduler``): UniP predictor
-and UniC corrector with B(h) "bh1"/"bh2", data (``predict_x0``) or noise prediction, any ``solver_order``,
-``lower_order_final``, ``disable_corrector``. Deterministic: no noise is drawn.
+UniPC of Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion
+Models" (https://huggingface.co/papers/2302.04867): UniP predictor and UniC corrector with B(h) "bh1"/"bh2",
+data (``predict_x0``) or noise prediction, any ``solver_order``, ``lower_order_final``, ``disable_corrector``.
+Deterministic: no noise is drawn.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ class UniPC:
         self.solver_order = int(config.get("solver_order", 2))
         if self.solver_order < 1:
             raise ValueError(f"solver_order={self.solver_order!r} is not supported; accepted: an int >= 1")
-        self.prediction_type = config_choice(config, "prediction_type", "epsilon", ("epsilon", "v_prediction", "sample"))
+        self.prediction_type = config_choice(
+            config, "prediction_type", "epsilon", ("epsilon", "v_prediction", "sample")
+        )
         config_choice(config, "thresholding", False, (False,))
         self.predict_x0 = bool(config_choice(config, "predict_x0", True, (True, False)))
         # diffusers maps the DPM-Solver/DEIS solver types to bh2
