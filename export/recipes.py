@@ -1,5 +1,10 @@
 """Checkpoints built from configs with seeded random weights.
 
+``sd15`` and ``sd21`` are architecture-exact Stable Diffusion 1.5 and 2.1
+(text encoder, UNet and VAE of the published configs): dense compute makes
+their latency that of the real models, without downloading gigabytes. They
+are marked ``random_weights`` in the manifest: not for images.
+
 ``tiny-sd1`` and ``tiny-sd2-v`` are the test models: the real Stable Diffusion
 classes (CLIPTextModel, UNet2DConditionModel with cross-attention,
 AutoencoderKL with a downsampling factor of 8) at toy widths, with the real
@@ -25,7 +30,25 @@ PNDM_SD1 = {
     "clip_sample": False,
 }
 
+SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
+
 RECIPES: dict[str, dict[str, Any]] = {
+    "sd15": {
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "hidden_act": "quick_gelu", "projection_dim": 768},
+        "unet": {"sample_size": 64},  # diffusers' UNet2DConditionModel defaults are SD 1.x's
+        "vae": SD_VAE,
+        "scheduler": ("PNDMScheduler", {**PNDM_SD1, "prediction_type": "epsilon"}),
+        "pad_token": "<|endoftext|>",
+    },
+    "sd21": {
+        "text": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
+                 "hidden_act": "gelu", "projection_dim": 512},
+        "unet": {"sample_size": 96, "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True},
+        "vae": SD_VAE,
+        "scheduler": ("DDIMScheduler", {**PNDM_SD1, "prediction_type": "v_prediction", "timestep_spacing": "leading"}),
+        "pad_token": "!",
+    },
     "tiny-sd1": {
         "text": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4},
         "unet": {
@@ -99,7 +122,8 @@ def build_pipeline(recipe: str, out_dir: str | Path, seed: int = 0, inpainting: 
         sample_size=r["unet"]["sample_size"] * 2 ** (n - 1),
         **r["vae"],
     ).eval()
-    _perturb_zero_init(unet)
+    if recipe.startswith("tiny"):
+        _perturb_zero_init(unet)
     sched_cls, sched_cfg = r["scheduler"]
     scheduler = getattr(diffusers, sched_cls).from_config(sched_cfg)
     pipe_cls = diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
