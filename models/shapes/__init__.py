@@ -1,0 +1,1 @@
+"""The embedded default model: a small Stable Diffusion trained on drawn shapes."""

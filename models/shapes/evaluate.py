@@ -1,0 +1,195 @@
+"""Measure what the ``shapes`` model draws: colour, background, shape and size, checked in numpy.
+
+``classify(image)`` reads an image the way a person would check it:
+
+- background: the median colour of the border ring, snapped to the palette;
+- foreground: pixels far from the background colour; its colour is the
+  palette colour most of them snap to;
+- shape: solidity (object area / convex hull area) separates the star
+  (concave) from the convex shapes, then the fill ratio of the bounding box
+  separates square (~1.0), circle (~0.79) and triangle (~0.5);
+- size: the bounding box's longer side against half the image side.
+
+``evaluate(pipe, ...)`` generates images for a set of scenes and seeds and
+reports accuracy per attribute, for seen and held-out colour-shape pairs
+apart. Used by the tests, the README's figures and (later) the quantization
+quality gate. numpy only: no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import dataset
+
+_PALETTE_NAMES = list(dataset.COLORS)
+_PALETTE = np.asarray([dataset.COLORS[c] for c in _PALETTE_NAMES], dtype=np.float32)
+ATTRIBUTES = ("color", "background", "shape", "size")
+
+
+@dataclass(frozen=True)
+class Reading:
+    color: str | None
+    background: str
+    shape: str | None
+    size: str | None
+    fill: float = 0.0
+    solidity: float = 0.0
+
+
+def _snap(rgb: np.ndarray) -> np.ndarray:
+    """Index of the nearest palette colour for each RGB row."""
+    d = ((rgb[:, None, :].astype(np.float32) - _PALETTE[None]) ** 2).sum(-1)
+    return d.argmin(1)
+
+
+def _hull_area(points: np.ndarray) -> float:
+    """Area of the convex hull of integer points (Andrew's monotone chain + shoelace)."""
+    pts = sorted(set(map(tuple, points.tolist())))
+    if len(pts) < 3:
+        return float(len(pts))
+
+    def cross(o, a, b):
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    lower: list = []
+    for p in pts:
+        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    upper: list = []
+    for p in reversed(pts):
+        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    hull = np.asarray(lower[:-1] + upper[:-1], dtype=np.float64)
+    x, y = hull[:, 0], hull[:, 1]
+    return float(0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
+def classify(image: np.ndarray) -> Reading:
+    """Read colour, background, shape and size off one RGB uint8 image."""
+    img = np.asarray(image)[..., :3].astype(np.float32)
+    h, w, _ = img.shape
+    ring = np.concatenate([img[:3].reshape(-1, 3), img[-3:].reshape(-1, 3), img[:, :3].reshape(-1, 3), img[:, -3:].reshape(-1, 3)])
+    bg_rgb = np.median(ring, axis=0)
+    background = _PALETTE_NAMES[int(_snap(bg_rgb[None])[0])]
+    labels = _snap(img.reshape(-1, 3)).reshape(h, w)
+    bg_index = _PALETTE_NAMES.index(background)
+    mask = (labels != bg_index) & (np.abs(img - bg_rgb).sum(-1) > 90)
+    if mask.sum() < 0.005 * h * w:
+        return Reading(None, background, None, None)
+    counts = np.bincount(labels[mask], minlength=len(_PALETTE_NAMES))
+    color = _PALETTE_NAMES[int(counts.argmax())]
+    # the object: pixels of its colour; rows/columns with a few stray pixels do not stretch the box
+    obj = labels == _PALETTE_NAMES.index(color)
+    rows = np.where(obj.sum(1) >= 2)[0]
+    cols = np.where(obj.sum(0) >= 2)[0]
+    if len(rows) < 2 or len(cols) < 2:
+        return Reading(color, background, None, None)
+    y0, y1, x0, x1 = rows[0], rows[-1], cols[0], cols[-1]
+    box = obj[y0 : y1 + 1, x0 : x1 + 1]
+    area = float(box.sum())
+    fill = area / box.size
+    ys, xs = np.nonzero(box)
+    solidity = area / max(_hull_area(np.stack([xs, ys], 1)), 1.0)
+    if solidity < 0.8:
+        shape = "star"
+    elif fill >= 0.88:
+        shape = "square"
+    elif fill >= 0.64:
+        shape = "circle"
+    else:
+        shape = "triangle"
+    size = "large" if max(y1 - y0 + 1, x1 - x0 + 1) > 0.5 * max(h, w) else "small"
+    return Reading(color, background, shape, size, round(fill, 3), round(solidity, 3))
+
+
+def score(reading: Reading, scene: dataset.Scene, with_size: bool = True) -> dict[str, bool]:
+    result = {
+        "color": reading.color == scene.color,
+        "background": reading.background == scene.background,
+        "shape": reading.shape == scene.shape,
+    }
+    if with_size:
+        result["size"] = reading.size == scene.size
+    return result
+
+
+def prompt_set(n: int | None = None, held_out: bool | None = None, seed: int = 0) -> list[dataset.Scene]:
+    """Scenes drawn from the vocabulary (all 448 when ``n`` is None), in a fixed order."""
+    scenes = dataset.all_scenes(held_out)
+    if n is None or n >= len(scenes):
+        return scenes
+    idx = np.random.default_rng(seed).choice(len(scenes), size=n, replace=False)
+    return [scenes[i] for i in sorted(idx)]
+
+
+def evaluate(
+    pipe,
+    scenes: Iterable[dataset.Scene],
+    seeds: Iterable[int] = (0, 1),
+    *,
+    steps: int = 20,
+    guidance: float = 7.5,
+    scheduler: str | None = None,
+    with_size: bool = True,
+) -> dict[str, Any]:
+    """Generate every scene with every seed and report accuracy per attribute, seen vs held-out."""
+    rows = []
+    for scene in scenes:
+        prompt = scene.plain_prompt(with_size)
+        for seed in seeds:
+            (image,) = pipe.txt2img(prompt, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler,
+                                    width=dataset.SIZE, height=dataset.SIZE)
+            reading = classify(np.asarray(image))
+            held = (scene.color, scene.shape) in dataset.HELD_OUT
+            rows.append({"prompt": prompt, "seed": seed, "held_out": held, **score(reading, scene, with_size),
+                         "reading": asdict(reading)})
+    return summarize(rows) | {"settings": {"steps": steps, "guidance": guidance, "scheduler": scheduler,
+                                           "seeds": list(seeds)}, "rows": rows}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for split, keep in (("all", lambda r: True), ("seen", lambda r: not r["held_out"]), ("held_out", lambda r: r["held_out"])):
+        part = [r for r in rows if keep(r)]
+        if not part:
+            continue
+        out[split] = {"n": len(part)} | {
+            a: round(float(np.mean([r[a] for r in part])), 4) for a in ATTRIBUTES if a in part[0]
+        }
+    return out
+
+
+def main() -> None:
+    from edgediff.runtime import Pipeline
+
+    p = argparse.ArgumentParser(description="Attribute accuracy of the shapes model")
+    p.add_argument("--model", default=None, help="artifact folder (default: the embedded model)")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--scenes", type=int, default=None, help="random subset of scenes (default: all 448)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", default=None)
+    p.add_argument("--json", default=None, help="write the full report here")
+    args = p.parse_args()
+    from edgediff.models import default_model_path
+
+    pipe = Pipeline.load(args.model or default_model_path(), backend=args.backend)
+    report = evaluate(pipe, prompt_set(args.scenes), range(args.seeds), steps=args.steps, guidance=args.guidance,
+                      scheduler=args.scheduler)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

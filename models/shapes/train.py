@@ -1,0 +1,202 @@
+"""Train the embedded ``shapes`` model: a small Stable Diffusion on procedurally drawn shapes.
+
+Standard SD components at small widths (CLIPTextModel with the real CLIP BPE
+tokenizer, UNet2DConditionModel with cross-attention, AutoencoderKL with a
+downsampling factor of 8), trained from scratch on ``dataset.py``'s images in
+three stages:
+
+1. the VAE, on random 64x64 crops of the 128x128 images (it is fully
+   convolutional; crops make it 4x cheaper);
+2. the dataset's latents, encoded once; ``scaling_factor`` = 1 / their std;
+3. the UNet and the text encoder together with the DDPM epsilon loss,
+   10% empty captions so classifier-free guidance works, EMA weights.
+
+Seeded and reproducible for a given device; on the 2-core CPU of our
+machines the defaults take about 50 minutes (CUDA is used when present).
+Writes a diffusers folder that ``edgediff export`` turns into the artifact::
+
+    python models/shapes/train.py --out /tmp/shapes-diffusers
+    edgediff export /tmp/shapes-diffusers models/shapes/artifact --force
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgediff.models.shapes import dataset
+
+TEXT = dict(hidden_size=48, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4)
+UNET = dict(
+    sample_size=16,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+VAE = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4)
+SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    prediction_type="epsilon", timestep_spacing="linspace", steps_offset=1,
+)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def train_vae(images: np.ndarray, steps: int, device: str, seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    n = len(VAE["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                        up_block_types=("UpDecoderBlock2D",) * n, sample_size=dataset.SIZE, **VAE).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=max(0.05, 3 / steps))
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    for step in range(steps):
+        idx = rng.integers(len(images), size=16)
+        y, x = rng.integers(0, dataset.SIZE - 64 + 1, size=2) // 8 * 8
+        batch = to_tensor(images[idx, y : y + 64, x : x + 64]).to(device)
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = torch.nn.functional.mse_loss(recon, batch) + 0.5 * (recon - batch).abs().mean()
+        loss = loss + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae, images: np.ndarray, device: str) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), 256):
+        out.append(vae.encode(to_tensor(images[i : i + 256]).to(device)).latent_dist.mean.cpu())
+    return torch.cat(out)
+
+
+def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, steps: int, batch: int, device: str, seed: int):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id, **TEXT)
+    text_encoder = CLIPTextModel(text_config).to(device)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, cross_attention_dim=TEXT["hidden_size"], **UNET).to(device)
+    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "timestep_spacing"})
+    acp = noise_sched.alphas_cumprod.to(device)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-4, total_steps=steps, pct_start=max(0.03, 3 / steps))
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    ids_all = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(len(latents), (batch,), generator=gen)
+        x0 = latents[idx].to(device)
+        ids = ids_all[idx].clone()
+        ids[torch.rand(batch, generator=gen) < 0.1] = empty[0]
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        context = text_encoder(ids.to(device), return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(unet(xt, t, context, return_dict=False)[0], noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - decay)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"unet step {step}/{steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} ({time.time() - t0:.0f} s)")
+    return ema_unet, ema_text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="diffusers folder to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=24000, help="training images drawn")
+    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--unet-steps", type=int, default=2400)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    args = p.parse_args()
+
+    import diffusers
+
+    from edgediff.export.clip_tokenizer import build_clip_tokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    log(f"device {device}, {torch.get_num_threads()} threads, seed {args.seed}")
+    rng = np.random.default_rng(args.seed)
+    images, captions, _ = dataset.sample(rng, args.images)
+    log(f"drew {len(images)} images; e.g. {captions[:3]}")
+
+    vae = train_vae(images, args.vae_steps, device, args.seed)
+    latents = encode_all(vae, images, device)
+    scaling_factor = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    latents = latents * scaling_factor
+    log(f"latents {tuple(latents.shape)}, scaling_factor {scaling_factor:.4f}")
+    with torch.no_grad():
+        check = to_tensor(images[:64]).to(device)
+        recon = vae.decode(encode_all(vae, images[:64], device).to(device)).sample.clamp(-1, 1)
+        mse = torch.mean(((recon - check) / 2) ** 2).item()
+    vae_psnr = 10 * math.log10(1 / mse)
+    log(f"vae reconstruction PSNR {vae_psnr:.1f} dB")
+
+    tokenizer = build_clip_tokenizer(args.out / "tokenizer")
+    unet, text_encoder = train_denoiser(latents, captions, tokenizer, args.unet_steps, args.batch, device, args.seed)
+
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer, unet=unet.cpu(),
+        scheduler=diffusers.DPMSolverMultistepScheduler(**SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(args.out)
+    minutes = (time.time() - started) / 60
+    (args.out / "training.json").write_text(json.dumps({
+        "seed": args.seed, "device": device, "threads": torch.get_num_threads(), "images": args.images,
+        "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch": args.batch,
+        "vae_reconstruction_psnr_db": round(vae_psnr, 2), "scaling_factor": scaling_factor,
+        "minutes": round(minutes, 1), "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "held_out": sorted(map(list, dataset.HELD_OUT)),
+    }, indent=2))
+    log(f"wrote {args.out} in {minutes:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
