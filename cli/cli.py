@@ -83,7 +83,7 @@ def export(
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="what to draw"),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="artifact folder"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="artifact folder (default: the embedded shapes model)"),
     negative: str = typer.Option("", "--negative", help="negative prompt"),
     steps: int = typer.Option(25, help="denoising steps"),
     guidance: float = typer.Option(7.5, help="classifier-free guidance scale (<= 1 disables it)"),
@@ -106,7 +106,9 @@ def generate(
     from edgediff.runtime import ArtifactError, BackendError, Pipeline
 
     if model is None:
-        _fail("--model is required: an artifact folder written by `edgediff export`")
+        from edgediff.models import default_model_path
+
+        model = default_model_path()
     try:
         t0 = time.perf_counter()
         pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, threads=threads,

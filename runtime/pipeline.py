@@ -94,7 +94,7 @@ class Pipeline:
     @classmethod
     def load(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         backend: str = "auto",
         device: str = "auto",
         *,
@@ -103,7 +103,14 @@ class Pipeline:
         cache_dir: str | None = None,
         ov_precision: str = "auto",
     ) -> Pipeline:
-        """Open an artifact folder on ``backend``/``device`` (``auto`` picks the fastest installed)."""
+        """Open an artifact folder (default: the embedded model) on ``backend``/``device``.
+
+        ``auto`` picks the fastest installed backend for the device.
+        """
+        if path is None:
+            from edgediff.models import default_model_path
+
+            path = default_model_path()
         root = Path(path)
         manifest = load_manifest(root)
         backend, device = resolve(backend, device)
