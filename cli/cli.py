@@ -81,6 +81,52 @@ def export(
 
 
 @app.command()
+def quantize(
+    artifact: Path = typer.Argument(..., help="artifact folder (variants are added into it)"),
+    precision: str = typer.Option(..., "--precision", "-p", help="fp16, int8, int8-static or int4"),
+    components: Optional[str] = typer.Option(None, help="comma-separated, e.g. unet,text_encoder (default: the ones the precision suits)"),
+    force: bool = typer.Option(False, "--force", help="add a variant even when it measures below the quality gate"),
+    min_psnr: float = typer.Option(20.0, help="gate: mean PSNR (dB) of the prompt set's images vs fp32"),
+    min_ssim: float = typer.Option(0.70, help="gate: mean SSIM vs fp32"),
+    max_accuracy_drop: float = typer.Option(0.10, help="gate (embedded shapes model): allowed drop of attribute accuracy"),
+    steps: int = typer.Option(15, help="denoising steps of the gate's generations"),
+    size: Optional[int] = typer.Option(None, help="image side of the gate's generations (default: the model's)"),
+    prompts: Optional[str] = typer.Option(None, help="gate prompts separated by '|' (default: a fixed set of 4)"),
+    seeds: int = typer.Option(2, help="seeds per prompt in the gate"),
+    conv: bool = typer.Option(False, "--conv", help="int8: quantize Conv too (ConvInteger)"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads"),
+) -> None:
+    """Add fp16 / int8 / int8-static / int4 variants to an artifact, each measured against fp32."""
+    try:
+        from edgediff.quantize import Gate, GateSettings, QualityGateError, quantize_artifact
+        from edgediff.quantize.quantize import DEFAULT_PROMPTS
+    except ImportError as e:
+        _fail(f"quantize needs onnx and onnxruntime's tools ({e.name} is missing): pip install 'edgediff[quantize]'")
+    from edgediff.models import default_model_path
+    from edgediff.runtime import ArtifactError, BackendError
+
+    settings = GateSettings(
+        prompts=tuple(p.strip() for p in prompts.split("|")) if prompts else DEFAULT_PROMPTS,
+        seeds=tuple(range(seeds)), steps=steps, size=size, threads=threads,
+        evaluate_shapes=artifact.resolve() == default_model_path().resolve(),
+    )
+    comps = tuple(c.strip() for c in components.split(",")) if components else None
+    with console.status("quantizing") as status:
+        try:
+            results = quantize_artifact(artifact, precision, comps, force=force, conv=conv, progress=status.update,
+                                        gate=Gate(min_psnr, min_ssim, max_accuracy_drop), settings=settings)
+        except QualityGateError as e:
+            _fail(str(e))
+        except (ArtifactError, BackendError, ValueError) as e:
+            _fail(str(e))
+    for comp, q in results.items():
+        acc = f", accuracy {q['accuracy']}" if "accuracy" in q else ""
+        console.print(f"  {comp:13s} {precision:11s} {q['size_ratio_vs_fp32']:.2f}x fp32 size, "
+                      f"PSNR {q['psnr_db']:.1f} dB, SSIM {q['ssim']:.3f} vs fp32{acc}", soft_wrap=True)
+    typer.echo(f"added {precision} variants of {', '.join(results)} to {artifact}")
+
+
+@app.command()
 def generate(
     prompt: str = typer.Argument(..., help="what to draw"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="artifact folder (default: the embedded shapes model)"),
@@ -96,6 +142,7 @@ def generate(
     device: str = typer.Option("auto", help="auto, cpu, cuda, dml (onnxruntime); cpu, gpu, npu, auto (openvino)"),
     precision: Optional[str] = typer.Option(None, help="component precisions, e.g. fp16 or unet=int8,vae_decoder=fp16"),
     num_images: int = typer.Option(1, "--num-images", help="images to generate"),
+    fallback: bool = typer.Option(False, "--fallback", help="rerun a reduced-precision component in fp32 if it yields NaN/Inf or a flat image"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads (default: the backend's)"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache folder"),
     ov_precision: str = typer.Option("auto", "--ov-precision", help="OpenVINO execution precision: auto (bf16 where the CPU has it), f32, bf16, f16"),
@@ -103,7 +150,7 @@ def generate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="print per-stage timings"),
 ) -> None:
     """Generate images from a prompt with an exported artifact (no PyTorch needed)."""
-    from edgediff.runtime import ArtifactError, BackendError, Pipeline
+    from edgediff.runtime import ArtifactError, BackendError, Pipeline, PrecisionError
 
     if model is None:
         from edgediff.models import default_model_path
@@ -111,8 +158,8 @@ def generate(
         model = default_model_path()
     try:
         t0 = time.perf_counter()
-        pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, threads=threads,
-                             cache_dir=cache_dir, ov_precision=ov_precision)
+        pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, fallback=fallback,
+                             threads=threads, cache_dir=cache_dir, ov_precision=ov_precision)
         load_s = time.perf_counter() - t0
         if pipe.manifest.random_weights:
             console.print("[yellow]note:[/] this artifact has random weights (for latency measurement); it draws noise")
@@ -125,7 +172,7 @@ def generate(
 
             images = pipe.txt2img(prompt, negative or None, steps=steps, guidance=guidance, seed=seed, width=width,
                                   height=height, scheduler=scheduler, num_images=num_images, rng=rng, callback=on_step)
-    except (ArtifactError, BackendError, ValueError) as e:
+    except (ArtifactError, BackendError, PrecisionError, ValueError) as e:
         _fail(str(e))
     params = {
         "prompt": prompt, "negative": negative, "steps": steps, "guidance": guidance, "seed": seed, "rng": rng,

@@ -25,8 +25,9 @@ import torch
 
 from edgediff.runtime.manifest import TensorSpec, Variant
 
+from .onnx_io import save_onnx
+
 OPSET = 17
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's limit is 2 GiB; leave headroom
 
 
 class ExportError(RuntimeError):
@@ -196,28 +197,12 @@ def export_component(contract: Contract, out_dir: Path, progress: Callable[[str]
     for f in comp_dir.iterdir():
         if f != path:
             f.unlink()
-    big = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _proto_size_ok(model) else True
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=big,
-        all_tensors_to_one_file=True,
-        location="model.onnx.data",
-    )
+    size = save_onnx(model, path)
     del model
     gc.collect()
     progress(f"checking {contract.name} against PyTorch")
     quality = check_parity(path, contract, args, reference.numpy())
-    size = sum(f.stat().st_size for f in comp_dir.iterdir())
     return Variant("fp32", f"{contract.name}/model.onnx", size, contract.inputs, contract.outputs, quality)
-
-
-def _proto_size_ok(model) -> bool:
-    try:
-        model.ByteSize()
-        return True
-    except Exception:  # protobuf refuses to size messages over 2 GiB
-        return False
 
 
 def check_parity(path: Path, contract: Contract, args, reference: np.ndarray) -> dict[str, Any]:

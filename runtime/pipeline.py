@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -82,14 +83,34 @@ class Timings:
         return {k: float(sum(v)) for k, v in self.stages.items()}
 
 
+class PrecisionError(RuntimeError):
+    """A reduced-precision component produced NaN/Inf or a flat image."""
+
+    def __init__(self, component: str, precision: str, what: str):
+        super().__init__(
+            f"{component} at {precision} produced {what}; rerun with fallback=True (--fallback) to redo "
+            f"{component} in fp32, or choose another precision for it"
+        )
+        self.component = component
+        self.precision = precision
+
+
 class Pipeline:
-    def __init__(self, root: Path, manifest: Manifest, sessions: dict[str, Session], scheduler_config: dict[str, Any]):
+    def __init__(self, root: Path, manifest: Manifest, backend: str, device: str, options: BackendOptions,
+                 precision: dict[str, str], fallback: bool = False):
         self.root = root
         self.manifest = manifest
-        self.sessions = sessions
-        self.scheduler_config = scheduler_config
+        self.backend, self.device, self.options = backend, device, options
+        self.fallback = fallback
+        self.precision = precision
+        self.sessions = {comp: self._open(comp, precision[comp]) for comp in ("text_encoder", "unet", "vae_decoder")}
+        self.scheduler_config = json.loads((root / manifest.scheduler_file).read_text())
         self.tokenizer = PromptTokenizer(root / manifest.tokenizer_file, manifest.text_max_length, manifest.pad_token_id)
         self.last_timings = Timings()
+
+    def _open(self, component: str, precision: str) -> Session:
+        variant = self.manifest.variant(component, precision)
+        return open_session(self.root, component, variant, self.backend, self.device, self.options)
 
     @classmethod
     def load(
@@ -99,33 +120,48 @@ class Pipeline:
         device: str = "auto",
         *,
         precision: str | dict[str, str] | None = None,
+        fallback: bool = False,
         threads: int | None = None,
         cache_dir: str | None = None,
         ov_precision: str = "auto",
+        manifest: Manifest | None = None,
     ) -> Pipeline:
         """Open an artifact folder (default: the embedded model) on ``backend``/``device``.
 
-        ``auto`` picks the fastest installed backend for the device.
+        ``auto`` picks the fastest installed backend for the device. ``precision``
+        picks variants (``"fp16"`` or ``"unet=int8,vae_decoder=fp16"``); with
+        ``fallback`` a reduced-precision component that yields NaN/Inf or a flat
+        image is rerun in fp32 with a warning instead of raising ``PrecisionError``.
+        ``manifest`` overrides the folder's manifest (used to measure a candidate variant).
         """
         if path is None:
             from edgediff.models import default_model_path
 
             path = default_model_path()
         root = Path(path)
-        manifest = load_manifest(root)
+        manifest = manifest or load_manifest(root)
         backend, device = resolve(backend, device)
         options = BackendOptions(threads=threads, cache_dir=cache_dir, ov_precision=ov_precision)
-        chosen = parse_precision(precision, manifest.components)
-        sessions = {
-            comp: open_session(root, comp, manifest.variant(comp, chosen[comp]), backend, device, options)
-            for comp in ("text_encoder", "unet", "vae_decoder")
-        }
-        scheduler_config = json.loads((root / manifest.scheduler_file).read_text())
-        return cls(root, manifest, sessions, scheduler_config)
+        return cls(root, manifest, backend, device, options, parse_precision(precision, manifest.components), fallback)
 
-    @property
-    def backend(self) -> str:
-        return self.sessions["unet"].backend
+    def session(self, component: str) -> Session:
+        """The component's session, opened on first use (the VAE encoder only serves image inputs)."""
+        if component not in self.sessions:
+            self.sessions[component] = self._open(component, self.precision.get(component, "fp32"))
+        return self.sessions[component]
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[-1, 1] NCHW float images -> the latent distribution's (mean, std), unscaled."""
+        params = np.concatenate([self.session("vae_encoder")(sample=images[k : k + 1].astype(np.float32))["latent_parameters"]
+                                 for k in range(len(images))])
+        mean, logvar = np.split(params, 2, axis=1)
+        self._guard("vae_encoder", mean)
+        return mean, np.exp(0.5 * np.clip(logvar, -30.0, 20.0)).astype(np.float32)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Unscaled latents -> [-1, 1] NCHW float images, one at a time (the VAE's memory peak grows with batch)."""
+        return np.concatenate([self.sessions["vae_decoder"](latent_sample=latents[k : k + 1])["sample"]
+                               for k in range(len(latents))])
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -137,7 +173,23 @@ class Pipeline:
     def encode_prompt(self, prompts: list[str]) -> np.ndarray:
         return self.sessions["text_encoder"](input_ids=self.tokenizer(prompts))["last_hidden_state"]
 
-    def txt2img(
+    def txt2img(self, *args, **kwargs) -> list[Image.Image]:
+        """Generate images (see ``_txt2img``), guarding reduced-precision components."""
+        while True:
+            try:
+                return self._txt2img(*args, **kwargs)
+            except PrecisionError as e:
+                if not self.fallback:
+                    raise
+                warnings.warn(f"{e.component} at {e.precision} failed ({e}); rerunning it in fp32", stacklevel=2)
+                self.sessions[e.component] = self._open(e.component, "fp32")
+
+    def _guard(self, component: str, array: np.ndarray, what: str = "NaN/Inf values") -> None:
+        precision = self.sessions[component].variant.precision
+        if precision != "fp32" and not np.isfinite(array).all():
+            raise PrecisionError(component, precision, what)
+
+    def _txt2img(
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
@@ -175,6 +227,7 @@ class Pipeline:
         cond = np.repeat(self.encode_prompt(prompts), num_images, axis=0)
         uncond = np.repeat(self.encode_prompt(negatives), num_images, axis=0) if cfg.enabled else None
         context = cfg.embeddings(cond, uncond)
+        self._guard("text_encoder", context)
         timings.add("text_encoder", time.perf_counter() - t0)
 
         # 2. initial noise and the schedule
@@ -192,13 +245,21 @@ class Pipeline:
             if callback:
                 callback(i + 1, len(sched.timesteps))
         timings.stages["unet"] = list(unet.durations)
+        self._guard("unet", x)
 
-        # 4. decode, one image at a time (the VAE's memory peak grows with batch)
+        # 4. decode
         t0 = time.perf_counter()
-        z = x / np.float32(m.scaling_factor) + np.float32(m.shift_factor)
-        decoded = [self.sessions["vae_decoder"](latent_sample=z[k : k + 1])["sample"] for k in range(batch)]
+        images = self.decode(x / np.float32(m.scaling_factor) + np.float32(m.shift_factor))
         timings.add("vae_decoder", time.perf_counter() - t0)
-        return [to_pil(d[0]) for d in decoded]
+        self._guard("vae_decoder", images)
+        if self.sessions["vae_decoder"].variant.precision != "fp32" and float(images.std()) < 1e-3:
+            raise PrecisionError("vae_decoder", self.sessions["vae_decoder"].variant.precision, "a flat (all one colour) image")
+        return [to_pil(d) for d in images]
+
+
+def from_pil(image: Image.Image) -> np.ndarray:
+    """PIL -> [-1, 1] CHW float32, as diffusers' image processor does."""
+    return (np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0).astype(np.float32)
 
 
 def to_pil(image: np.ndarray) -> Image.Image:

@@ -1,0 +1,393 @@
+"""``edgediff quantize``: add fp16 / int8 / int8-static / int4 variants to an artifact, behind a quality gate.
+
+Each method is ONNX Runtime's own tooling, not a hand-written converter:
+
+- ``fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` with
+  the overflow-prone ops kept in fp32 (normalisations, softmax, resize, and the
+  reductions around them) and fp32 inputs/outputs.
+- ``int8``: ``quantize_dynamic``: int8 weights, activations quantized on the
+  fly, for MatMul/Gemm (and Conv with ``conv=True``).
+- ``int8-static``: ``quantize_static`` in QDQ format, calibrated on the UNet's
+  real inputs recorded along denoising runs over a prompt set (CFG on).
+  Attention score MatMuls (both inputs activations), the first and the last
+  convolution stay in float.
+- ``int4``: ``MatMulNBitsQuantizer`` (block-wise int4 weights for MatMul).
+
+Every candidate is measured before it is accepted: the final images of a
+fixed prompt set and seeds, with only that component swapped, against the
+fp32 artifact (PSNR, SSIM; on the embedded shapes model also the attribute
+accuracy). Below the gate the variant is refused (its file removed) unless
+``force``. Accepted variants are recorded in the manifest with their figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgediff.export.onnx_io import save_onnx
+from PIL import Image
+
+from edgediff.runtime import Pipeline, PrecisionError
+from edgediff.runtime.pipeline import from_pil, to_pil
+from edgediff.runtime.manifest import MANIFEST_FILE, Manifest, Variant, load_manifest
+
+from .metrics import psnr, ssim
+
+PRECISIONS = ("fp16", "int8", "int8-static", "int4")
+DEFAULT_COMPONENTS = {
+    "fp16": ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
+    "int8": ("text_encoder", "unet"),
+    "int8-static": ("unet",),
+    "int4": ("text_encoder", "unet"),
+}
+# Kept in fp32 by the fp16 conversion: where activations overflow fp16 or lose
+# the precision normalisation needs (the VAE's group norms, attention softmax).
+FP16_KEEP_FLOAT = ["Resize", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax",
+                   "ReduceMean", "Pow", "Sqrt", "Exp"]
+DEFAULT_PROMPTS = (
+    "a red circle on a blue background",
+    "a small yellow star on a black background",
+    "a large green square on a white background",
+    "a photo of a mountain lake at sunrise",
+)
+
+
+class QualityGateError(RuntimeError):
+    """A quantized variant measured below the quality gate and was not added."""
+
+
+@dataclass
+class Gate:
+    """Thresholds a variant must meet against fp32 (documented in the README)."""
+
+    min_psnr: float = 20.0  # dB, mean over the prompt set's images
+    min_ssim: float = 0.70
+    max_accuracy_drop: float = 0.10  # embedded shapes model only: attribute accuracy, absolute
+
+
+@dataclass
+class GateSettings:
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    seeds: tuple[int, ...] = (0, 1)
+    steps: int = 15
+    guidance: float = 7.5
+    size: int | None = None  # default: the model's
+    backend: str = "onnxruntime"
+    threads: int | None = None
+    evaluate_shapes: bool = False  # attribute accuracy (embedded model)
+    images: dict[str, list[np.ndarray]] = field(default_factory=dict)  # fp32 references, filled lazily
+
+
+def _variant_file(component: str, precision: str) -> str:
+    return f"{component}/model.{precision}.onnx"
+
+
+# ---------------------------------------------------------------------------
+# the methods: fp32 ONNX file in, candidate ONNX file out
+
+
+def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(str(src))
+    # Constants become initializers first: otherwise the converter, when its
+    # shape inference fails, casts the Constant feeding each Resize's scales
+    # to fp16 and the graph no longer loads (see shared FIELD-NOTES).
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = numpy_helper.from_array(numpy_helper.to_array(node.attribute[0].t), node.output[0])
+            model.graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FLOAT))
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    save_onnx(model, dst)
+    return {"tool": "onnxruntime.transformers.float16", "kept_float_ops": FP16_KEEP_FLOAT, "io": "fp32"}
+
+
+def quantize_int8_dynamic(src: Path, dst: Path, conv: bool = False) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    ops = ["MatMul", "Gemm"] + (["Conv"] if conv else [])
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=ops, per_channel=True,
+                     use_external_data_format=_big(src), extra_options={"MatMulConstBOnly": True})
+    return {"tool": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per-channel",
+            "activations": "dynamic uint8", "ops": ops}
+
+
+def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=block_size, is_symmetric=True)
+    q.process()
+    save_onnx(q.model.model, dst)
+    return {"tool": "onnxruntime.quantization.matmul_nbits_quantizer", "weights": f"int4 blocks of {block_size}",
+            "ops": ["MatMul"]}
+
+
+def quantize_int8_static(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    model = onnx.load(str(src), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    # attention scores (Q K^T) and their product with V: both inputs are activations
+    attention = [n.name for n in model.graph.node
+                 if n.op_type == "MatMul" and not any(i in inits or i in consts for i in n.input)]
+    exclude = sorted(set(convs[:1] + convs[-1:] + attention))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(calibration)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    quantize_static(
+        str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+        nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax, use_external_data_format=_big(src),
+        calibration_providers=["CPUExecutionProvider"],
+        extra_options={"ActivationSymmetric": True, "CalibMovingAverage": True},
+    )
+    return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "weights": "int8 per-channel",
+            "activations": "int8 symmetric, MinMax with moving average", "calibration_samples": len(calibration),
+            "kept_float": {"first_and_last_conv": convs[:1] + convs[-1:], "attention_matmuls": len(attention),
+                           "ops_not_quantized": "Softmax, normalisations, activations (only Conv/MatMul/Gemm are)"}}
+
+
+def _big(path: Path) -> bool:
+    return Path(str(path) + ".data").exists() or Path(path).stat().st_size > 1_800_000_000
+
+
+# ---------------------------------------------------------------------------
+# calibration and measurement through the runtime itself
+
+
+def record_unet_inputs(pipe: Pipeline, settings: GateSettings, max_samples: int = 64) -> list[dict[str, np.ndarray]]:
+    """The UNet's actual feeds along real denoising runs (CFG on), evenly subsampled."""
+    recorded: list[dict[str, np.ndarray]] = []
+    session = pipe.sessions["unet"]
+    run = session.run
+
+    def recording(feeds):
+        recorded.append({k: v.copy() for k, v in feeds.items()})
+        return run(feeds)
+
+    session.run = recording
+    try:
+        for prompt in settings.prompts:
+            for seed in settings.seeds:
+                pipe.txt2img(prompt, steps=settings.steps, guidance=settings.guidance, seed=seed,
+                             width=settings.size, height=settings.size)
+    finally:
+        session.run = run
+    keep = np.linspace(0, len(recorded) - 1, min(max_samples, len(recorded))).round().astype(int)
+    return [recorded[i] for i in sorted(set(keep.tolist()))]
+
+
+def _generate(pipe: Pipeline, settings: GateSettings) -> list[np.ndarray]:
+    return [
+        np.asarray(pipe.txt2img(p, steps=settings.steps, guidance=settings.guidance, seed=s,
+                                width=settings.size, height=settings.size)[0])
+        for p in settings.prompts
+        for s in settings.seeds
+    ]
+
+
+def measure(root: Path, manifest: Manifest, component: str, precision: str, settings: GateSettings) -> dict[str, Any]:
+    """Images with ``component`` at ``precision`` (the rest fp32) against the fp32 images."""
+    load = dict(backend=settings.backend, device="cpu", threads=settings.threads, ov_precision="f32")
+    if "fp32" not in settings.images:
+        settings.images["fp32"] = _generate(Pipeline.load(root, manifest=manifest, **load), settings)
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(root, manifest=manifest, precision={component: precision}, **load)
+    if component == "vae_encoder":
+        # txt2img does not use the encoder: compare encode -> decode round trips of the reference images
+        fp32 = Pipeline.load(root, manifest=manifest, **load)
+        refs = settings.images["fp32"]
+        batch = np.stack([from_pil(Image.fromarray(r)) for r in refs])
+        images = [np.asarray(to_pil(d)) for d in pipe.decode(pipe.encode(batch)[0])]
+        settings.images["vae_roundtrip"] = [np.asarray(to_pil(d)) for d in fp32.decode(fp32.encode(batch)[0])]
+        ref_images = settings.images["vae_roundtrip"]
+    else:
+        images = _generate(pipe, settings)
+        ref_images = settings.images["fp32"]
+    result: dict[str, Any] = {
+        "vs": "fp32",
+        "psnr_db": round(float(np.mean([psnr(a, b) for a, b in zip(images, ref_images)])), 2),
+        "ssim": round(float(np.mean([ssim(a, b) for a, b in zip(images, ref_images)])), 4),
+        "images": len(images),
+        "steps": settings.steps,
+        "backend": settings.backend,
+        "generate_seconds": round(time.perf_counter() - t0, 2),
+    }
+    if settings.evaluate_shapes and component != "vae_encoder":
+        from edgediff.models.shapes import evaluate
+
+        scenes = evaluate.prompt_set(16, seed=1)
+        base = Pipeline.load(root, manifest=manifest, **load)
+        ref = evaluate.evaluate(base, scenes, (0,), steps=settings.steps)["all"]
+        got = evaluate.evaluate(pipe, scenes, (0,), steps=settings.steps)["all"]
+        result["accuracy"] = got
+        result["accuracy_fp32"] = ref
+    return result
+
+
+def passes(quality: dict[str, Any], gate: Gate) -> list[str]:
+    """Reasons the variant fails the gate (empty when it passes)."""
+    failures = []
+    if quality["psnr_db"] < gate.min_psnr:
+        failures.append(f"PSNR {quality['psnr_db']:.1f} dB < {gate.min_psnr} dB")
+    if quality["ssim"] < gate.min_ssim:
+        failures.append(f"SSIM {quality['ssim']:.3f} < {gate.min_ssim}")
+    if "accuracy" in quality:
+        for attr in ("color", "background", "shape"):
+            drop = quality["accuracy_fp32"][attr] - quality["accuracy"][attr]
+            if drop > gate.max_accuracy_drop:
+                failures.append(f"{attr} accuracy dropped {drop:.0%} (limit {gate.max_accuracy_drop:.0%})")
+    return failures
+
+
+# ---------------------------------------------------------------------------
+
+
+def quantize_artifact(
+    root: str | Path,
+    precision: str,
+    components: tuple[str, ...] | None = None,
+    *,
+    force: bool = False,
+    gate: Gate | None = None,
+    settings: GateSettings | None = None,
+    conv: bool = False,
+    progress: Callable[[str], Any] = lambda s: None,
+) -> dict[str, dict[str, Any]]:
+    """Add ``precision`` variants of ``components`` to the artifact; returns each one's quality figures.
+
+    Raises ``QualityGateError`` (after adding the components that passed) when
+    a variant measures below ``gate`` and ``force`` is not set.
+    """
+    root = Path(root)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    manifest = load_manifest(root)
+    components = components or tuple(c for c in DEFAULT_COMPONENTS[precision] if c in manifest.components)
+    for comp in components:
+        if comp not in manifest.components:
+            raise ValueError(f"the artifact has no {comp}; it has: {', '.join(manifest.components)}")
+        if precision == "int8-static" and comp != "unet":
+            raise ValueError("int8-static is calibrated on the UNet's inputs: use --components unet")
+    gate = gate or Gate()
+    settings = settings or GateSettings()
+    settings.size = settings.size or manifest.sample_size
+    results: dict[str, dict[str, Any]] = {}
+    refused: list[str] = []
+    for comp in components:
+        src = root / manifest.variant(comp, "fp32").file
+        dst = root / _variant_file(comp, precision)
+        partial = dst.with_name(dst.name.replace(".onnx", ".partial.onnx"))
+        progress(f"{comp}: converting to {precision}")
+        try:
+            if precision == "fp16":
+                method = convert_fp16(src, partial)
+            elif precision == "int8":
+                method = quantize_int8_dynamic(src, partial, conv=conv)
+            elif precision == "int4":
+                method = quantize_int4(src, partial)
+            else:
+                progress("unet: recording calibration inputs along denoising runs")
+                fp32 = Pipeline.load(root, manifest=manifest, backend="onnxruntime", device="cpu", threads=settings.threads)
+                method = quantize_int8_static(src, partial, record_unet_inputs(fp32, settings))
+            candidate = replace(manifest.variant(comp, "fp32"), precision=precision, file=str(partial.relative_to(root)),
+                                bytes=_size(partial), quality={})
+            trial = _with_variant(manifest, comp, candidate)
+            progress(f"{comp} {precision}: measuring against fp32")
+            try:
+                quality = measure(root, trial, comp, precision, settings) | {"method": method}
+                failures = passes(quality, gate)
+            except PrecisionError as e:  # NaN/Inf or a flat image: the worst quality there is
+                quality = {"vs": "fp32", "psnr_db": 0.0, "ssim": 0.0, "error": str(e), "method": method}
+                failures = [f"it produced {e.args[0].split(' produced ')[1].split(';')[0]}"]
+            quality["gate"] = {"min_psnr": gate.min_psnr, "min_ssim": gate.min_ssim, "passed": not failures,
+                               "forced": bool(failures and force)}
+            if failures and not force:
+                refused.append(f"{comp} {precision}: " + "; ".join(failures))
+                results[comp] = quality
+                continue
+            _move(partial, dst)
+            final = replace(candidate, file=str(dst.relative_to(root)), bytes=_size(dst),
+                            quality=quality | {"size_ratio_vs_fp32": round(_size(dst) / manifest.variant(comp).bytes, 3)})
+            manifest = _with_variant(manifest, comp, final)
+            _save_manifest(manifest, root)
+            results[comp] = final.quality
+        finally:
+            for leftover in (partial, Path(str(partial) + ".data")):
+                if leftover.exists():
+                    leftover.unlink()
+    if refused:
+        raise QualityGateError(
+            "refused (below the quality gate; --force adds them anyway): " + " | ".join(refused)
+        )
+    return results
+
+
+def _size(path: Path) -> int:
+    data = Path(str(path) + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _move(partial: Path, dst: Path) -> None:
+    """Rename the candidate (and its external data, renamed inside the graph) into place."""
+    data = Path(str(partial) + ".data")
+    if not data.exists():
+        os.replace(partial, dst)
+        return
+    import onnx
+
+    model = onnx.load(str(partial))
+    save_onnx(model, dst)
+    partial.unlink()
+    data.unlink()
+
+
+def _with_variant(manifest: Manifest, component: str, variant: Variant) -> Manifest:
+    comps = {c: dict(v) for c, v in manifest.components.items()}
+    comps[component][variant.precision] = variant
+    return replace(manifest, components=comps)
+
+
+def _save_manifest(manifest: Manifest, root: Path) -> None:
+    tmp = root / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    os.replace(tmp, root / MANIFEST_FILE)
+
+
+def remove_variant(root: str | Path, component: str, precision: str) -> None:
+    """Drop a variant (never fp32) from the artifact and its manifest."""
+    if precision == "fp32":
+        raise ValueError("the fp32 originals stay")
+    root = Path(root)
+    manifest = load_manifest(root)
+    variant = manifest.variant(component, precision)
+    comps = {c: dict(v) for c, v in manifest.components.items()}
+    del comps[component][precision]
+    _save_manifest(replace(manifest, components=comps), root)
+    for f in (root / variant.file, Path(str(root / variant.file) + ".data")):
+        if f.exists():
+            f.unlink()
