@@ -222,6 +222,74 @@ def _print_timings(load_s: float, pipe) -> None:
 
 
 @app.command()
+def bench(
+    artifact: Optional[Path] = typer.Argument(None, help="artifact folder (default: the embedded model)"),
+    backend: str = typer.Option("auto", help="auto, onnxruntime or openvino"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, dml, gpu, npu"),
+    precision: Optional[str] = typer.Option(None, help="component precisions, e.g. fp16 or unet=int8"),
+    size: str = typer.Option("512x512", help="WIDTHxHEIGHT"),
+    steps: int = typer.Option(20, help="denoising steps per run"),
+    runs: int = typer.Option(3, help="measured runs"),
+    warmup: int = typer.Option(1, help="unmeasured warm-up runs"),
+    guidance: float = typer.Option(7.5, help="guidance scale (> 1: UNet batch 2)"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads"),
+    ov_precision: str = typer.Option("auto", "--ov-precision", help="OpenVINO execution precision"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="append one JSON row per run to this .jsonl file"),
+    compare: Optional[list[Path]] = typer.Option(None, "--compare", help="print medians and ratios of these .jsonl files instead of running"),
+    chart: Optional[Path] = typer.Option(None, "--chart", help="with --compare: also draw per-stage stacked bars as a PNG"),
+) -> None:
+    """Measure cold load, per-stage latency, peak memory and disk size; or compare saved rows."""
+    from edgediff.benchmarks import bench as B
+    from edgediff.runtime import ArtifactError, BackendError
+
+    if compare:
+        try:
+            summary = B.summarize(B.read_rows(compare))
+        except (OSError, ValueError) as e:
+            _fail(str(e))
+        if not summary:
+            _fail("no rows in " + ", ".join(map(str, compare)))
+        base = summary[0]
+        table = Table(title=f"medians; ratio = time / first row's ({base['config']})")
+        for col in ("config", "runs", "load s", "text enc s", "unet 1st s", "unet step s", "vae s", "total s",
+                    "ratio", "peak MB", "disk GB"):
+            table.add_column(col)
+        for s in summary:
+            table.add_row(s["config"], str(s["runs"]), f"{s['load_s']:.2f}", f"{s['text_encoder_s']:.3f}",
+                          f"{s['unet_first_s']:.3f}", f"{s['unet_rest_median_s']:.3f}", f"{s['vae_decode_s']:.3f}",
+                          f"{s['end_to_end_s']:.2f}", f"{s['end_to_end_s'] / base['end_to_end_s']:.2f}x",
+                          f"{s['peak_rss_mb']:.0f}", f"{s['disk_gb']:.3f}")
+        Console(width=200).print(table)
+        if chart:
+            B.chart(summary, chart)
+            typer.echo(f"wrote {chart}")
+        return
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        _fail(f"--size must be WIDTHxHEIGHT, e.g. 512x512; got {size!r}")
+    if artifact is None:
+        from edgediff.models import default_model_path
+
+        artifact = default_model_path()
+    try:
+        rows = B.run_bench(artifact, backend=backend, device=device, precision=precision, width=width, height=height,
+                           steps=steps, runs=runs, warmup=warmup, guidance=guidance, threads=threads,
+                           ov_precision=ov_precision)
+    except (ArtifactError, BackendError, ValueError) as e:
+        _fail(str(e))
+    for row in rows:
+        typer.echo(f"run {row['run']}: total {row['end_to_end_s']:.3f} s, unet first {row['unet_first_s']:.3f} s, "
+                   f"rest median {row['unet_rest_median_s']:.3f} s, vae {row['vae_decode_s']:.3f} s, "
+                   f"peak {row['peak_rss_mb']:.0f} MB")
+    typer.echo(f"load {rows[0]['load_s']:.2f} s" + (f" (cached {rows[0]['load_cached_s']:.2f} s)" if rows[0]["load_cached_s"] else "")
+               + f" on {rows[0]['backend']} {rows[0]['execution']['unet']} ({rows[0]['execution_precision']['unet']})")
+    if json_out:
+        B.write_rows(rows, json_out)
+        typer.echo(f"appended {len(rows)} rows to {json_out}")
+
+
+@app.command()
 def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omit for the installed backends only)")) -> None:
     """Show an artifact's manifest (components, precisions, parity) and the devices of the installed backends."""
     from edgediff.runtime import ArtifactError, available_devices, load_manifest

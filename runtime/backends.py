@@ -184,6 +184,8 @@ def _open_ov(path: Path, device: str, options: BackendOptions):
 
     core = _ov_core()
     target = OV_DEVICES[device]
+    if target == "AUTO" and [d.split(".")[0] for d in core.available_devices] == ["CPU"]:
+        target = "CPU"  # nothing to choose from; CPU reports its execution precision, AUTO does not
     if target != "AUTO" and target not in {d.split(".")[0] for d in core.available_devices}:
         raise BackendError(
             f"OpenVINO has no {target} device here; available: {', '.join(core.available_devices)}"
