@@ -142,6 +142,13 @@ def generate(
     device: str = typer.Option("auto", help="auto, cpu, cuda, dml (onnxruntime); cpu, gpu, npu, auto (openvino)"),
     precision: Optional[str] = typer.Option(None, help="component precisions, e.g. fp16 or unet=int8,vae_decoder=fp16"),
     num_images: int = typer.Option(1, "--num-images", help="images to generate"),
+    image: Optional[Path] = typer.Option(None, "--image", help="input image: img2img, or inpainting with --mask, or outpainting with --extend"),
+    strength: Optional[float] = typer.Option(None, help="how much of the schedule to redo, in (0, 1] (default 0.6 for img2img, 1.0 for inpainting)"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="inpainting mask, same size as --image (white = repaint)"),
+    mask_blur: float = typer.Option(0.0, "--mask-blur", help="feather the pasted-back edge by this many pixels (with --keep-unmasked)"),
+    keep_unmasked: bool = typer.Option(False, "--keep-unmasked", help="paste the original pixels back outside the mask"),
+    extend: Optional[str] = typer.Option(None, "--extend", help="outpaint: pixels to add per side, e.g. left=128,right=128"),
+    fill: str = typer.Option("edge", help="outpaint: how the new area starts: edge, reflect, mean or noise"),
     fallback: bool = typer.Option(False, "--fallback", help="rerun a reduced-precision component in fp32 if it yields NaN/Inf or a flat image"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads (default: the backend's)"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache folder"),
@@ -170,8 +177,20 @@ def generate(
             def on_step(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
 
-            images = pipe.txt2img(prompt, negative or None, steps=steps, guidance=guidance, seed=seed, width=width,
-                                  height=height, scheduler=scheduler, num_images=num_images, rng=rng, callback=on_step)
+            kw = dict(steps=steps, guidance=guidance, seed=seed, width=width, height=height, scheduler=scheduler,
+                      num_images=num_images, rng=rng, callback=on_step)
+            if image is None:
+                if mask or extend or strength is not None:
+                    raise ValueError("--mask, --extend and --strength need an input --image")
+                images = pipe.txt2img(prompt, negative or None, **kw)
+            elif extend:
+                sides = dict(_parse_sides(extend))
+                images = pipe.outpaint(prompt, image, sides, negative or None, fill=fill, mask_blur=mask_blur, **kw)
+            elif mask:
+                images = pipe.inpaint(prompt, image, mask, negative or None, strength=1.0 if strength is None else strength,
+                                      mask_blur=mask_blur, keep_unmasked=keep_unmasked, **kw)
+            else:
+                images = pipe.img2img(prompt, image, negative or None, strength=0.6 if strength is None else strength, **kw)
     except (ArtifactError, BackendError, PrecisionError, ValueError) as e:
         _fail(str(e))
     params = {
@@ -180,11 +199,22 @@ def generate(
         "scheduler": scheduler or pipe.manifest.scheduler, "model": str(model), "backend": pipe.backend,
         "precision": {c: s.variant.precision for c, s in pipe.sessions.items()},
     }
+    if image is not None:
+        params.update(image=str(image), strength=strength, mask=str(mask) if mask else None, extend=extend)
     paths = _write_images(images, output, params)
     for p in paths:
         typer.echo(f"wrote {p}")
     if verbose:
         _print_timings(load_s, pipe)
+
+
+def _parse_sides(text: str):
+    for part in text.split(","):
+        side, _, value = part.partition("=")
+        try:
+            yield side.strip(), int(value)
+        except ValueError:
+            raise ValueError(f"--extend takes side=pixels pairs such as left=128,right=128; got {part!r}") from None
 
 
 def _write_images(images, output: Path, params: dict) -> list[Path]:

@@ -173,15 +173,15 @@ class Pipeline:
     def encode_prompt(self, prompts: list[str]) -> np.ndarray:
         return self.sessions["text_encoder"](input_ids=self.tokenizer(prompts))["last_hidden_state"]
 
-    def txt2img(self, *args, **kwargs) -> list[Image.Image]:
-        """Generate images (see ``_txt2img``), guarding reduced-precision components."""
+    def _fallback(self, task: Callable[..., list[Image.Image]], *args, **kwargs) -> list[Image.Image]:
+        """Run ``task``; with ``fallback``, redo it with a failing reduced-precision component in fp32."""
         while True:
             try:
-                return self._txt2img(*args, **kwargs)
+                return task(*args, **kwargs)
             except PrecisionError as e:
                 if not self.fallback:
                     raise
-                warnings.warn(f"{e.component} at {e.precision} failed ({e}); rerunning it in fp32", stacklevel=2)
+                warnings.warn(f"{e.component} at {e.precision} failed ({e}); rerunning it in fp32", stacklevel=3)
                 self.sessions[e.component] = self._open(e.component, "fp32")
 
     def _guard(self, component: str, array: np.ndarray, what: str = "NaN/Inf values") -> None:
@@ -189,23 +189,118 @@ class Pipeline:
         if precision != "fp32" and not np.isfinite(array).all():
             raise PrecisionError(component, precision, what)
 
-    def _txt2img(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
-        *,
-        steps: int = 25,
-        guidance: float = 7.5,
-        seed: int = 0,
-        width: int | None = None,
-        height: int | None = None,
-        scheduler: str | None = None,
-        num_images: int = 1,
-        rng: str = "numpy",
-        latents: np.ndarray | None = None,
-        callback: Callable[[int, int], None] | None = None,
-    ) -> list[Image.Image]:
-        """Generate ``num_images`` images per prompt; ``latents`` overrides the seeded noise."""
+    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                latents: np.ndarray | None = None, **kwargs) -> list[Image.Image]:
+        """Generate ``num_images`` images per prompt from noise; ``latents`` overrides the seeded noise.
+
+        Keyword arguments (all tasks): steps, guidance, seed, width, height,
+        scheduler, num_images, rng (``numpy`` or ``torch``), callback(done, total).
+        """
+        return self._fallback(self._txt2img, prompt, negative_prompt, latents=latents, **kwargs)
+
+    def img2img(self, prompt: str | list[str], image: Image.Image, negative_prompt: str | list[str] | None = None, *,
+                strength: float = 0.6, **kwargs) -> list[Image.Image]:
+        """Redraw ``image`` after noising it to ``strength`` (0 < strength <= 1) of the schedule."""
+        return self._fallback(self._img2img, prompt, image, negative_prompt, strength=strength, **kwargs)
+
+    def inpaint(self, prompt: str | list[str], image: Image.Image, mask: Image.Image,
+                negative_prompt: str | list[str] | None = None, *, strength: float = 1.0, mask_blur: float = 0.0,
+                keep_unmasked: bool = False, **kwargs) -> list[Image.Image]:
+        """Repaint the white part of ``mask`` in ``image``.
+
+        A 9-channel inpainting UNet is conditioned on the mask and the masked
+        image; an ordinary UNet gets the known region blended back at every
+        step. ``keep_unmasked`` pastes the original pixels back outside the
+        mask (feathered by ``mask_blur`` pixels).
+        """
+        return self._fallback(self._inpaint, prompt, image, mask, negative_prompt, strength=strength,
+                              mask_blur=mask_blur, keep_unmasked=keep_unmasked, **kwargs)
+
+    def outpaint(self, prompt: str | list[str], image: Image.Image, extend: dict[str, int],
+                 negative_prompt: str | list[str] | None = None, *, fill: str = "edge", **kwargs) -> list[Image.Image]:
+        """Extend the canvas by ``extend`` pixels per side (left/right/top/bottom) and paint the new area."""
+        canvas, mask = extend_canvas(image, extend, fill, self.manifest.vae_scale_factor)
+        kwargs.setdefault("keep_unmasked", True)
+        return self.inpaint(prompt, canvas, mask, negative_prompt, strength=1.0, **kwargs)
+
+    # -- the tasks, each top to bottom -------------------------------------------------
+
+    def _txt2img(self, prompt, negative_prompt, *, latents=None, **kw) -> list[Image.Image]:
+        self._require_plain_unet("txt2img")
+        job = self._job(prompt, negative_prompt, **kw)
+        sched = make_scheduler(job.scheduler, self.scheduler_config, job.steps)
+        x = latents.astype(np.float32) if latents is not None else job.noise.randn(job.shape)
+        if x.shape != job.shape:
+            raise ValueError(f"latents must have shape {job.shape} for this size and batch, got {x.shape}")
+        x = (x * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        x = self._denoise(job, sched, x, start=0)
+        return self._decode(x)
+
+    def _img2img(self, prompt, image, negative_prompt, *, strength, width=None, height=None, **kw):
+        _check_strength(strength)
+        self._require_plain_unet("img2img")
+        pixels = self._load_image(image, width, height)
+        job = self._job(prompt, negative_prompt, width=pixels.shape[-1], height=pixels.shape[-2], **kw)
+        sched = make_scheduler(job.scheduler, self.scheduler_config, job.steps)
+        start = start_index(job.steps, strength, sched.order)
+        # diffusers' order of random draws: the VAE's latent sample, then the noise
+        init = self._encode_sample(pixels, job) * np.float32(self.manifest.scaling_factor)
+        x = sched.add_noise(init, job.noise.randn(init.shape), start).astype(np.float32)
+        x = self._denoise(job, sched, x, start)
+        return self._decode(x)
+
+    def _inpaint(self, prompt, image, mask, negative_prompt, *, strength, mask_blur, keep_unmasked,
+                 width=None, height=None, **kw):
+        _check_strength(strength)
+        m = self.manifest
+        pixels = self._load_image(image, width, height)
+        h, w = pixels.shape[-2:]
+        binary = load_mask(mask, w, h)
+        job = self._job(prompt, negative_prompt, width=w, height=h, **kw)
+        sched = make_scheduler(job.scheduler, self.scheduler_config, job.steps)
+        start = start_index(job.steps, strength, sched.order)
+        full = strength >= 1.0
+        dedicated = m.unet_in_channels == m.latent_channels * 2 + 1
+
+        # 1. latents: pure noise at strength 1, else the image noised to the start step
+        image_latents = None
+        if not dedicated or not full:
+            image_latents = self._encode_sample(pixels, job) * np.float32(m.scaling_factor)
+        noise = job.noise.randn(job.shape)
+        if full:
+            x = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        else:
+            x = sched.add_noise(image_latents, noise, start).astype(np.float32)
+
+        # 2. the mask at latent size (nearest, like F.interpolate) and the masked image's latents
+        f = m.vae_scale_factor
+        small = np.repeat(binary[None, None, ::f, ::f], job.batch, axis=0).astype(np.float32)
+        masked = self._encode_sample(pixels * (binary[None, None] < 0.5), job) * np.float32(m.scaling_factor)
+        if dedicated:
+            extra = job.cfg.model_input(np.concatenate([small, masked], axis=1))
+            x = self._denoise(job, sched, x, start, extra=extra)
+        else:
+            x = self._denoise(job, sched, x, start, blend=(small, image_latents, noise))
+        images = self._decode(x)
+        if keep_unmasked:
+            images = [paste_unmasked(img, image_pil, binary, mask_blur) for img, image_pil in
+                      zip(images, [to_pil(pixels[0])] * len(images))]
+        return images
+
+    # -- the stages they share ------------------------------------------------------------
+
+    def _require_plain_unet(self, task: str) -> None:
+        m = self.manifest
+        if m.unet_in_channels != m.latent_channels:
+            raise ValueError(
+                f"this artifact's UNet is an inpainting UNet ({m.unet_in_channels} input channels): {task} needs "
+                "an ordinary checkpoint; use inpaint() / --mask (or outpaint / --extend) with this one"
+            )
+
+    def _job(self, prompt, negative_prompt, *, steps: int = 25, guidance: float = 7.5, seed: int = 0,
+             width: int | None = None, height: int | None = None, scheduler: str | None = None,
+             num_images: int = 1, rng: str = "numpy", callback: Callable[[int, int], None] | None = None) -> "_Job":
+        """Check every argument, then encode the prompts: what every task starts with."""
         m = self.manifest
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
@@ -214,47 +309,179 @@ class Pipeline:
         scheduler = scheduler or m.scheduler
         _check_args(width, height, steps, guidance, num_images, scheduler, rng, seed, m.vae_scale_factor)
         batch = len(prompts) * num_images
-        shape = (batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
-        if latents is not None and latents.shape != shape:
-            raise ValueError(f"latents must have shape {shape} for this size and batch, got {latents.shape}")
-        timings = self.last_timings = Timings()
-        unet = self.sessions["unet"]
-        unet.durations.clear()
-
-        # 1. text embeddings, repeated per image like diffusers' num_images_per_prompt
+        self.last_timings = Timings()
         t0 = time.perf_counter()
         cfg = Guidance(guidance)
         cond = np.repeat(self.encode_prompt(prompts), num_images, axis=0)
         uncond = np.repeat(self.encode_prompt(negatives), num_images, axis=0) if cfg.enabled else None
         context = cfg.embeddings(cond, uncond)
         self._guard("text_encoder", context)
-        timings.add("text_encoder", time.perf_counter() - t0)
+        self.last_timings.add("text_encoder", time.perf_counter() - t0)
+        shape = (batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
+        return _Job(batch, shape, steps, scheduler, cfg, context, make_rng(rng, seed), num_images, callback)
 
-        # 2. initial noise and the schedule
-        sched = make_scheduler(scheduler, self.scheduler_config, steps)
-        noise = make_rng(rng, seed)
-        x = latents.astype(np.float32) if latents is not None else noise.randn(shape)
-        x = (x * np.float32(sched.init_noise_sigma)).astype(np.float32)
+    def _denoise(self, job: "_Job", sched, x: np.ndarray, start: int, *, extra: np.ndarray | None = None,
+                 blend: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """The denoising loop from UNet call ``start``.
 
-        # 3. denoising loop
-        for i, t in enumerate(sched.timesteps):
-            x_in = sched.scale_model_input(cfg.model_input(x), i).astype(np.float32)
-            timestep = np.full((x_in.shape[0],), t, dtype=np.float32)
-            out = unet(sample=x_in, timestep=timestep, encoder_hidden_states=context)["out_sample"]
-            x = sched.step(cfg.combine(out), i, x, noise).astype(np.float32)
-            if callback:
-                callback(i + 1, len(sched.timesteps))
-        timings.stages["unet"] = list(unet.durations)
+        ``extra``: channels appended to the UNet input (a 9-channel inpainting
+        UNet's mask and masked-image latents). ``blend``: (mask, known latents,
+        noise) for an ordinary UNet: the known region, noised to the next
+        step's level, replaces the sample outside the mask after every step.
+        """
+        unet = self.sessions["unet"]
+        unet.durations.clear()
+        total = len(sched.timesteps)
+        for i in range(start, total):
+            x_in = sched.scale_model_input(job.cfg.model_input(x), i).astype(np.float32)
+            if extra is not None:
+                x_in = np.concatenate([x_in, extra], axis=1)
+            timestep = np.full((x_in.shape[0],), sched.timesteps[i], dtype=np.float32)
+            out = unet(sample=x_in, timestep=timestep, encoder_hidden_states=job.context)["out_sample"]
+            x = sched.step(job.cfg.combine(out), i, x, job.noise).astype(np.float32)
+            if blend is not None:
+                mask, known, noise = blend
+                if i < total - 1:
+                    known = sched.add_noise(known, noise, i + 1)
+                x = ((1 - mask) * known + mask * x).astype(np.float32)
+            if job.callback:
+                job.callback(i + 1 - start, total - start)
+        self.last_timings.stages["unet"] = list(unet.durations)
         self._guard("unet", x)
+        return x
 
-        # 4. decode
+    def _decode(self, x: np.ndarray) -> list[Image.Image]:
+        m = self.manifest
         t0 = time.perf_counter()
         images = self.decode(x / np.float32(m.scaling_factor) + np.float32(m.shift_factor))
-        timings.add("vae_decoder", time.perf_counter() - t0)
+        self.last_timings.add("vae_decoder", time.perf_counter() - t0)
         self._guard("vae_decoder", images)
         if self.sessions["vae_decoder"].variant.precision != "fp32" and float(images.std()) < 1e-3:
             raise PrecisionError("vae_decoder", self.sessions["vae_decoder"].variant.precision, "a flat (all one colour) image")
         return [to_pil(d) for d in images]
+
+    def _encode_sample(self, pixels: np.ndarray, job: "_Job") -> np.ndarray:
+        """Sample the VAE's latent distribution with the job's random stream (diffusers' ``latent_dist.sample``)."""
+        t0 = time.perf_counter()
+        mean, std = self.encode(pixels)
+        self.last_timings.add("vae_encoder", time.perf_counter() - t0)
+        latents = (mean + std * job.noise.randn(mean.shape)).astype(np.float32)
+        return np.repeat(latents, job.batch // len(latents), axis=0) if job.batch > len(latents) else latents
+
+    def _load_image(self, image: Image.Image | str | Path, width: int | None, height: int | None) -> np.ndarray:
+        return load_image(image, width, height, self.manifest.vae_scale_factor)[None]
+
+
+@dataclass
+class _Job:
+    """What one generation carries from stage to stage."""
+
+    batch: int
+    shape: tuple[int, int, int, int]
+    steps: int
+    scheduler: str
+    cfg: Guidance
+    context: np.ndarray
+    noise: Any
+    num_images: int
+    callback: Callable[[int, int], None] | None
+
+
+def start_index(steps: int, strength: float, order: int) -> int:
+    """First UNet call of an image-to-image run (diffusers' ``get_timesteps``), at least one step."""
+    init = min(max(int(steps * strength), 1), steps)
+    return (steps - init) * order
+
+
+def load_image(image: Image.Image | str | Path, width: int | None, height: int | None, multiple: int) -> np.ndarray:
+    """An input image as [-1, 1] CHW float32, like diffusers' ``VaeImageProcessor.preprocess``.
+
+    Any mode PIL opens; resized (Lanczos) to ``width`` x ``height`` when given,
+    else to its own size rounded down to a multiple of ``multiple``.
+    """
+    if not isinstance(image, Image.Image):
+        try:
+            image = Image.open(image)
+            image.load()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {image} as an image ({e}); accepted: any format PIL opens (PNG, JPEG, WebP...)") from e
+    image = image.convert("RGB")
+    w = width if width is not None else image.width - image.width % multiple
+    h = height if height is not None else image.height - image.height % multiple
+    if w <= 0 or h <= 0 or w % multiple or h % multiple:
+        raise ValueError(f"image size must be a positive multiple of {multiple} pixels; got {w}x{h}")
+    if (w, h) != image.size:
+        image = image.resize((w, h), Image.LANCZOS)
+    return from_pil(image)
+
+
+def load_mask(mask: Image.Image | str | Path, width: int, height: int) -> np.ndarray:
+    """A mask (white = repaint) as a binary float32 HxW array at the image's size."""
+    if not isinstance(mask, Image.Image):
+        try:
+            mask = Image.open(mask)
+            mask.load()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read mask {mask} as an image ({e})") from e
+    if mask.size != (width, height):
+        raise ValueError(
+            f"mask size {mask.width}x{mask.height} differs from the image's {width}x{height}; "
+            "give a mask of the same size (white = repaint, black = keep)"
+        )
+    gray = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    return (gray >= 0.5).astype(np.float32)
+
+
+FILL_MODES = ("edge", "reflect", "mean", "noise")
+SIDES = ("left", "right", "top", "bottom")
+
+
+def extend_canvas(image: Image.Image | str | Path, extend: dict[str, int], fill: str = "edge",
+                  multiple: int = 8) -> tuple[Image.Image, Image.Image]:
+    """The image on a larger canvas and the mask of the new area (white).
+
+    The new area starts as ``edge`` (border pixels repeated outwards),
+    ``reflect`` (mirrored), ``mean`` (the image's mean colour) or ``noise``
+    (uniform random colours, seeded): the fill only seeds the noised start,
+    so it matters little at strength 1.
+    """
+    if fill not in FILL_MODES:
+        raise ValueError(f"unknown fill {fill!r}; valid: {', '.join(FILL_MODES)}")
+    unknown = set(extend) - set(SIDES)
+    if unknown:
+        raise ValueError(f"unknown side(s) {sorted(unknown)}; valid: {', '.join(SIDES)}")
+    if any(v < 0 or v % multiple for v in extend.values()) or not any(extend.values()):
+        raise ValueError(f"extend each side by a non-negative multiple of {multiple} pixels (at least one > 0), got {extend}")
+    if not isinstance(image, Image.Image):
+        image = Image.open(image)
+    rgb = np.asarray(image.convert("RGB"))
+    pads = ((extend.get("top", 0), extend.get("bottom", 0)), (extend.get("left", 0), extend.get("right", 0)), (0, 0))
+    if fill in ("edge", "reflect"):
+        canvas = np.pad(rgb, pads, mode="edge" if fill == "edge" else "reflect")
+    else:
+        canvas = np.pad(rgb, pads, mode="constant")
+        new = np.pad(np.zeros(rgb.shape[:2], bool), pads[:2], constant_values=True)
+        if fill == "mean":
+            canvas[new] = rgb.reshape(-1, 3).mean(0).round().astype(np.uint8)
+        else:
+            canvas[new] = np.random.default_rng(0).integers(0, 256, (int(new.sum()), 3), dtype=np.uint8)
+    mask = np.pad(np.zeros(rgb.shape[:2], np.uint8), pads[:2], constant_values=255)
+    return Image.fromarray(canvas), Image.fromarray(mask)
+
+
+def paste_unmasked(generated: Image.Image, original: Image.Image, binary: np.ndarray, blur: float) -> Image.Image:
+    """Original pixels outside the mask, generated ones inside, feathered over ``blur`` pixels."""
+    from PIL import ImageFilter
+
+    alpha = Image.fromarray((binary * 255).astype(np.uint8))
+    if blur > 0:
+        alpha = alpha.filter(ImageFilter.GaussianBlur(blur))
+    return Image.composite(generated, original, alpha)
+
+
+def _check_strength(strength: float) -> None:
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
 
 
 def from_pil(image: Image.Image) -> np.ndarray:

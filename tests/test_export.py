@@ -119,3 +119,22 @@ def test_tokenizer_is_the_real_clip_bpe(tiny_sd1):
     # ids of openai/clip-vit-large-patch14 for this prompt
     assert ids[:9].tolist() == [49406, 320, 736, 7117, 525, 320, 1746, 5994, 49407]
     assert np.all(ids[9:] == 49407)
+
+
+def test_external_data_layout(tiny_sd1, tmp_path, monkeypatch):
+    """Graphs over the protobuf limit are saved as model.onnx + model.onnx.data (threshold lowered here)."""
+    from edgediff.export import onnx_io
+    from edgediff.runtime import Pipeline
+
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out = tmp_path / "ext"
+    r = run_cli("export", str(tiny_sd1[0]), str(out))
+    assert r.exit_code == 0, r.output
+    m = load_manifest(out)
+    for comp in m.components:
+        graph, data = out / comp / "model.onnx", out / comp / "model.onnx.data"
+        assert data.is_file() and data.stat().st_size > graph.stat().st_size
+        assert m.variant(comp).bytes == graph.stat().st_size + data.stat().st_size
+    for backend in ("onnxruntime", "openvino"):
+        (image,) = Pipeline.load(out, backend=backend, device="cpu").txt2img("a red circle", steps=2, width=64, height=64)
+        assert image.size == (64, 64)

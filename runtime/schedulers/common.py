@@ -8,6 +8,12 @@ precomputes every table in numpy; the pipeline then calls, for
     eps_or_v = unet(x_in, t, ...)
     latents = s.step(eps_or_v, i, latents, rng)
 
+Image-to-image starts the same loop part-way: ``latents = s.add_noise(x0, noise, start)``
+noises the clean latents to the level of UNet call ``start``, then the loop runs
+``for i in range(start, len(s.timesteps))`` (diffusers' ``set_begin_index(start)``).
+Warm-up state (multistep histories, lower-order counters) counts the steps taken
+since the loop began, as diffusers does, so any ``start`` reproduces diffusers.
+
 ``config`` is the checkpoint's ``scheduler_config.json`` (as diffusers wrote it);
 each scheduler reads the keys it knows with its own defaults for missing ones,
 which is what diffusers' ``XScheduler.from_config(config)`` does.
@@ -84,6 +90,12 @@ class Scheduler(Protocol):
       timesteps:        float array, one entry per UNet call, in call order
       init_noise_sigma: scale of the initial Gaussian latents
       order:            UNet calls per solver step (2 for Heun), for progress bars
+                        and for img2img's start index (diffusers' ``t_start * order``)
+
+    The loop may start at any index ``start`` (img2img / inpainting, after
+    ``add_noise(x0, noise, start)``) and must then call ``step`` for every index
+    ``start, start + 1, ..., len(timesteps) - 1`` in order, on a freshly built
+    scheduler: the result equals diffusers' after ``set_begin_index(start)``.
     """
 
     timesteps: np.ndarray
@@ -97,6 +109,29 @@ class Scheduler(Protocol):
     def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
         """Advance ``sample`` past UNet call ``i`` given the (guided) model output."""
         ...
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """Forward diffusion of a clean latent to the noise level of UNet call ``i``, float32: diffusers'
+        ``add_noise(original, noise, timesteps[i:i + 1])`` after ``set_begin_index(i)`` (or, once the
+        loop has stepped through call ``i - 1``, at its current step index, as for inpainting)."""
+        ...
+
+
+def ddpm_add_noise(alpha_prod: np.floating, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """sqrt(alpha_bar) * x0 + sqrt(1 - alpha_bar) * noise in float32 (DDPM/DDIM/PNDM/LCM ``add_noise``)."""
+    alpha_prod = np.float32(alpha_prod)
+    sqrt_alpha_prod = np.sqrt(alpha_prod)
+    sqrt_one_minus_alpha_prod = np.sqrt(np.float32(1) - alpha_prod)
+    original = np.asarray(original, dtype=np.float32)
+    noise = np.asarray(noise, dtype=np.float32)
+    return (sqrt_alpha_prod * original + sqrt_one_minus_alpha_prod * noise).astype(np.float32, copy=False)
+
+
+def sigma_add_noise(sigma: np.floating, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """x0 + noise * sigma in float32 (the k-diffusion schedulers' ``add_noise``: Euler, Heun, LMS)."""
+    original = np.asarray(original, dtype=np.float32)
+    noise = np.asarray(noise, dtype=np.float32)
+    return (original + noise * np.float32(sigma)).astype(np.float32, copy=False)
 
 
 # --- helpers shared by the sigma-based ("k-diffusion") and multistep schedulers ---

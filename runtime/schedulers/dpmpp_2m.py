@@ -92,26 +92,35 @@ class DPMSolverPP2M:
         with np.errstate(divide="ignore"):
             self.lambda_t = np.log(self.alpha_t) - np.log(self.sigma_t)
 
-        # solver order of each step: step()'s warmup (lower_order_nums) and, to improve numerical stability for
-        # small number of steps, lower_order_final / lower_order_second
+        # to improve numerical stability for small number of steps: lower_order_final / lower_order_second, keyed on
+        # the call index against the whole schedule (diffusers' step_index and len(timesteps))
         n = len(self.timesteps)
-        self.step_order = []
-        for i in range(n):
-            lower_order_nums = min(i, self.solver_order)
-            final = i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_sigmas_type == "zero")
-            second = i == n - 2 and lower_order_final and n < 15
-            if self.solver_order == 1 or lower_order_nums < 1 or final:
-                self.step_order.append(1)
-            elif self.solver_order == 2 or lower_order_nums < 2 or second:
-                self.step_order.append(2)
-            else:
-                self.step_order.append(3)
+        final_first_order = euler_at_final or (lower_order_final and n < 15) or final_sigmas_type == "zero"
+        self._lower_order_final = [i == n - 1 and final_first_order for i in range(n)]
+        self._lower_order_second = [i == n - 2 and lower_order_final and n < 15 for i in range(n)]
 
-        # per-generation state: data predictions x0 of the latest steps, oldest first
+        # per-generation state: data predictions x0 of the latest steps, oldest first, and the warm-up counter
+        # (diffusers' lower_order_nums: steps taken since the loop began, capped at solver_order; an img2img loop
+        # that starts at i > 0 warms up from first order again, as diffusers does after set_begin_index)
         self._model_outputs: list[np.ndarray] = []
+        self.lower_order_nums = 0
 
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
         return sample
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """Forward diffusion to the noise level of call ``i``: alpha_t x0 + sigma_t noise at sigmas[i]."""
+        original = np.asarray(original, dtype=np.float32)
+        noise = np.asarray(noise, dtype=np.float32)
+        return (self.alpha_t[i] * original + self.sigma_t[i] * noise).astype(np.float32, copy=False)
+
+    def _step_order(self, i: int) -> int:
+        """Solver order of the step at call ``i`` (diffusers' step()), from the warm-up counter."""
+        if self.solver_order == 1 or self.lower_order_nums < 1 or self._lower_order_final[i]:
+            return 1
+        if self.solver_order == 2 or self.lower_order_nums < 2 or self._lower_order_second[i]:
+            return 2
+        return 3
 
     def convert_model_output(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
         """DPM-Solver++ needs to solve an integral of the data prediction model: x0."""
@@ -128,13 +137,15 @@ class DPMSolverPP2M:
         self._model_outputs = [*self._model_outputs, model_output][-self.solver_order :]
         # Upcast to avoid precision issues when computing prev_sample
         sample = sample.astype(np.float32)
-        order = self.step_order[i]
+        order = self._step_order(i)
         if order == 1:
             prev_sample = self.dpm_solver_first_order_update(model_output, i, sample)
         elif order == 2:
             prev_sample = self.multistep_dpm_solver_second_order_update(self._model_outputs, i, sample)
         else:
             prev_sample = self.multistep_dpm_solver_third_order_update(self._model_outputs, i, sample)
+        if self.lower_order_nums < self.solver_order:
+            self.lower_order_nums += 1
         return prev_sample.astype(np.float32)
 
     def dpm_solver_first_order_update(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from .common import (
     discrete_timesteps,
     karras_sigmas,
     rescale_zero_terminal_snr,
+    sigma_add_noise,
     sigma_to_t,
     train_betas,
 )
@@ -77,6 +78,10 @@ class Euler:
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
         sigma = self.sigmas[i]
         return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """Forward diffusion to the noise level of call ``i``: x0 + noise * sigmas[i]."""
+        return sigma_add_noise(self.sigmas[i], original, noise)
 
     def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
         sample = sample.astype(np.float32)

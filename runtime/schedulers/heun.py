@@ -2,9 +2,11 @@
 
 Heun's 2nd-order sampler of Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
 Models", Algorithm 1 (https://huggingface.co/papers/2206.00364). Each solver step takes two UNet calls, so
-``timesteps`` holds 2N - 1 entries: t0, t1, t1, t2, t2, ... Call index ``i`` even is the Euler (1st-order)
-half, ``i`` odd the Heun correction of the step begun at ``i - 1``; the last call (to sigma = 0) stays
-first order. diffusers keys this state machine on its stored ``dt``; here it is keyed on ``i``.
+``timesteps`` holds 2N - 1 entries: t0, t1, t1, t2, t2, ... A call with no pending first-order half is the
+Euler (1st-order) half from sigmas[i] to sigmas[i + 1]; the next call is the Heun correction of that step, and
+the last call (to sigma = 0) stays first order. As in diffusers (its stored ``dt``), the state machine is keyed
+on whether a first-order half is pending, not on the parity of ``i``, so a loop started at any index (img2img
+starts at ``2 * t_start``) behaves like diffusers after ``set_begin_index``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from .common import NoiseSource, alphas_cumprod, config_choice, discrete_timesteps, karras_sigmas, sigma_to_t
+from .common import (
+    NoiseSource,
+    alphas_cumprod,
+    config_choice,
+    discrete_timesteps,
+    karras_sigmas,
+    sigma_add_noise,
+    sigma_to_t,
+)
 
 _OFF = (False, None)
 
@@ -61,8 +71,12 @@ class Heun:
         sigma = self.sigmas[i]
         return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
 
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """Forward diffusion to the noise level of call ``i``: x0 + noise * sigmas[i]."""
+        return sigma_add_noise(self.sigmas[i], original, noise)
+
     def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
-        first_order = i % 2 == 0
+        first_order = self._first_order is None  # diffusers' state_in_first_order (self.dt is None)
         if first_order:
             sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         else:  # 2nd order / Heun's method
@@ -90,8 +104,6 @@ class Heun:
             # store for 2nd order step
             self._first_order = (derivative, dt, sample)
         else:
-            if self._first_order is None:
-                raise RuntimeError(f"Heun: step({i - 1}) must come before step({i})")
             prev_derivative, dt, first_sample = self._first_order
             # 2. 2nd order / Heun's method
             derivative = (sample - pred_original_sample) / sigma_next

@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from .common import NoiseSource, alphas_cumprod, config_choice, rescale_zero_terminal_snr, train_betas
+from .common import (
+    NoiseSource,
+    alphas_cumprod,
+    config_choice,
+    ddpm_add_noise,
+    rescale_zero_terminal_snr,
+    train_betas,
+)
 
 _PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
@@ -90,6 +97,10 @@ class LCM:
 
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
         return sample
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """Forward diffusion to ``timesteps[i]``: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
+        return ddpm_add_noise(self.alpha_prod_t[i], original, noise)
 
     def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
         # 2. compute alphas, betas

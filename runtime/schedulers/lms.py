@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 from numpy.polynomial import Polynomial
 
-from .common import NoiseSource, alphas_cumprod, config_choice, discrete_timesteps, karras_sigmas, sigma_to_t
+from .common import (
+    NoiseSource,
+    alphas_cumprod,
+    config_choice,
+    discrete_timesteps,
+    karras_sigmas,
+    sigma_add_noise,
+    sigma_to_t,
+)
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _OFF = (False, None)
@@ -67,7 +75,10 @@ class LMS:
         max_sigma = self.sigmas.max()
         self.init_noise_sigma = float(max_sigma if spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5)
 
-        # 3. linear multistep coefficients, one list per step (newest derivative first)
+        # 3. linear multistep coefficients, one list per step (newest derivative first). As in diffusers the order
+        # is min(i + 1, 4) from the call index, not from the derivatives gathered: a loop started at i > 0
+        # (img2img) pairs the first coefficients of a higher-order rule with the few derivatives it has (zip()
+        # in step() stops at the shorter), which is what diffusers does after set_begin_index.
         self.lms_coeffs: list[list[float]] = []
         for i in range(len(self.timesteps)):
             order = min(i + 1, self.lms_order)
@@ -77,6 +88,10 @@ class LMS:
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
         sigma = self.sigmas[i]
         return sample / ((sigma**2 + 1) ** 0.5)
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """Forward diffusion to the noise level of call ``i``: x0 + noise * sigmas[i]."""
+        return sigma_add_noise(self.sigmas[i], original, noise)
 
     def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
         sigma = self.sigmas[i]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import NoiseSource, alphas_cumprod, config_choice
+from .common import NoiseSource, alphas_cumprod, config_choice, ddpm_add_noise
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 _SPACINGS = ("linspace", "leading", "trailing")
@@ -70,21 +70,13 @@ class PNDM:
         timesteps = np.concatenate([prk_timesteps, plms_timesteps]).astype(np.int64)
         self.timesteps = timesteps.astype(np.float32)
         self.num_prk_steps = len(prk_timesteps)
+        self._int_timesteps = timesteps
+        self._prk_timesteps = prk_timesteps
+        self._step_ratio = step_ratio
 
-        # (timestep, prev_timestep) that diffusers' step_prk / step_plms hand to
-        # _get_prev_sample for UNet call i (the `counter`).
-        pairs = []
-        for counter, t in enumerate(timesteps.tolist()):
-            if counter < self.num_prk_steps:
-                diff_to_prev = 0 if counter % 2 else step_ratio // 2
-                pairs.append((int(prk_timesteps[counter // 4 * 4]), t - diff_to_prev))
-            elif counter == 1:  # PLMS's second call re-does the first step with the averaged output
-                pairs.append((t + step_ratio, t))
-            else:
-                pairs.append((t, t - step_ratio))
-        self._step_timesteps = pairs
-
-        # running values
+        # running values; `counter` counts the steps taken, whatever index the loop started at (img2img),
+        # and drives the PRK / PLMS state machine as in diffusers
+        self.counter = 0
         self.cur_model_output: np.ndarray | int = 0
         self.cur_sample: np.ndarray | None = None
         self.ets: list[np.ndarray] = []
@@ -92,14 +84,26 @@ class PNDM:
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
         return sample
 
-    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
-        if i < self.num_prk_steps:
-            return self._step_prk(model_output, i, sample)
-        return self._step_plms(model_output, i, sample)
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """Forward diffusion to ``timesteps[i]``: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
+        return ddpm_add_noise(self.alphas_cumprod[int(self._int_timesteps[i])], original, noise)
 
-    def _step_prk(self, model_output: np.ndarray, counter: int, sample: np.ndarray) -> np.ndarray:
+    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
+        timestep = int(self._int_timesteps[i])
+        if self.counter < self.num_prk_steps:
+            prev_sample = self._step_prk(model_output, timestep, sample)
+        else:
+            prev_sample = self._step_plms(model_output, timestep, sample)
+        self.counter += 1
+        return prev_sample
+
+    def _step_prk(self, model_output: np.ndarray, timestep: int, sample: np.ndarray) -> np.ndarray:
         """Runge-Kutta warm-up: four UNet calls per step, formula (13)."""
-        timestep, prev_timestep = self._step_timesteps[counter]
+        counter = self.counter
+        diff_to_prev = 0 if counter % 2 else self._step_ratio // 2
+        prev_timestep = timestep - diff_to_prev
+        timestep = int(self._prk_timesteps[counter // 4 * 4])
+
         if counter % 4 == 0:
             self.cur_model_output = self.cur_model_output + 1 / 6 * model_output
             self.ets.append(model_output)
@@ -114,12 +118,17 @@ class PNDM:
         cur_sample = self.cur_sample if self.cur_sample is not None else sample
         return self._get_prev_sample(cur_sample, timestep, prev_timestep, model_output)
 
-    def _step_plms(self, model_output: np.ndarray, counter: int, sample: np.ndarray) -> np.ndarray:
-        """Linear multistep, formula (12); the first two calls are a 2nd-order (Heun-like) start."""
-        timestep, prev_timestep = self._step_timesteps[counter]
+    def _step_plms(self, model_output: np.ndarray, timestep: int, sample: np.ndarray) -> np.ndarray:
+        """Linear multistep, formula (12); the first two calls are a 2nd-order (Heun-like) start: the second
+        call re-does the first step (from timestep + step_ratio to timestep) with the averaged output."""
+        counter = self.counter
+        prev_timestep = timestep - self._step_ratio
         if counter != 1:
             self.ets = self.ets[-3:]
             self.ets.append(model_output)
+        else:
+            prev_timestep = timestep
+            timestep = timestep + self._step_ratio
 
         if len(self.ets) == 1 and counter == 0:
             self.cur_sample = sample

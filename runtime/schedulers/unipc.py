@@ -82,20 +82,30 @@ class UniPC:
         with np.errstate(divide="ignore"):
             self.lambda_t = np.log(self.alpha_t) - np.log(self.sigma_t)
 
-        # UniP order of each step (step()'s lower_order_final and warmup); UniC at step i reuses order i - 1
+        # UniP order cap of each step from lower_order_final, keyed on the call index against the whole schedule
+        # (diffusers' step_index and len(timesteps)); step() caps it further by the warm-up counter
         n = len(self.timesteps)
-        self.step_order = []
-        for i in range(n):
-            this_order = min(self.solver_order, n - i) if lower_order_final else self.solver_order
-            self.step_order.append(min(this_order, min(i, self.solver_order) + 1))  # warmup for multistep
+        self._order_cap = [
+            min(self.solver_order, n - i) if lower_order_final else self.solver_order for i in range(n)
+        ]
 
         # per-generation state: converted model outputs of the latest steps (oldest first), the sample before the
-        # last predictor
+        # last predictor, that predictor's order (the next corrector reuses it), and the warm-up counter (diffusers'
+        # lower_order_nums: steps taken since the loop began, capped at solver_order; an img2img loop that starts at
+        # i > 0 warms up from first order again, as diffusers does after set_begin_index)
         self._model_outputs: list[np.ndarray] = []
         self._last_sample: np.ndarray | None = None
+        self._this_order = 0
+        self.lower_order_nums = 0
 
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
         return sample
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """Forward diffusion to the noise level of call ``i``: alpha_t x0 + sigma_t noise at sigmas[i]."""
+        original = np.asarray(original, dtype=np.float32)
+        noise = np.asarray(noise, dtype=np.float32)
+        return (self.alpha_t[i] * original + self.sigma_t[i] * noise).astype(np.float32, copy=False)
 
     def convert_model_output(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
         """x0 (``predict_x0``) or epsilon, whichever the solver integrates."""
@@ -117,11 +127,14 @@ class UniPC:
         model_output_convert = self.convert_model_output(model_output, i, sample)
         if use_corrector:
             sample = self.multistep_uni_c_bh_update(
-                model_output_convert, i, last_sample=self._last_sample, this_sample=sample, order=self.step_order[i - 1]
+                model_output_convert, i, last_sample=self._last_sample, this_sample=sample, order=self._this_order
             )
         self._model_outputs = [*self._model_outputs, model_output_convert][-self.solver_order :]
+        self._this_order = min(self._order_cap[i], self.lower_order_nums + 1)  # warmup for multistep
         self._last_sample = sample
-        prev_sample = self.multistep_uni_p_bh_update(i, sample, order=self.step_order[i])
+        prev_sample = self.multistep_uni_p_bh_update(i, sample, order=self._this_order)
+        if self.lower_order_nums < self.solver_order:
+            self.lower_order_nums += 1
         return prev_sample.astype(np.float32)
 
     def _bh_coefficients(self, h: np.float32, rks: list[np.float32], order: int):
