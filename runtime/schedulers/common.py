@@ -11,8 +11,10 @@ precomputes every table in numpy; the pipeline then calls, for
 Image-to-image starts the same loop part-way: ``latents = s.add_noise(x0, noise, start)``
 noises the clean latents to the level of UNet call ``start``, then the loop runs
 ``for i in range(start, len(s.timesteps))`` (diffusers' ``set_begin_index(start)``).
-Warm-up state (multistep histories, lower-order counters) counts the steps taken
-since the loop began, as diffusers does, so any ``start`` reproduces diffusers.
+Warm-up state (multistep histories, PNDM's counter, DPM-Solver/UniPC's lower-order
+counters, Heun's pending half-step) counts the steps taken since the loop began, as
+diffusers does, so any ``start`` reproduces diffusers (LMS, like diffusers, takes its
+order from the index while using only the derivatives it has gathered).
 
 ``config`` is the checkpoint's ``scheduler_config.json`` (as diffusers wrote it);
 each scheduler reads the keys it knows with its own defaults for missing ones,
@@ -45,6 +47,21 @@ def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) -
     return np.asarray(betas, dtype=np.float32)
 
 
+def linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """``torch.linspace(start, end, n, dtype=torch.float32)`` on the CPU, bit for bit: a float32 step, the first
+    half counted up from ``start`` and the rest down from ``end``, each value one fused multiply-add (emulated in
+    float64, where the product is exact). ``np.linspace`` rounds differently in about a third of the values."""
+    start32, end32 = np.float32(start), np.float32(end)
+    if n == 1:
+        return np.array([start32], dtype=np.float32)
+    step = np.float32((end32 - start32) / np.float32(n - 1))
+    idx = np.arange(n, dtype=np.float64)
+    half = n // 2
+    low = np.float64(start32) + np.float64(step) * idx[:half]
+    high = np.float64(end32) - np.float64(step) * (n - 1 - idx[half:])
+    return np.concatenate([low, high]).astype(np.float32)
+
+
 def train_betas(config: dict[str, Any]) -> np.ndarray:
     """Betas of the training schedule, in float32 as diffusers computes them."""
     n = int(config.get("num_train_timesteps", 1000))
@@ -55,9 +72,9 @@ def train_betas(config: dict[str, Any]) -> np.ndarray:
     start = float(config.get("beta_start", 0.0001))
     end = float(config.get("beta_end", 0.02))
     if schedule == "linear":
-        return np.linspace(start, end, n, dtype=np.float32)
+        return linspace_f32(start, end, n)
     if schedule == "scaled_linear":
-        return (np.linspace(start**0.5, end**0.5, n, dtype=np.float32) ** 2).astype(np.float32)
+        return (linspace_f32(start**0.5, end**0.5, n) ** 2).astype(np.float32)
     if schedule == "squaredcos_cap_v2":
         return betas_for_alpha_bar(n)
     raise ValueError(
