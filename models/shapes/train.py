@@ -44,9 +44,14 @@ UNET = dict(
     attention_head_dim=8,
     norm_num_groups=16,
 )
+NOISE_OFFSET = 0.05
 VAE = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4)
+# DDPM's linear schedule, not SD's scaled_linear: at 16x16 latents SD's schedule
+# leaves 7% of the image in x_T, so flat colours (the background is the latent
+# mean) follow the starting noise instead of the prompt (Lin et al. 2023).
+# The linear schedule keeps 0.6%; offset noise in training does the rest.
 SCHEDULER = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000,
     prediction_type="epsilon", timestep_spacing="linspace", steps_offset=1,
 )
 
@@ -120,7 +125,8 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, steps:
         x0 = latents[idx].to(device)
         ids = ids_all[idx].clone()
         ids[torch.rand(batch, generator=gen) < 0.1] = empty[0]
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen)
+        noise = (noise + NOISE_OFFSET * torch.randn(batch, x0.shape[1], 1, 1, generator=gen)).to(device)
         t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -147,6 +153,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=24000, help="training images drawn")
     p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae", type=Path, default=None, help="reuse the VAE of this diffusers folder instead of training one")
     p.add_argument("--unet-steps", type=int, default=2400)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
@@ -165,7 +172,11 @@ def main() -> None:
     images, captions, _ = dataset.sample(rng, args.images)
     log(f"drew {len(images)} images; e.g. {captions[:3]}")
 
-    vae = train_vae(images, args.vae_steps, device, args.seed)
+    if args.vae:
+        vae = diffusers.AutoencoderKL.from_pretrained(args.vae, subfolder="vae").to(device).eval()
+        log(f"reusing the VAE of {args.vae}")
+    else:
+        vae = train_vae(images, args.vae_steps, device, args.seed)
     latents = encode_all(vae, images, device)
     scaling_factor = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling_factor)
@@ -190,7 +201,8 @@ def main() -> None:
     minutes = (time.time() - started) / 60
     (args.out / "training.json").write_text(json.dumps({
         "seed": args.seed, "device": device, "threads": torch.get_num_threads(), "images": args.images,
-        "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch": args.batch,
+        "vae_steps": 0 if args.vae else args.vae_steps, "vae_from": str(args.vae) if args.vae else None,
+        "noise_offset": NOISE_OFFSET, "unet_steps": args.unet_steps, "batch": args.batch,
         "vae_reconstruction_psnr_db": round(vae_psnr, 2), "scaling_factor": scaling_factor,
         "minutes": round(minutes, 1), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "held_out": sorted(map(list, dataset.HELD_OUT)),
