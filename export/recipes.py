@@ -1,6 +1,6 @@
 """Checkpoints built from configs with seeded random weights.
 
-``sd15`` and ``sd21`` are architecture-exact Stable Diffusion 1.5 and 2.1
+``sd15``, ``sd21`` and ``sd-turbo`` are architecture-exact Stable Diffusion 1.5, 2.1 and SD-Turbo
 (text encoder, UNet and VAE of the published configs): dense compute makes
 their latency that of the real models, without downloading gigabytes. They
 are marked ``random_weights`` in the manifest: not for images.
@@ -47,6 +47,15 @@ RECIPES: dict[str, dict[str, Any]] = {
         "unet": {"sample_size": 96, "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True},
         "vae": SD_VAE,
         "scheduler": ("DDIMScheduler", {**PNDM_SD1, "prediction_type": "v_prediction", "timestep_spacing": "leading"}),
+        "pad_token": "!",
+    },
+    "sd-turbo": {  # SD 2.1's architecture at 512x512, distilled for 1-4 steps without guidance
+        "text": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
+                 "hidden_act": "gelu", "projection_dim": 512},
+        "unet": {"sample_size": 64, "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True},
+        "vae": SD_VAE,
+        "scheduler": ("EulerAncestralDiscreteScheduler",
+                      {**PNDM_SD1, "prediction_type": "epsilon", "timestep_spacing": "trailing"}),
         "pad_token": "!",
     },
     "tiny-sd1": {

@@ -79,9 +79,6 @@ class Timings:
     def add(self, stage: str, seconds: float) -> None:
         self.stages.setdefault(stage, []).append(seconds)
 
-    def summary(self) -> dict[str, float]:
-        return {k: float(sum(v)) for k, v in self.stages.items()}
-
 
 class PrecisionError(RuntimeError):
     """A reduced-precision component produced NaN/Inf or a flat image."""

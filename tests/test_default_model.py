@@ -1,0 +1,75 @@
+"""The embedded shapes model: used by default, draws what it is asked, re-exports from its diffusers weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgediff.models import default_model_path
+from edgediff.models.shapes import dataset, evaluate
+from edgediff.runtime import Pipeline, load_manifest
+
+from .conftest import psnr, run_cli
+
+ARTIFACT = default_model_path()
+DIFFUSERS = ARTIFACT.parent / "diffusers"
+pytestmark = pytest.mark.skipif(not (ARTIFACT / "manifest.json").exists(), reason="the embedded model is not built")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.load(backend="onnxruntime", device="cpu")
+
+
+def test_generate_uses_the_embedded_model(tmp_path):
+    out = tmp_path / "circle.png"
+    r = run_cli("generate", "a red circle on a blue background", "--output", str(out), "--backend", "onnxruntime")
+    assert r.exit_code == 0, r.output
+    assert f"wrote {out}" in r.output
+    image = Image.open(out)
+    assert image.size == (128, 128)
+    reading = evaluate.classify(np.asarray(image))
+    assert (reading.color, reading.background) == ("red", "blue")
+
+
+def test_artifact_is_small_and_described():
+    m = load_manifest(ARTIFACT)
+    assert m.sample_size == 128 and m.vae_scale_factor == 8 and not m.random_weights
+    total = sum(f.stat().st_size for f in ARTIFACT.rglob("*") if f.is_file())
+    assert total < 30e6
+
+
+def test_attributes_on_a_prompt_subset(pipe):
+    """A fixed subset of the documented vocabulary: the full figures are in the README."""
+    report = evaluate.evaluate(pipe, evaluate.prompt_set(12, seed=7), seeds=(0,), steps=20)
+    acc = report["all"]
+    assert acc["n"] == 12
+    assert acc["color"] >= 0.75 and acc["background"] >= 0.75 and acc["shape"] >= 0.6, acc
+
+
+def test_inpainting_a_region_changes_only_that_region(pipe):
+    """Repaint the left half of a generated image with another prompt: the right half stays."""
+    (base,) = pipe.txt2img("a small white square on a black background", seed=4, steps=20)
+    mask = np.zeros((128, 128), np.uint8)
+    mask[:, :64] = 255
+    (edited,) = pipe.inpaint("a large yellow circle on a black background", base, Image.fromarray(mask), seed=5, steps=20)
+    a, b = np.asarray(base).astype(float), np.asarray(edited).astype(float)
+    keep = np.asarray(mask) == 0
+    assert np.abs(a[keep] - b[keep]).mean() < 12  # the kept half moves little (latent blending, VAE round trip)
+    assert np.abs(a[~keep] - b[~keep]).mean() > np.abs(a[keep] - b[keep]).mean()
+    yellow = np.array(dataset.COLORS["yellow"], float)
+    left = b[:, :64].reshape(-1, 3)
+    assert (np.abs(left - yellow).sum(1) < 120).mean() > 0.05  # yellow appeared where asked
+
+
+@pytest.mark.skipif(not DIFFUSERS.exists(), reason="diffusers weights not shipped")
+def test_reexport_from_shipped_diffusers_weights(tmp_path, pipe):
+    out = tmp_path / "shapes"
+    r = run_cli("export", str(DIFFUSERS), str(out))
+    assert r.exit_code == 0, r.output
+    again = Pipeline.load(out, backend="onnxruntime")
+    kw = dict(seed=2, steps=10)
+    a = np.asarray(pipe.txt2img("a green star on a white background", **kw)[0])
+    b = np.asarray(again.txt2img("a green star on a white background", **kw)[0])
+    assert psnr(a, b) > 30  # the shipped diffusers weights are fp16: close, not identical
