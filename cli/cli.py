@@ -1,7 +1,7 @@
-"""The ``edgediff`` command line: export, generate, info.
+"""The ``edgediff`` command line: export, quantize, generate, bench, info.
 
-``generate`` and ``info`` import only the runtime (no torch); ``export``
-imports the export side lazily.
+``generate``, ``bench`` and ``info`` import only the runtime (no torch);
+``export`` and ``quantize`` import their side lazily.
 """
 
 from __future__ import annotations
@@ -66,9 +66,8 @@ def export(
                     status.update(f"building {random_weights} with random weights (seed {seed})")
                     build_pipeline(random_weights, Path(tmp) / "src", seed=seed)
                     manifest = export_artifact(str(Path(tmp) / "src"), out, force=force, random_weights=True,
+                                               source_label=f"random-weights:{random_weights}:seed={seed}",
                                                progress=status.update)
-                    manifest.provenance["source"] = f"random-weights:{random_weights}:seed={seed}"
-                    manifest.save(out)
             else:
                 manifest = export_artifact(source, out, force=force, config=config, progress=status.update)
         except (ExportError, OSError, ValueError) as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -178,7 +179,8 @@ def export_component(contract: Contract, out_dir: Path, progress: Callable[[str]
     path = comp_dir / "model.onnx"
     args = contract.sample()
     progress(f"tracing {contract.name}")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python control flow it baked in
         torch.onnx.export(
             contract.module,
             args,

@@ -85,6 +85,7 @@ def export_artifact(
     force: bool = False,
     config: str | None = None,
     random_weights: bool = False,
+    source_label: str | None = None,
     progress: Callable[[str], Any] = lambda s: None,
 ) -> Manifest:
     """Export ``source`` to the artifact folder ``out``; returns its manifest."""
@@ -145,7 +146,7 @@ def export_artifact(
             components=components,
             random_weights=random_weights,
             provenance={
-                "source": str(source),
+                "source": source_label or str(source),
                 "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "opset": C.OPSET,
                 "versions": _versions(),
