@@ -29,7 +29,10 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 def load_source(source: str, config: str | None = None):
     """A diffusers pipeline from a folder, a single-file checkpoint or a hub id."""
     import diffusers
+    import torch
 
+    # fp32 graphs whatever the stored dtype (fp16 checkpoints are common); quantize makes fp16
+    fp32 = {"torch_dtype": torch.float32}
     path = Path(source)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -37,13 +40,13 @@ def load_source(source: str, config: str | None = None):
                 f"{source} is a folder without model_index.json; expected a diffusers checkpoint folder, "
                 "a .safetensors/.ckpt file or a hub id"
             )
-        return diffusers.DiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
+        return diffusers.DiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False, **fp32)
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise ExportError(f"{source}: no such checkpoint file")
         # diffusers reads the original SD key layout; the component configs come
         # from `config` (a local diffusers folder or hub id) or are inferred.
-        kwargs: dict[str, Any] = {"config": config} if config else {}
+        kwargs: dict[str, Any] = {"config": config, **fp32} if config else fp32
         return diffusers.StableDiffusionPipeline.from_single_file(str(path), **kwargs)
     if path.exists():
         raise ExportError(f"{source} is neither a diffusers folder nor a {'/'.join(SINGLE_FILE_SUFFIXES)} file")
@@ -52,7 +55,7 @@ def load_source(source: str, config: str | None = None):
             f"{source} does not exist locally and is not a hub id (owner/name); "
             "accepted: a diffusers folder, a .safetensors/.ckpt file, or a hub id"
         )
-    return diffusers.DiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
+    return diffusers.DiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False, **fp32)
 
 
 def family_of(pipe) -> str:
