@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from .conftest import SD15_SCHEDULER_CONFIG
+
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
@@ -31,20 +33,7 @@ DIFFUSERS_CLASSES = {
 NAMES = tuple(DIFFUSERS_CLASSES)
 
 # Stable Diffusion 1.5's scheduler_config.json, as diffusers saves it.
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-}
+SD15 = SD15_SCHEDULER_CONFIG
 CONFIGS = {
     "sd15": SD15,
     "sd2_v_trailing": {**SD15, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from .conftest import SD15_SCHEDULER_CONFIG
+
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
@@ -28,20 +30,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-}
+SD15 = SD15_SCHEDULER_CONFIG
 SD2 = {**SD15, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
 LINSPACE = {**SD15, "timestep_spacing": "linspace"}
 CONFIGS = {"sd15": SD15, "sd2_v_trailing": SD2, "linspace": LINSPACE}
