@@ -102,7 +102,7 @@ def run_bench(
         for _ in range(warmup):
             pipe.txt2img("warm up", steps=min(2, steps), width=width, height=height, guidance=guidance, scheduler=scheduler)
         desc = pipe.describe()
-        disk = sum(_file_bytes(root, pipe.sessions[c].variant.file) for c in pipe.sessions)
+        disk = sum(_file_bytes(root, f) for c in pipe.sessions for f in pipe.sessions[c].variant.files())
         base = {
             "artifact": str(root), "family": manifest.family, "random_weights": manifest.random_weights,
             "backend": pipe.backend, "device": pipe.device,

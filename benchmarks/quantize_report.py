@@ -44,7 +44,7 @@ def main() -> None:
         root = Path(tmp) / "artifact"
         shutil.copytree(args.artifact, root)
         size = load_manifest(root).sample_size
-        for precision in ("fp16", "int8", "int8-static", "int4"):
+        for precision in ("fp16", "int8", "int8-static", "int4", "nncf-int8", "nncf-hybrid"):
             settings = GateSettings(evaluate_shapes=shapes, size=size)
             try:
                 quantize_artifact(root, precision, force=True, settings=settings)
@@ -65,7 +65,7 @@ def main() -> None:
                     acc_s += f" (fp32 {ref['color']:.2f} / {ref['background']:.2f} / {ref['shape']:.2f})"
                 speed = []
                 for backend in ("onnxruntime", "openvino"):
-                    if comp in STAGE:
+                    if comp in STAGE and (not v.backends or backend in v.backends):
                         base = step_time(root, comp, "fp32", backend, size)
                         speed.append(f"{step_time(root, comp, prec, backend, size) / base:.2f}x")
                     else:

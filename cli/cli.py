@@ -82,7 +82,7 @@ def export(
 @app.command()
 def quantize(
     artifact: Path = typer.Argument(..., help="artifact folder (variants are added into it)"),
-    precision: str = typer.Option(..., "--precision", "-p", help="fp16, int8, int8-static or int4"),
+    precision: str = typer.Option(..., "--precision", "-p", help="fp16, int8, int8-static, int4, or (OpenVINO IR, needs nncf) nncf-int8, nncf-hybrid"),
     components: Optional[str] = typer.Option(None, help="comma-separated, e.g. unet,text_encoder (default: the ones the precision suits)"),
     force: bool = typer.Option(False, "--force", help="add a variant even when it measures below the quality gate"),
     min_psnr: float = typer.Option(20.0, help="gate: mean PSNR (dB) of the prompt set's images vs fp32"),

@@ -26,7 +26,7 @@ import torch
 
 from edgediff.runtime.manifest import TensorSpec, Variant
 
-from .onnx_io import save_onnx
+from .onnx_io import consolidate_external_data, save_onnx
 
 OPSET = 17
 
@@ -54,6 +54,21 @@ class _TextEncoder(torch.nn.Module):
         return self.text_encoder(input_ids, return_dict=False)[0]
 
 
+class _PenultimateTextEncoder(torch.nn.Module):
+    """SDXL's conditioning: the penultimate layer's hidden states (and, for the second encoder, the pooled projection)."""
+
+    def __init__(self, text_encoder, pooled: bool):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.pooled = pooled
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+        if self.pooled:
+            return out.hidden_states[-2], out.text_embeds
+        return out.hidden_states[-2]
+
+
 class _UNet(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
@@ -61,6 +76,18 @@ class _UNet(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class _UNetXL(torch.nn.Module):
+    """SDXL's UNet: ``text_time`` added conditioning (pooled text embedding and the six size/crop ids)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        cond = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
 
 
 class _VaeDecoder(torch.nn.Module):
@@ -90,20 +117,38 @@ def _gen(seed: int) -> torch.Generator:
 
 def text_encoder_contract(text_encoder, max_length: int) -> Contract:
     hidden = text_encoder.config.hidden_size
-    vocab = text_encoder.config.vocab_size
+    return Contract(
+        "text_encoder",
+        _TextEncoder(text_encoder),
+        (TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+        (TensorSpec("last_hidden_state", "float32", ("batch", "sequence", hidden)),),
+        _token_sample(text_encoder.config.vocab_size, max_length),
+    )
 
+
+def _token_sample(vocab: int, max_length: int):
     def sample():
         ids = torch.randint(0, vocab - 2, (2, max_length), generator=_gen(0))
         ids[:, 0] = vocab - 2  # <|startoftext|>
         ids[:, -5:] = vocab - 1  # <|endoftext|> and padding
         return (ids,)
 
+    return sample
+
+
+def xl_text_encoder_contract(text_encoder, max_length: int, name: str) -> Contract:
+    """SDXL's text encoders: penultimate hidden states; the second one also its pooled projection."""
+    hidden = text_encoder.config.hidden_size
+    pooled = name == "text_encoder_2"
+    outputs = (TensorSpec("penultimate_hidden_state", "float32", ("batch", "sequence", hidden)),)
+    if pooled:
+        outputs += (TensorSpec("text_embeds", "float32", ("batch", text_encoder.config.projection_dim)),)
     return Contract(
-        "text_encoder",
-        _TextEncoder(text_encoder),
+        name,
+        _PenultimateTextEncoder(text_encoder, pooled),
         (TensorSpec("input_ids", "int64", ("batch", "sequence")),),
-        (TensorSpec("last_hidden_state", "float32", ("batch", "sequence", hidden)),),
-        sample,
+        outputs,
+        _token_sample(text_encoder.config.vocab_size, max_length),
     )
 
 
@@ -115,22 +160,33 @@ def unet_contract(unet, latent_size: int) -> Contract:
     # VAE does (multiples of 8 pixels), not only multiples of 64.
     h, w = latent_size + 1, latent_size + 3
 
+    xl = c.addition_embed_type == "text_time"
+    if c.addition_embed_type not in (None, "text_time"):
+        raise ExportError(f"UNet addition_embed_type {c.addition_embed_type!r} is not supported (SD 1.x/2.x: none, SDXL: text_time)")
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim if xl else 0
+
     def sample():
         g = _gen(1)
-        return (
+        args = (
             torch.randn(2, in_ch, h, w, generator=g),
             torch.tensor([981.0, 981.0]),
             torch.randn(2, 77, ctx, generator=g),
         )
+        if xl:
+            args += (torch.randn(2, pooled, generator=g), torch.tensor([[8.0 * h, 8.0 * w, 0, 0, 8.0 * h, 8.0 * w]] * 2))
+        return args
 
+    inputs = (
+        TensorSpec("sample", "float32", ("batch", in_ch, "height", "width")),
+        TensorSpec("timestep", "float32", ("batch",)),
+        TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", ctx)),
+    )
+    if xl:
+        inputs += (TensorSpec("text_embeds", "float32", ("batch", pooled)), TensorSpec("time_ids", "float32", ("batch", 6)))
     return Contract(
         "unet",
-        _UNet(unet),
-        (
-            TensorSpec("sample", "float32", ("batch", in_ch, "height", "width")),
-            TensorSpec("timestep", "float32", ("batch",)),
-            TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", ctx)),
-        ),
+        _UNetXL(unet) if xl else _UNet(unet),
+        inputs,
         (TensorSpec("out_sample", "float32", ("batch", out_ch, "height", "width")),),
         sample,
     )
@@ -170,8 +226,14 @@ def _dynamic_axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:
     return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in specs}
 
 
-def export_component(contract: Contract, out_dir: Path, progress: Callable[[str], Any] = lambda s: None) -> Variant:
-    """Export ``contract`` to ``out_dir/<name>/model.onnx``, check parity, return its manifest entry."""
+def export_component(contract: Contract, out_dir: Path, progress: Callable[[str], Any] = lambda s: None,
+                     release: Callable[[], None] | None = None) -> Variant:
+    """Export ``contract`` to ``out_dir/<name>/model.onnx``, check parity, return its manifest entry.
+
+    ``release`` drops the caller's references to the PyTorch module once it
+    has been traced and run, so the parity check's ONNX Runtime session does
+    not sit beside it in memory (an SDXL UNet is 10 GB in fp32).
+    """
     import onnx
 
     comp_dir = out_dir / contract.name
@@ -193,37 +255,46 @@ def export_component(contract: Contract, out_dir: Path, progress: Callable[[str]
             do_constant_folding=True,
         )
         reference = contract.module(*args)
+    references = reference if isinstance(reference, tuple) else (reference,)
+    if release is not None:
+        contract.module = None
+        release()
+        gc.collect()
     # Re-save in one layout: a single file below the protobuf limit, else one
-    # external data file beside it.
-    model = onnx.load(str(path), load_external_data=True)
-    for f in comp_dir.iterdir():
-        if f != path:
-            f.unlink()
-    size = save_onnx(model, path)
-    del model
+    # external data file beside it (gathered tensor by tensor: no second copy in memory).
+    if any(f != path for f in comp_dir.iterdir()):
+        size = consolidate_external_data(path)
+    else:
+        model = onnx.load(str(path))
+        size = save_onnx(model, path)
+        del model
     gc.collect()
     progress(f"checking {contract.name} against PyTorch")
-    quality = check_parity(path, contract, args, reference.numpy())
+    quality = check_parity(path, contract, args, [r.numpy() for r in references])
     return Variant("fp32", f"{contract.name}/model.onnx", size, contract.inputs, contract.outputs, quality)
 
 
-def check_parity(path: Path, contract: Contract, args, reference: np.ndarray) -> dict[str, Any]:
+def check_parity(path: Path, contract: Contract, args, references: list[np.ndarray]) -> dict[str, Any]:
+    """Run the ONNX graph on the sample inputs; every output must match PyTorch's (the first is reported)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = os.cpu_count() or 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     feeds = {t.name: a.numpy() for t, a in zip(contract.inputs, args)}
-    (out,) = sess.run(None, feeds)
+    outs = sess.run([t.name for t in contract.outputs], feeds)
     del sess
-    if out.shape != reference.shape:
-        raise ExportError(f"{contract.name}: ONNX output shape {out.shape} differs from PyTorch {reference.shape}")
-    err = float(np.abs(out - reference).max())
-    scale = float(np.abs(reference).max()) or 1.0
-    rel = err / scale
-    if not np.isfinite(err) or rel > contract.max_rel_err:
-        raise ExportError(
-            f"{contract.name}: ONNX differs from PyTorch by {err:.3g} (relative {rel:.3g}, "
-            f"limit {contract.max_rel_err:g}); the export is wrong, refusing to write it"
-        )
-    return {"parity_vs_torch": {"max_abs_err": err, "max_rel_err": rel, "shape": list(reference.shape)}}
+    figures = []
+    for spec, out, reference in zip(contract.outputs, outs, references):
+        if out.shape != reference.shape:
+            raise ExportError(f"{contract.name}: ONNX output {spec.name} shape {out.shape} differs from PyTorch {reference.shape}")
+        err = float(np.abs(out - reference).max())
+        scale = float(np.abs(reference).max()) or 1.0
+        rel = err / scale
+        if not np.isfinite(err) or rel > contract.max_rel_err:
+            raise ExportError(
+                f"{contract.name}: ONNX output {spec.name} differs from PyTorch by {err:.3g} (relative {rel:.3g}, "
+                f"limit {contract.max_rel_err:g}); the export is wrong, refusing to write it"
+            )
+        figures.append({"max_abs_err": err, "max_rel_err": rel, "shape": list(reference.shape)})
+    return {"parity_vs_torch": figures[0] | ({"outputs": figures} if len(figures) > 1 else {})}

@@ -47,7 +47,8 @@ def load_source(source: str, config: str | None = None):
         # diffusers reads the original SD key layout; the component configs come
         # from `config` (a local diffusers folder or hub id) or are inferred.
         kwargs: dict[str, Any] = {"config": config, **fp32} if config else fp32
-        return diffusers.StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        cls = diffusers.StableDiffusionXLPipeline if _single_file_is_xl(path) else diffusers.StableDiffusionPipeline
+        return cls.from_single_file(str(path), **kwargs)
     if path.exists():
         raise ExportError(f"{source} is neither a diffusers folder nor a {'/'.join(SINGLE_FILE_SUFFIXES)} file")
     if source.count("/") != 1:
@@ -58,9 +59,18 @@ def load_source(source: str, config: str | None = None):
     return diffusers.DiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False, **fp32)
 
 
-def family_of(pipe) -> str:
-    ctx = pipe.unet.config.cross_attention_dim
-    return {768: "sd1", 1024: "sd2"}.get(ctx, "sd")
+def _single_file_is_xl(path: Path) -> bool:
+    """SDXL checkpoints in the original layout carry a second text encoder under ``conditioner.embedders.1``."""
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+
+
+def is_xl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None and pipe.unet.config.addition_embed_type == "text_time"
 
 
 def _versions() -> dict[str, str]:
@@ -99,9 +109,14 @@ def export_artifact(
         raise ExportError("the artifact folder cannot be the source folder")
     progress(f"loading {source}")
     pipe = load_source(str(source), config)
-    for name in ("text_encoder", "unet", "vae", "tokenizer", "scheduler"):
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    for name in ("text_encoder", "unet", "vae", "tokenizer", "scheduler") + (("tokenizer_2",) if xl else ()):
         if getattr(pipe, name, None) is None:
-            raise ExportError(f"{source} has no {name}; edgediff exports Stable Diffusion 1.x/2.x checkpoints")
+            raise ExportError(f"{source} has no {name}; edgediff exports Stable Diffusion 1.x/2.x and SDXL checkpoints")
+    if xl and not is_xl(pipe):
+        raise ExportError(f"{source} has a second text encoder but its UNet lacks SDXL's text_time conditioning")
+    if xl:
+        pipe.text_encoder_2.eval()
     pipe.text_encoder.eval()
     pipe.unet.eval()
     pipe.vae.eval()
@@ -112,38 +127,55 @@ def export_artifact(
         vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         latent = int(pipe.unet.config.sample_size)
         max_length = int(pipe.tokenizer.model_max_length)
-        contracts = [
-            lambda: C.text_encoder_contract(pipe.text_encoder, max_length),
+        text_contracts = [
+            lambda: C.xl_text_encoder_contract(pipe.text_encoder, max_length, "text_encoder"),
+            lambda: C.xl_text_encoder_contract(pipe.text_encoder_2, int(pipe.tokenizer_2.model_max_length), "text_encoder_2"),
+        ] if xl else [lambda: C.text_encoder_contract(pipe.text_encoder, max_length)]
+        contracts = text_contracts + [
             lambda: C.unet_contract(pipe.unet, min(latent, 64)),
             lambda: C.vae_decoder_contract(pipe.vae, min(latent, 64)),
             lambda: C.vae_encoder_contract(pipe.vae, min(latent, 64) * vae_scale),
         ]
+        # what the manifest needs, read before the modules are dropped one by one
+        configs = {name: getattr(pipe, name).config for name in ("text_encoder", "unet", "vae") + (("text_encoder_2",) if xl else ())}
+        # each PyTorch module is dropped once its last graph is traced (vae_decoder and vae_encoder share the VAE)
+        last_user = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet", "vae_encoder": "vae"}
         components = {}
         for make in contracts:
             t0 = time.perf_counter()
             contract = make()
-            variant = C.export_component(contract, tmp, progress)
+            owner = last_user.get(contract.name)
+            release = (lambda o=owner: setattr(pipe, o, None)) if owner else None
+            variant = C.export_component(contract, tmp, progress, release=release)
             variant.quality["export_seconds"] = round(time.perf_counter() - t0, 2)
             components[contract.name] = {"fp32": variant}
             del contract
             gc.collect()
 
         pipe.tokenizer.backend_tokenizer.save(str(_mkdir(tmp / "tokenizer") / "tokenizer.json"))
+        text_2 = None
+        if xl:
+            pipe.tokenizer_2.backend_tokenizer.save(str(_mkdir(tmp / "tokenizer_2") / "tokenizer.json"))
+            text_2 = {"max_length": int(pipe.tokenizer_2.model_max_length),
+                      "hidden_size": int(configs["text_encoder_2"].hidden_size),
+                      "pad_token_id": int(pipe.tokenizer_2.pad_token_id), "tokenizer": "tokenizer_2/tokenizer.json"}
         sched_config = dict(pipe.scheduler.config)
         sched_config["_class_name"] = type(pipe.scheduler).__name__
         (_mkdir(tmp / "scheduler") / "scheduler_config.json").write_text(json.dumps(sched_config, indent=2, default=list))
 
         manifest = Manifest(
-            family=family_of(pipe),
+            family="sdxl" if xl else {768: "sd1", 1024: "sd2"}.get(configs["unet"].cross_attention_dim, "sd"),
             prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
             sample_size=latent * vae_scale,
             vae_scale_factor=vae_scale,
-            latent_channels=int(pipe.vae.config.latent_channels),
-            unet_in_channels=int(pipe.unet.config.in_channels),
-            scaling_factor=float(pipe.vae.config.scaling_factor),
-            shift_factor=float(getattr(pipe.vae.config, "shift_factor", None) or 0.0),
+            latent_channels=int(configs["vae"].latent_channels),
+            unet_in_channels=int(configs["unet"].in_channels),
+            scaling_factor=float(configs["vae"].scaling_factor),
+            shift_factor=float(getattr(configs["vae"], "shift_factor", None) or 0.0),
             text_max_length=max_length,
-            text_hidden_size=int(pipe.text_encoder.config.hidden_size),
+            text_hidden_size=int(configs["text_encoder"].hidden_size),
+            text_2=text_2,
+            force_zeros_for_empty_prompt=bool(xl and pipe.config.get("force_zeros_for_empty_prompt", True)),
             pad_token_id=int(pipe.tokenizer.pad_token_id),
             scheduler=default_scheduler_name(sched_config),
             components=components,

@@ -1,11 +1,11 @@
 """Checkpoints built from configs with seeded random weights.
 
-``sd15``, ``sd21`` and ``sd-turbo`` are architecture-exact Stable Diffusion 1.5, 2.1 and SD-Turbo
+``sd15``, ``sd21``, ``sd-turbo`` and ``sdxl`` are architecture-exact Stable Diffusion 1.5, 2.1, SD-Turbo and SDXL base
 (text encoder, UNet and VAE of the published configs): dense compute makes
 their latency that of the real models, without downloading gigabytes. They
 are marked ``random_weights`` in the manifest: not for images.
 
-``tiny-sd1`` and ``tiny-sd2-v`` are the test models: the real Stable Diffusion
+``tiny-sd1``, ``tiny-sd2-v`` and ``tiny-sdxl`` are the test models: the real Stable Diffusion
 classes (CLIPTextModel, UNet2DConditionModel with cross-attention,
 AutoencoderKL with a downsampling factor of 8) at toy widths, with the real
 CLIP tokenizer. Their images are noise; they exist to prove the export and
@@ -28,6 +28,18 @@ PNDM_SD1 = {
     "skip_prk_steps": True,
     "steps_offset": 1,
     "clip_sample": False,
+}
+
+EULER_SDXL = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
 }
 
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
@@ -57,6 +69,23 @@ RECIPES: dict[str, dict[str, Any]] = {
         "scheduler": ("EulerAncestralDiscreteScheduler",
                       {**PNDM_SD1, "prediction_type": "epsilon", "timestep_spacing": "trailing"}),
         "pad_token": "!",
+    },
+    "sdxl": {  # SDXL base 1.0: CLIP ViT-L + OpenCLIP bigG, 2.6B-parameter UNet at 1024x1024
+        "arch": "sdxl",
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "hidden_act": "quick_gelu", "projection_dim": 768},
+        "text_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+                   "hidden_act": "gelu", "projection_dim": 1280},
+        "unet": {"sample_size": 128, "block_out_channels": (320, 640, 1280), "layers_per_block": 2,
+                 "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 "attention_head_dim": (5, 10, 20), "transformer_layers_per_block": (1, 2, 10),
+                 "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                 "projection_class_embeddings_input_dim": 2816},
+        "vae": {**SD_VAE, "scaling_factor": 0.13025, "force_upcast": True},
+        "scheduler": ("EulerDiscreteScheduler", {**EULER_SDXL}),
+        "pad_token": "<|endoftext|>",
+        "pad_token_2": "!",
     },
     "tiny-sd1": {
         "text": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4},
@@ -90,6 +119,24 @@ RECIPES: dict[str, dict[str, Any]] = {
         "scheduler": ("DDIMScheduler", {**PNDM_SD1, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
         "pad_token": "!",
     },
+    "tiny-sdxl": {  # the SDXL pipeline's shapes at toy widths (two text encoders, text_time conditioning)
+        "arch": "sdxl",
+        "text": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 3, "num_attention_heads": 4,
+                 "hidden_act": "gelu", "projection_dim": 32},
+        "text_2": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 3, "num_attention_heads": 4,
+                   "hidden_act": "gelu", "projection_dim": 32},
+        "unet": {"sample_size": 8, "block_out_channels": (32, 64), "layers_per_block": 1,
+                 "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+                 "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+                 "attention_head_dim": (2, 4), "transformer_layers_per_block": (1, 2), "use_linear_projection": True,
+                 "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                 "projection_class_embeddings_input_dim": 80, "norm_num_groups": 16},  # 6 * 8 + 32
+        "vae": {"block_out_channels": (16, 16, 32, 32), "layers_per_block": 1, "norm_num_groups": 8,
+                "scaling_factor": 0.13025},
+        "scheduler": ("EulerDiscreteScheduler", {**EULER_SDXL}),
+        "pad_token": "<|endoftext|>",
+        "pad_token_2": "!",
+    },
 }
 
 
@@ -97,28 +144,34 @@ def build_pipeline(recipe: str, out_dir: str | Path, seed: int = 0, inpainting: 
     """Build ``recipe`` with seeded random weights and save it as a diffusers folder."""
     import diffusers
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
     r = RECIPES[recipe]
+    xl = r.get("arch") == "sdxl"
+    if xl and inpainting:
+        raise ValueError("the sdxl recipes have no inpainting variant")
     out_dir = Path(out_dir)
     tokenizer = build_clip_tokenizer(out_dir / "tokenizer", pad_token=r["pad_token"])
 
+    def text_config(tok, arch):
+        return CLIPTextConfig(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **arch)
+
     torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **r["text"],
-    )
-    text_encoder = CLIPTextModel(text_config).eval()
+    text_encoder = CLIPTextModel(text_config(tokenizer, r["text"])).eval()
+    extra: dict[str, Any] = {}
+    context = r["text"]["hidden_size"]
+    if xl:
+        tokenizer_2 = build_clip_tokenizer(out_dir / "tokenizer_2", pad_token=r["pad_token_2"])
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, r["text_2"])).eval()
+        extra = {"text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2}
+        context += r["text_2"]["hidden_size"]
     unet = diffusers.UNet2DConditionModel(
         in_channels=9 if inpainting else 4,
         out_channels=4,
-        cross_attention_dim=r["text"]["hidden_size"],
+        cross_attention_dim=context,
         **r["unet"],
     ).eval()
     n = len(r["vae"]["block_out_channels"])
@@ -135,6 +188,11 @@ def build_pipeline(recipe: str, out_dir: str | Path, seed: int = 0, inpainting: 
         _perturb_zero_init(unet)
     sched_cls, sched_cfg = r["scheduler"]
     scheduler = getattr(diffusers, sched_cls).from_config(sched_cfg)
+    if xl:
+        pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                                   scheduler=scheduler, **extra)
+        pipe.save_pretrained(out_dir)
+        return out_dir
     pipe_cls = diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
     pipe = pipe_cls(
         vae=vae,

@@ -12,6 +12,12 @@ Each method is ONNX Runtime's own tooling, not a hand-written converter:
   Attention score MatMuls (both inputs activations), the first and the last
   convolution stay in float.
 - ``int4``: ``MatMulNBitsQuantizer`` (block-wise int4 weights for MatMul).
+- ``nncf-int8`` and ``nncf-hybrid`` (OpenVINO only, saved as OpenVINO IR): NNCF
+  post-training quantization calibrated on the same recorded UNet inputs.
+  ``nncf-int8`` quantizes weights and activations of every Conv/MatMul (model
+  type TRANSFORMER: NNCF keeps the softmax/normalisation paths in float);
+  ``nncf-hybrid`` is Optimum Intel's hybrid mode for diffusion UNets: int8
+  weight-only for the linear layers, full int8 for convolutions and attention.
 
 Every candidate is measured before it is accepted: the final images of a
 fixed prompt set and seeds, with only that component swapped, against the
@@ -40,12 +46,16 @@ from edgediff.runtime.manifest import MANIFEST_FILE, Manifest, Variant, load_man
 
 from .metrics import psnr, ssim
 
-PRECISIONS = ("fp16", "int8", "int8-static", "int4")
+PRECISIONS = ("fp16", "int8", "int8-static", "int4", "nncf-int8", "nncf-hybrid")
+NNCF_PRECISIONS = ("nncf-int8", "nncf-hybrid")  # OpenVINO IR variants
+CALIBRATED = ("int8-static",) + NNCF_PRECISIONS  # need recorded UNet inputs
 DEFAULT_COMPONENTS = {
-    "fp16": ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
-    "int8": ("text_encoder", "unet"),
+    "fp16": ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"),
+    "int8": ("text_encoder", "text_encoder_2", "unet"),
     "int8-static": ("unet",),
-    "int4": ("text_encoder", "unet"),
+    "int4": ("text_encoder", "text_encoder_2", "unet"),
+    "nncf-int8": ("unet",),
+    "nncf-hybrid": ("unet",),
 }
 # Kept in fp32 by the fp16 conversion: where activations overflow fp16 or lose
 # the precision normalisation needs (the VAE's group norms, attention softmax).
@@ -86,7 +96,7 @@ class GateSettings:
 
 
 def _variant_file(component: str, precision: str) -> str:
-    return f"{component}/model.{precision}.onnx"
+    return f"{component}/model.{precision}.{'xml' if precision in NNCF_PRECISIONS else 'onnx'}"
 
 
 # ---------------------------------------------------------------------------
@@ -171,6 +181,35 @@ def quantize_int8_static(src: Path, dst: Path, calibration: list[dict[str, np.nd
                            "ops_not_quantized": "Softmax, normalisations, activations (only Conv/MatMul/Gemm are)"}}
 
 
+def quantize_nncf(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], hybrid: bool) -> dict[str, Any]:
+    """NNCF post-training quantization of an ONNX graph into OpenVINO IR (``dst`` .xml + .bin)."""
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+
+    model = ov.Core().read_model(str(src))
+    dataset = nncf.Dataset(calibration)
+    common = dict(model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+    if hybrid:
+        # Optimum Intel's hybrid mode: linear layers (MatMul with a constant
+        # operand) int8 weight-only; convolutions and the attention MatMuls
+        # quantized fully (weights and activations) on the calibration data.
+        linear = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"
+                  and any(op.input_value(i).get_node().get_type_name() == "Constant" for i in (0, 1))]
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                      ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
+        model = nncf.quantize(model, dataset, ignored_scope=nncf.IgnoredScope(names=linear),
+                              advanced_parameters=AdvancedQuantizationParameters(smooth_quant_alpha=-1), **common)
+        method = {"weights": "int8 asymmetric weight-only for linear layers", "activations":
+                  "int8 for convolutions and attention", "linear_layers_weight_only": len(linear)}
+    else:
+        model = nncf.quantize(model, dataset, **common)
+        method = {"weights": "int8", "activations": "int8 (every Conv/MatMul NNCF's TRANSFORMER scheme quantizes)"}
+    ov.save_model(model, str(dst), compress_to_fp16=False)
+    return {"tool": f"nncf {nncf.__version__} ({'hybrid: compress_weights + quantize' if hybrid else 'quantize'})",
+            "format": "OpenVINO IR", "backends": ["openvino"], "calibration_samples": len(calibration)} | method
+
+
 def _big(path: Path) -> bool:
     return Path(str(path) + ".data").exists() or Path(path).stat().st_size > 1_800_000_000
 
@@ -212,29 +251,32 @@ def _generate(pipe: Pipeline, settings: GateSettings) -> list[np.ndarray]:
 
 def measure(root: Path, manifest: Manifest, component: str, precision: str, settings: GateSettings) -> dict[str, Any]:
     """Images with ``component`` at ``precision`` (the rest fp32) against the fp32 images."""
-    load = dict(backend=settings.backend, device="cpu", threads=settings.threads, ov_precision="f32")
-    if "fp32" not in settings.images:
-        settings.images["fp32"] = _generate(Pipeline.load(root, manifest=manifest, **load), settings)
+    variant = manifest.variant(component, precision)
+    backend = variant.backends[0] if variant.backends and settings.backend not in variant.backends else settings.backend
+    load = dict(backend=backend, device="cpu", threads=settings.threads, ov_precision="f32")
+    ref_key = f"fp32:{backend}"  # the reference comes from the same backend as the candidate
+    if ref_key not in settings.images:
+        settings.images[ref_key] = _generate(Pipeline.load(root, manifest=manifest, **load), settings)
     t0 = time.perf_counter()
     pipe = Pipeline.load(root, manifest=manifest, precision={component: precision}, **load)
     if component == "vae_encoder":
         # txt2img does not use the encoder: compare encode -> decode round trips of the reference images
         fp32 = Pipeline.load(root, manifest=manifest, **load)
-        refs = settings.images["fp32"]
+        refs = settings.images[ref_key]
         batch = np.stack([from_pil(Image.fromarray(r)) for r in refs])
         images = [np.asarray(to_pil(d)) for d in pipe.decode(pipe.encode(batch)[0])]
         settings.images["vae_roundtrip"] = [np.asarray(to_pil(d)) for d in fp32.decode(fp32.encode(batch)[0])]
         ref_images = settings.images["vae_roundtrip"]
     else:
         images = _generate(pipe, settings)
-        ref_images = settings.images["fp32"]
+        ref_images = settings.images[ref_key]
     result: dict[str, Any] = {
         "vs": "fp32",
         "psnr_db": round(float(np.mean([psnr(a, b) for a, b in zip(images, ref_images)])), 2),
         "ssim": round(float(np.mean([ssim(a, b) for a, b in zip(images, ref_images)])), 4),
         "images": len(images),
         "steps": settings.steps,
-        "backend": settings.backend,
+        "backend": backend,
         "generate_seconds": round(time.perf_counter() - t0, 2),
     }
     if settings.evaluate_shapes and component != "vae_encoder":
@@ -291,8 +333,14 @@ def quantize_artifact(
     for comp in components:
         if comp not in manifest.components:
             raise ValueError(f"the artifact has no {comp}; it has: {', '.join(manifest.components)}")
-        if precision == "int8-static" and comp != "unet":
-            raise ValueError("int8-static is calibrated on the UNet's inputs: use --components unet")
+        if precision in CALIBRATED and comp != "unet":
+            raise ValueError(f"{precision} is calibrated on the UNet's inputs: use --components unet")
+    if precision in NNCF_PRECISIONS:
+        import importlib.util
+
+        missing = [m for m in ("nncf", "openvino") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"{precision} needs {' and '.join(missing)}: pip install 'edgediff[openvino,quantize]'")
     gate = gate or Gate()
     settings = settings or GateSettings()
     settings.size = settings.size or manifest.sample_size
@@ -301,7 +349,7 @@ def quantize_artifact(
     for comp in components:
         src = root / manifest.variant(comp, "fp32").file
         dst = root / _variant_file(comp, precision)
-        partial = dst.with_name(dst.name.replace(".onnx", ".partial.onnx"))
+        partial = dst.with_suffix(".partial" + dst.suffix)
         progress(f"{comp}: converting to {precision}")
         try:
             if precision == "fp16":
@@ -313,9 +361,14 @@ def quantize_artifact(
             else:
                 progress("unet: recording calibration inputs along denoising runs")
                 fp32 = Pipeline.load(root, manifest=manifest, backend="onnxruntime", device="cpu", threads=settings.threads)
-                method = quantize_int8_static(src, partial, record_unet_inputs(fp32, settings))
+                calibration = record_unet_inputs(fp32, settings)
+                del fp32
+                if precision == "int8-static":
+                    method = quantize_int8_static(src, partial, calibration)
+                else:
+                    method = quantize_nncf(src, partial, calibration, hybrid=precision == "nncf-hybrid")
             candidate = replace(manifest.variant(comp, "fp32"), precision=precision, file=str(partial.relative_to(root)),
-                                bytes=_size(partial), quality={})
+                                bytes=_size(partial), quality={}, backends=tuple(method.get("backends", ())))
             trial = _with_variant(manifest, comp, candidate)
             progress(f"{comp} {precision}: measuring against fp32")
             try:
@@ -337,7 +390,7 @@ def quantize_artifact(
             _save_manifest(manifest, root)
             results[comp] = final.quality
         finally:
-            for leftover in (partial, Path(str(partial) + ".data")):
+            for leftover in (partial, Path(str(partial) + ".data"), partial.with_suffix(".bin")):
                 if leftover.exists():
                     leftover.unlink()
     if refused:
@@ -348,12 +401,16 @@ def quantize_artifact(
 
 
 def _size(path: Path) -> int:
-    data = Path(str(path) + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    extra = [Path(str(path) + ".data"), path.with_suffix(".bin") if path.suffix == ".xml" else None]
+    return path.stat().st_size + sum(p.stat().st_size for p in extra if p is not None and p.exists())
 
 
 def _move(partial: Path, dst: Path) -> None:
     """Rename the candidate (and its external data, renamed inside the graph) into place."""
+    if partial.suffix == ".xml":  # OpenVINO IR: the .xml finds its weights by name, <stem>.bin
+        os.replace(partial.with_suffix(".bin"), dst.with_suffix(".bin"))
+        os.replace(partial, dst)
+        return
     data = Path(str(partial) + ".data")
     if not data.exists():
         os.replace(partial, dst)
@@ -388,6 +445,6 @@ def remove_variant(root: str | Path, component: str, precision: str) -> None:
     comps = {c: dict(v) for c, v in manifest.components.items()}
     del comps[component][precision]
     _save_manifest(replace(manifest, components=comps), root)
-    for f in (root / variant.file, Path(str(root / variant.file) + ".data")):
+    for f in [root / f for f in variant.files()] + [Path(str(root / variant.file) + ".data")]:
         if f.exists():
             f.unlink()

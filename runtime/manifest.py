@@ -7,6 +7,7 @@ One canonical name per component, used by export, quantize, runtime and bench::
       tokenizer/tokenizer.json
       scheduler/scheduler_config.json
       text_encoder/model.onnx   unet/model.onnx   vae_decoder/model.onnx   vae_encoder/model.onnx
+      tokenizer_2/tokenizer.json  text_encoder_2/model.onnx     (SDXL: its second text encoder)
 
 Each component lists its variants by precision (``fp32`` from export; ``fp16``,
 ``int8``... added later by ``edgediff quantize``), each with its file, size,
@@ -23,7 +24,7 @@ from typing import Any
 FORMAT_NAME = "edgediff-artifact"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -54,15 +55,25 @@ class Variant:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     quality: dict[str, Any] = field(default_factory=dict)  # parity / quality figures
+    # backends that can run the file; empty = all (ONNX). OpenVINO IR variants
+    # made with NNCF (``file`` ends in .xml, weights in the .bin beside it) say ("openvino",).
+    backends: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "file": self.file,
             "bytes": self.bytes,
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
             "quality": self.quality,
         }
+        if self.backends:
+            d["backends"] = list(self.backends)
+        return d
+
+    def files(self) -> list[str]:
+        """Every file the variant needs, relative to the root (an IR's .bin beside its .xml)."""
+        return [self.file, str(Path(self.file).with_suffix(".bin"))] if self.file.endswith(".xml") else [self.file]
 
     @classmethod
     def from_json(cls, precision: str, d: dict[str, Any]) -> Variant:
@@ -73,6 +84,7 @@ class Variant:
             tuple(TensorSpec.from_json(t) for t in d["inputs"]),
             tuple(TensorSpec.from_json(t) for t in d["outputs"]),
             dict(d.get("quality", {})),
+            tuple(d.get("backends", ())),
         )
 
 
@@ -93,7 +105,15 @@ class Manifest:
     provenance: dict[str, Any] = field(default_factory=dict)
     random_weights: bool = False
     shift_factor: float = 0.0
+    # SDXL: the second text encoder's tokenizer and sizes (keys as in ``text``),
+    # and whether an absent negative prompt means zero embeddings
+    text_2: dict[str, Any] | None = None
+    force_zeros_for_empty_prompt: bool = False
     format_version: int = FORMAT_VERSION
+
+    @property
+    def is_xl(self) -> bool:
+        return self.text_2 is not None
 
     tokenizer_file = "tokenizer/tokenizer.json"
     scheduler_file = "scheduler/scheduler_config.json"
@@ -126,6 +146,8 @@ class Manifest:
                 "pad_token_id": self.pad_token_id,
                 "tokenizer": self.tokenizer_file,
             },
+            **({"text_2": self.text_2, "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt}
+               if self.text_2 is not None else {}),
             "scheduler": {"default": self.scheduler, "config": self.scheduler_file},
             "random_weights": self.random_weights,
             "components": {
@@ -190,8 +212,9 @@ def load_manifest(root: str | Path) -> Manifest:
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{path}: components.{name} has a malformed variant ({e!r})") from e
         for v in components[name].values():
-            if not (root / v.file).is_file():
-                raise ArtifactError(f"{root / v.file} is missing ({name} {v.precision}); the artifact is incomplete")
+            for f in v.files():
+                if not (root / f).is_file():
+                    raise ArtifactError(f"{root / f} is missing ({name} {v.precision}); the artifact is incomplete")
     m = Manifest(
         family=_require(d, "family", str),
         prediction_type=prediction,
@@ -210,7 +233,15 @@ def load_manifest(root: str | Path) -> Manifest:
         random_weights=bool(d.get("random_weights", False)),
         format_version=version,
     )
-    for rel in (m.tokenizer_file, m.scheduler_file):
+    if "text_2" in d or "text_encoder_2" in components:
+        text_2 = _require(d, "text_2", dict)
+        for key, kind in (("max_length", int), ("hidden_size", int), ("pad_token_id", int), ("tokenizer", str)):
+            _require(text_2, key, kind, " text_2")
+        if "text_encoder_2" not in components:
+            raise ArtifactError(f"{path} has text_2 but lists no text_encoder_2 component")
+        m.text_2 = dict(text_2)
+        m.force_zeros_for_empty_prompt = bool(d.get("force_zeros_for_empty_prompt", False))
+    for rel in (m.tokenizer_file, m.scheduler_file) + ((m.text_2["tokenizer"],) if m.text_2 else ()):
         if not (root / rel).is_file():
             raise ArtifactError(f"{root / rel} is missing; the artifact is incomplete")
     return m

@@ -100,13 +100,24 @@ class Pipeline:
         self.backend, self.device, self.options = backend, device, options
         self.fallback = fallback
         self.precision = precision
-        self.sessions = {comp: self._open(comp, precision[comp]) for comp in ("text_encoder", "unet", "vae_decoder")}
+        text = ("text_encoder", "text_encoder_2") if manifest.is_xl else ("text_encoder",)
+        self.sessions = {comp: self._open(comp, precision[comp]) for comp in text + ("unet", "vae_decoder")}
         self.scheduler_config = json.loads((root / manifest.scheduler_file).read_text())
         self.tokenizer = PromptTokenizer(root / manifest.tokenizer_file, manifest.text_max_length, manifest.pad_token_id)
+        self.tokenizer_2 = None
+        if manifest.is_xl:
+            t2 = manifest.text_2
+            self.tokenizer_2 = PromptTokenizer(root / t2["tokenizer"], t2["max_length"], t2["pad_token_id"])
         self.last_timings = Timings()
 
     def _open(self, component: str, precision: str) -> Session:
         variant = self.manifest.variant(component, precision)
+        if variant.backends and self.backend not in variant.backends:
+            raise ValueError(
+                f"{component} {precision} ({variant.file}) runs only on {', '.join(variant.backends)}, not on "
+                f"{self.backend}: pass backend='{variant.backends[0]}' (--backend {variant.backends[0]}) or pick "
+                f"another precision for {component}; it has: {', '.join(self.manifest.components[component])}"
+            )
         return open_session(self.root, component, variant, self.backend, self.device, self.options)
 
     @classmethod
@@ -167,8 +178,15 @@ class Pipeline:
             for comp, s in self.sessions.items()
         }
 
-    def encode_prompt(self, prompts: list[str]) -> np.ndarray:
-        return self.sessions["text_encoder"](input_ids=self.tokenizer(prompts))["last_hidden_state"]
+    def encode_prompt(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Prompts -> (the UNet's encoder_hidden_states, SDXL's pooled text embedding or None)."""
+        if not self.manifest.is_xl:
+            return self.sessions["text_encoder"](input_ids=self.tokenizer(prompts))["last_hidden_state"], None
+        # SDXL: both encoders' penultimate layers side by side; the pooled projection of the second
+        first = self.sessions["text_encoder"](input_ids=self.tokenizer(prompts))["penultimate_hidden_state"]
+        second = self.sessions["text_encoder_2"](input_ids=self.tokenizer_2(prompts))
+        self._guard("text_encoder_2", second["text_embeds"])
+        return np.concatenate([first, second["penultimate_hidden_state"]], axis=-1), second["text_embeds"]
 
     def _fallback(self, task: Callable[..., list[Image.Image]], *args, **kwargs) -> list[Image.Image]:
         """Run ``task``; with ``fallback``, redo it with a failing reduced-precision component in fp32."""
@@ -309,13 +327,25 @@ class Pipeline:
         self.last_timings = Timings()
         t0 = time.perf_counter()
         cfg = Guidance(guidance)
-        cond = np.repeat(self.encode_prompt(prompts), num_images, axis=0)
-        uncond = np.repeat(self.encode_prompt(negatives), num_images, axis=0) if cfg.enabled else None
-        context = cfg.embeddings(cond, uncond)
+        cond, pooled = self.encode_prompt(prompts)
+        uncond = uncond_pooled = None
+        if cfg.enabled:
+            if m.force_zeros_for_empty_prompt and negative_prompt is None:  # SDXL: no negative prompt = zeros
+                uncond, uncond_pooled = np.zeros_like(cond), np.zeros_like(pooled)
+            else:
+                uncond, uncond_pooled = self.encode_prompt(negatives)
+        repeat = lambda a: None if a is None else np.repeat(a, num_images, axis=0)  # noqa: E731
+        context = cfg.embeddings(repeat(cond), repeat(uncond))
         self._guard("text_encoder", context)
+        extra = {}
+        if m.is_xl:
+            # SDXL's micro-conditioning: original size, crop top-left, target size (no crop, same size)
+            time_ids = np.array([height, width, 0, 0, height, width], dtype=np.float32)
+            extra = {"text_embeds": cfg.embeddings(repeat(pooled), repeat(uncond_pooled)),
+                     "time_ids": np.tile(time_ids, (len(context), 1))}
         self.last_timings.add("text_encoder", time.perf_counter() - t0)
         shape = (batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
-        return _Job(batch, shape, steps, scheduler, cfg, context, make_rng(rng, seed), num_images, callback)
+        return _Job(batch, shape, steps, scheduler, cfg, context, make_rng(rng, seed), num_images, callback, extra)
 
     def _denoise(self, job: "_Job", sched, x: np.ndarray, start: int, *, extra: np.ndarray | None = None,
                  blend: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -334,7 +364,7 @@ class Pipeline:
             if extra is not None:
                 x_in = np.concatenate([x_in, extra], axis=1)
             timestep = np.full((x_in.shape[0],), sched.timesteps[i], dtype=np.float32)
-            out = unet(sample=x_in, timestep=timestep, encoder_hidden_states=job.context)["out_sample"]
+            out = unet(sample=x_in, timestep=timestep, encoder_hidden_states=job.context, **job.unet_extra)["out_sample"]
             x = sched.step(job.cfg.combine(out), i, x, job.noise).astype(np.float32)
             if blend is not None:
                 mask, known, noise = blend
@@ -382,6 +412,7 @@ class _Job:
     noise: Any
     num_images: int
     callback: Callable[[int, int], None] | None
+    unet_extra: dict[str, np.ndarray] = field(default_factory=dict)  # SDXL: text_embeds, time_ids
 
 
 def start_index(steps: int, strength: float, order: int) -> int:

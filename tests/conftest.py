@@ -64,6 +64,12 @@ def tiny_sd2v(tmp_path_factory) -> tuple[Path, Path]:
     return _build_and_export(tmp_path_factory, "tiny-sd2-v")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> tuple[Path, Path]:
+    """(diffusers folder, artifact folder) of an SDXL-style model (two text encoders, text_time conditioning)."""
+    return _build_and_export(tmp_path_factory, "tiny-sdxl")
+
+
 _PARITY: list[tuple] = []
 
 

@@ -24,7 +24,7 @@ def quantized(tiny_sd1, tmp_path_factory):
     """A copy of the tiny artifact with every precision added through the CLI."""
     root = tmp_path_factory.mktemp("quantized") / "artifact"
     shutil.copytree(tiny_sd1[1], root)
-    for precision in ("fp16", "int8", "int8-static", "int4"):
+    for precision in ("fp16", "int8", "int8-static", "int4", "nncf-int8", "nncf-hybrid"):
         r = run_cli("quantize", str(root), "--precision", precision, "--steps", "4", "--seeds", "1",
                     "--prompts", "a red circle on a blue background|a small green star")
         assert r.exit_code == 0, r.output
@@ -48,6 +48,26 @@ def test_manifest_records_every_variant(quantized):
     assert m.variant("unet", "int8-static").bytes < 0.5 * m.variant("unet").bytes
     assert m.variant("unet", "fp16").bytes < 0.6 * m.variant("unet").bytes
     assert m.variant("unet").quality["parity_vs_torch"]  # originals stay
+    for precision in ("nncf-int8", "nncf-hybrid"):  # OpenVINO IR made by NNCF, calibrated like int8-static
+        v = m.variant("unet", precision)
+        assert v.backends == ("openvino",) and v.file == f"unet/model.{precision}.xml"
+        # int8 weights; on this toy UNet the IR's graph text and float norms weigh more than in a real one
+        assert v.bytes == sum((quantized / f).stat().st_size for f in v.files()) < 0.75 * m.variant("unet").bytes
+        assert v.quality["backend"] == "openvino" and v.quality["gate"]["passed"]
+        assert v.quality["method"]["tool"].startswith("nncf") and v.quality["method"]["calibration_samples"] > 4
+        assert not list(quantized.glob("unet/*partial*"))
+
+
+@pytest.mark.parametrize("precision", ["nncf-int8", "nncf-hybrid"])
+def test_openvino_only_variants(quantized, precision):
+    ref = Pipeline.load(quantized, backend="openvino", device="cpu", ov_precision="f32")
+    pipe = Pipeline.load(quantized, backend="openvino", device="cpu", precision={"unet": precision}, ov_precision="f32")
+    kw = dict(steps=4, seed=3, width=64, height=64)
+    a = np.asarray(ref.txt2img("a red circle", **kw)[0]).astype(float)
+    b = np.asarray(pipe.txt2img("a red circle", **kw)[0]).astype(float)
+    assert 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-9)) > 20
+    with pytest.raises(ValueError, match=f"unet {precision} .* runs only on openvino, not on onnxruntime"):
+        Pipeline.load(quantized, backend="onnxruntime", precision={"unet": precision})
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
