@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -65,6 +66,7 @@ def export(
                 with tempfile.TemporaryDirectory() as tmp:
                     status.update(f"building {random_weights} with random weights (seed {seed})")
                     build_pipeline(random_weights, Path(tmp) / "src", seed=seed)
+                    gc.collect()  # the built modules go before the export loads them again (SDXL: 14 GB)
                     manifest = export_artifact(str(Path(tmp) / "src"), out, force=force, random_weights=True,
                                                source_label=f"random-weights:{random_weights}:seed={seed}",
                                                progress=status.update)

@@ -191,7 +191,7 @@ def build_pipeline(recipe: str, out_dir: str | Path, seed: int = 0, inpainting: 
     if xl:
         pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                                    scheduler=scheduler, **extra)
-        pipe.save_pretrained(out_dir)
+        pipe.save_pretrained(out_dir, max_shard_size="2GB")  # serialised shard by shard: an fp32 SDXL is 14 GB
         return out_dir
     pipe_cls = diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
     pipe = pipe_cls(

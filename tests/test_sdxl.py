@@ -133,3 +133,35 @@ def test_parity_threshold_discriminates(tiny_sdxl):
                                     rng="torch")[0])
     assert other.std() > 10 and 5 < other.mean() < 250
     assert psnr(other, reference(src)[0]) < 30
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_bench_runs_sdxl(tiny_sdxl, tmp_path, backend):
+    rows = tmp_path / "xl.jsonl"
+    r = run_cli("bench", str(tiny_sdxl[1]), "--backend", backend, "--device", "cpu", "--size", "64x64", "--steps", "3",
+                "--runs", "1", "--warmup", "0", "--json", str(rows))
+    assert r.exit_code == 0, r.output
+    row = json.loads(rows.read_text().splitlines()[0])
+    assert row["family"] == "sdxl" and row["backend"] == backend and row["unet_calls"] == 3
+    assert set(row["precision"]) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+    assert row["text_encoder_s"] > 0 and row["disk_bytes"] > sum(
+        (tiny_sdxl[1] / c / "model.onnx").stat().st_size for c in ("text_encoder", "unet"))
+
+
+def test_sdxl_recipe_is_the_published_architecture():
+    """The sdxl recipe's modules, built on the meta device (no 14 GB of weights), have SDXL base 1.0's parameter counts."""
+    import diffusers
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from edgediff.export.recipes import RECIPES
+
+    r = RECIPES["sdxl"]
+    with init_empty_weights():
+        unet = diffusers.UNet2DConditionModel(cross_attention_dim=2048, **r["unet"])
+        te1 = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **r["text"]))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **r["text_2"]))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(unet) == 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0 unet
+    assert count(te1) == 123_060_480 and count(te2) == 694_659_840
+    assert unet.config.sample_size * 8 == 1024 and r["vae"]["scaling_factor"] == 0.13025
