@@ -222,7 +222,7 @@ def run_ours(artifact: Path, size: int, steps: int, threads: int, backend: str, 
     """edgediff's bench in its own process too, so peak memory is this configuration's alone."""
     code = (
         "import json,sys\nfrom edgediff.benchmarks.bench import run_bench\n"
-        f"r = run_bench({str(artifact)!r}, backend={backend!r}, device='cpu', precision={precision!r}, width={size}, "
+        f"r = run_bench({str(artifact)!r}, backend={backend!r}, device='cpu', precision={'unet=' + precision!r}, width={size}, "
         f"height={size}, steps={steps}, runs=1, warmup=0, threads={threads})[0]\nprint(json.dumps(r))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
@@ -281,7 +281,9 @@ def main() -> None:
     a.add_argument("--artifact", type=Path, required=True)
     a.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
     a.add_argument("--sizes", default="512,256")
-    a.add_argument("--ours", default="onnxruntime:fp32,openvino:fp32,onnxruntime:int8-static,openvino:nncf-int8",
+    a.add_argument("--peers", default="diffusers,optimum,ovgenai", help="peers to run ('' for none)")
+    a.add_argument("--append", action="store_true", help="keep the rows already in results/peers_cpu.jsonl")
+    a.add_argument("--ours", default="onnxruntime:fp32,openvino:fp32,onnxruntime:int8-static,openvino:int8-static",
                    help="backend:unet-precision pairs of edgediff to run (missing variants are skipped)")
     for q in (r, a):
         q.add_argument("--size", type=int, default=512)
@@ -305,10 +307,13 @@ def main() -> None:
         rows = []
         jsonl = args.out.with_name("results") / "peers_cpu.jsonl"
         jsonl.parent.mkdir(parents=True, exist_ok=True)
-        jsonl.write_text("")
+        if args.append and jsonl.exists():
+            rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        else:
+            jsonl.write_text("")
         for size in [int(x) for x in args.sizes.split(",")]:
-            jobs = [("peer", t, None) for t in ("diffusers", "optimum", "ovgenai")]
-            jobs += [("ours", *pair.split(":")) for pair in args.ours.split(",")]
+            jobs = [("peer", t, None) for t in args.peers.split(",") if t]
+            jobs += [("ours", *pair.split(":")) for pair in args.ours.split(",") if pair]
             for kind, name, prec in jobs:
                 if kind == "ours" and prec not in have:
                     print(f"skip edgediff {name} {prec}: not in the artifact (edgediff quantize it first)", flush=True)
