@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("artifact", nargs="?", type=Path, default=default_model_path())
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--shapes", action="store_true", default=None, help="also measure attribute accuracy")
+    p.add_argument("--no-speed", action="store_true", help="skip the timing columns (e.g. when the CPU is shared)")
     args = p.parse_args()
     shapes = args.shapes if args.shapes is not None else args.artifact.resolve() == default_model_path().resolve()
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +66,7 @@ def main() -> None:
                     acc_s += f" (fp32 {ref['color']:.2f} / {ref['background']:.2f} / {ref['shape']:.2f})"
                 speed = []
                 for backend in ("onnxruntime", "openvino"):
-                    if comp in STAGE and (not v.backends or backend in v.backends):
+                    if comp in STAGE and not args.no_speed and (not v.backends or backend in v.backends):
                         base = step_time(root, comp, "fp32", backend, size)
                         speed.append(f"{step_time(root, comp, prec, backend, size) / base:.2f}x")
                     else:

@@ -337,7 +337,8 @@ def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omi
         for comp, variants in m.components.items():
             for prec, v in variants.items():
                 ins = ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in v.inputs)
-                table.add_row(comp, prec, f"{v.bytes / 1e6:.1f}", ins, json.dumps(v.quality.get("parity_vs_torch", v.quality))[:80])
+                only = f" ({', '.join(v.backends)} only)" if v.backends else ""
+                table.add_row(comp, prec + only, f"{v.bytes / 1e6:.1f}", ins, json.dumps(v.quality.get("parity_vs_torch", v.quality))[:80])
         Console().print(table)
         Console().print(f"provenance: {json.dumps(m.provenance)}")
     Console().print_json(json.dumps({"backends": available_devices()}))
