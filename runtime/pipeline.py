@@ -334,7 +334,10 @@ class Pipeline:
                 uncond, uncond_pooled = np.zeros_like(cond), np.zeros_like(pooled)
             else:
                 uncond, uncond_pooled = self.encode_prompt(negatives)
-        repeat = lambda a: None if a is None else np.repeat(a, num_images, axis=0)  # noqa: E731
+
+        def repeat(a: np.ndarray | None) -> np.ndarray | None:  # one row per image
+            return None if a is None else np.repeat(a, num_images, axis=0)
+
         context = cfg.embeddings(repeat(cond), repeat(uncond))
         self._guard("text_encoder", context)
         extra = {}

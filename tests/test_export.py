@@ -162,3 +162,19 @@ def test_consolidating_torch_style_external_data(tiny_sd1, tmp_path):
     want = ort.InferenceSession(str(src)).run(None, feeds)[0]
     got = ort.InferenceSession(str(path)).run(None, feeds)[0]
     np.testing.assert_array_equal(got, want)
+
+
+def test_single_file_sdxl_detection(tmp_path):
+    """Original-layout SDXL files (a second text encoder under conditioner.embedders.1) go to the SDXL loader."""
+    import torch
+    from safetensors.torch import save_file
+
+    from edgediff.export.exporter import _single_file_is_xl
+
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2),
+               "model.diffusion_model.out.2.bias": torch.zeros(2)}, str(tmp_path / "xl.safetensors"))
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2),
+               "model.diffusion_model.out.2.bias": torch.zeros(2)}, str(tmp_path / "sd15.safetensors"))
+    assert _single_file_is_xl(tmp_path / "xl.safetensors")
+    assert not _single_file_is_xl(tmp_path / "sd15.safetensors")
+    assert not _single_file_is_xl(tmp_path / "model.ckpt")
