@@ -29,18 +29,10 @@ PNDM_SD1 = {
     "steps_offset": 1,
     "clip_sample": False,
 }
+# SDXL base's scheduler: SD's betas, Euler with leading spacing
+EULER_SDXL = {k: PNDM_SD1[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "steps_offset")} | {
+    "prediction_type": "epsilon", "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False}
 
-EULER_SDXL = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-    "interpolation_type": "linear",
-    "use_karras_sigmas": False,
-}
 
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
 
