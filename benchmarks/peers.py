@@ -233,7 +233,7 @@ def run_ours(artifact: Path, size: int, steps: int, threads: int, backend: str, 
                 r["vae_decode_s"], r["disk_bytes"]) | {"peak_rss_mb": r["peak_rss_mb"], "machine": r["machine"]}
 
 
-def results_md(rows: list[dict], machine: dict, args) -> str:
+def results_md(rows: list[dict], machine: dict, args, floor: dict | None = None) -> str:
     lines = [
         "# edgediff side by side (CPU)", "",
         f"Measured {time.strftime('%Y-%m-%d')} in one sitting on **{machine.get('cpu')}**, {machine.get('cores')} cores "
@@ -241,7 +241,8 @@ def results_md(rows: list[dict], machine: dict, args) -> str:
         f"{args.threads} threads for every tool. SD1.5-architecture checkpoint with seeded random weights (dense compute: "
         "the real model's cost), same weights for every tool; prompt, guidance 7.5 (CFG batch 2), "
         f"{args.steps} UNet steps per image; one image per configuration, the UNet figure is the median of calls "
-        f"2..{args.steps} (the first call is shown apart). Rerun: `python benchmarks/peers.py all` (see its --help).", "",
+        f"2..{args.steps} (the first call is shown apart). Rerun: `python benchmarks/peers.py all` (see its --help); "
+        "rows added with `--append` (here the int8 rows) come from a second run right after the first.", "",
     ]
     for size in sorted({r["size"] for r in rows}, reverse=True):
         group = [r for r in rows if r["size"] == size]
@@ -257,6 +258,17 @@ def results_md(rows: list[dict], machine: dict, args) -> str:
                 f"| {r['unet_rest_median_s'] / ref['unet_rest_median_s']:.2f}x "
                 f"| {r['end_to_end_s'] / ref['end_to_end_s']:.2f}x |")
         lines.append("")
+    if floor:
+        g, r, f = floor["unet_gflop_per_step"], floor["gflops_per_s"], floor["floor_s_per_step"]
+        lines += [f"## The physical floor ({floor['size']}x{floor['size']}, `python benchmarks/floor.py ARTIFACT`)", "",
+                  f"One UNet step (CFG batch 2) is **{g['total']:,.0f} GFLOP** ({g.get('Convolution', 0):,.0f} in "
+                  f"convolutions, {g.get('MatMul', 0):,.0f} in matrix products), counted on the exported graph. This CPU "
+                  f"multiplies at {r['fp32_matmul']} GFLOP/s in fp32 (ONNX Runtime; OpenVINO "
+                  f"{r.get('fp32_matmul_openvino', '?')}) and {r['int8_matmulinteger']} GOP/s in int8 (MatMulInteger) "
+                  f"with {floor['threads']} threads: a UNet step cannot take less than about "
+                  f"{min(v for k, v in f.items() if k.startswith('fp32')):.1f} s in fp32 or "
+                  f"{f['int8_matmulinteger']:.1f} s in int8 here. Every fp32 tool above sits on the fp32 floor; "
+                  "only int8 goes below it, by at most the int8/fp32 rate ratio.", ""]
     return "\n".join(lines)
 
 
@@ -283,6 +295,7 @@ def main() -> None:
     a.add_argument("--sizes", default="512,256")
     a.add_argument("--peers", default="diffusers,optimum,ovgenai", help="peers to run ('' for none)")
     a.add_argument("--append", action="store_true", help="keep the rows already in results/peers_cpu.jsonl")
+    a.add_argument("--table-only", action="store_true", help="rewrite RESULTS.md from results/peers_cpu.jsonl, run nothing")
     a.add_argument("--ours", default="onnxruntime:fp32,openvino:fp32,onnxruntime:int8-static,openvino:int8-static",
                    help="backend:unet-precision pairs of edgediff to run (missing variants are skipped)")
     for q in (r, a):
@@ -307,11 +320,11 @@ def main() -> None:
         rows = []
         jsonl = args.out.with_name("results") / "peers_cpu.jsonl"
         jsonl.parent.mkdir(parents=True, exist_ok=True)
-        if args.append and jsonl.exists():
+        if (args.append or args.table_only) and jsonl.exists():
             rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
         else:
             jsonl.write_text("")
-        for size in [int(x) for x in args.sizes.split(",")]:
+        for size in ([] if args.table_only else [int(x) for x in args.sizes.split(",")]):
             jobs = [("peer", t, None) for t in args.peers.split(",") if t]
             jobs += [("ours", *pair.split(":")) for pair in args.ours.split(",") if pair]
             for kind, name, prec in jobs:
@@ -329,7 +342,16 @@ def main() -> None:
                 rows.append(row)
                 with open(jsonl, "a") as f:
                     f.write(json.dumps(row) + "\n")
-        args.out.write_text(results_md(rows, machine(), args))
+        floor_json = args.out.with_name("results") / "floor_sd15_cpu.json"
+        if not args.table_only or not floor_json.exists():
+            from edgediff.benchmarks.floor import matmul_rates, unet_flops
+
+            flops, rates = unet_flops(args.artifact, 512), matmul_rates(args.threads)
+            floor_json.write_text(json.dumps({
+                "size": 512, "batch": 2, "threads": args.threads, "gflops_per_s": rates,
+                "unet_gflop_per_step": {k: round(v / 1e9, 1) for k, v in flops.items()},
+                "floor_s_per_step": {k: round(flops["total"] / (v * 1e9), 2) for k, v in rates.items()}}, indent=2) + "\n")
+        args.out.write_text(results_md(rows, machine(), args, json.loads(floor_json.read_text())))
         print(args.out.read_text())
 
 
