@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from PIL import Image
 
 from .conftest import run_cli
@@ -45,3 +47,34 @@ def test_bench_bad_input(tiny_sd1, tmp_path):
     bad.write_text("{not json\n")
     r = run_cli("bench", "--compare", str(bad))
     assert r.exit_code == 2 and "bad.jsonl:1 is not a JSON row" in r.output
+
+
+def test_floor_counts_unet_flops_on_the_graph(tiny_sd1):
+    """Convolution FLOPs scale exactly with the pixel count; attention products faster than linearly."""
+    from edgediff.benchmarks.floor import unet_flops
+
+    small, big = unet_flops(tiny_sd1[1], 64), unet_flops(tiny_sd1[1], 128)
+    assert small["total"] == small["Convolution"] + small["MatMul"] > 0
+    assert big["Convolution"] / small["Convolution"] == pytest.approx(4.0, rel=1e-9)
+    assert big["MatMul"] / small["MatMul"] > 4.0  # token-by-token attention grows with the square of the tokens
+
+
+def test_results_md_ratios_and_floor():
+    """RESULTS.md's table divides each row by edgediff's OpenVINO fp32 row and states the floor."""
+    from types import SimpleNamespace
+
+    from edgediff.benchmarks.peers import results_md
+
+    def row(tool, step, total):
+        return {"tool": tool, "size": 512, "load_s": 1.0, "text_encoder_s": 0.1, "unet_first_s": step,
+                "unet_rest_median_s": step, "vae_decode_s": 2.0, "end_to_end_s": total, "peak_rss_mb": 2048,
+                "disk_bytes": 4e9}
+
+    rows = [row("diffusers PyTorch fp32", 15.0, 100.0), row("edgediff openvino unet=fp32 (f32)", 12.0, 80.0)]
+    floor = {"size": 512, "threads": 2, "unet_gflop_per_step": {"total": 1606.5, "Convolution": 887.9, "MatMul": 718.7},
+             "gflops_per_s": {"fp32_matmul": 129.6, "int8_matmulinteger": 267.7},
+             "floor_s_per_step": {"fp32_matmul": 12.4, "int8_matmulinteger": 6.0}}
+    md = results_md(rows, {"cpu": "X", "cores": 2, "cpu_flags": ["avx2"], "ram_gb": 24}, SimpleNamespace(threads=2, steps=4),
+                    floor)
+    assert "| diffusers PyTorch fp32 | 1.0 | 0.10 | 15.00 | 15.00 | 2.00 | 100.0 | 2.0 | 4.00 | 1.25x | 1.25x |" in md
+    assert "**1,606 GFLOP**" in md and "12.4 s in fp32 or 6.0 s in int8" in md
