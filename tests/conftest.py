@@ -8,24 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgediff.export.recipes import PNDM_SD1
+
 warnings.filterwarnings("ignore", module="torch.onnx")
 
 
 # Stable Diffusion 1.5's scheduler_config.json as diffusers saves it; the scheduler tests vary it.
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-}
+SD15_SCHEDULER_CONFIG = {"_class_name": "PNDMScheduler", **PNDM_SD1, "prediction_type": "epsilon",
+                         "timestep_spacing": "leading", "trained_betas": None}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
