@@ -39,6 +39,8 @@ def export(
         None, "--random-weights", help="export an architecture built from a recipe with seeded random weights (then the only argument is OUT)"
     ),
     seed: int = typer.Option(0, help="seed of --random-weights"),
+    default_steps: Optional[int] = typer.Option(None, "--default-steps", help="the model's recommended steps, recorded in the manifest (generate uses them when not given)"),
+    default_guidance: Optional[float] = typer.Option(None, "--default-guidance", help="the model's recommended guidance scale, recorded likewise"),
 ) -> None:
     """Export a Stable Diffusion checkpoint to an artifact folder (ONNX + manifest)."""
     try:
@@ -47,6 +49,15 @@ def export(
     except ImportError as e:
         _fail(f"export needs the export extra ({e.name} is missing): pip install 'edgediff[export]'")
     import tempfile
+
+    from edgediff.runtime import ArtifactError
+    from edgediff.runtime.manifest import check_defaults
+
+    try:
+        defaults = check_defaults({k: v for k, v in (("steps", default_steps), ("guidance", default_guidance)) if v is not None},
+                                  "--default-steps/--default-guidance")
+    except ArtifactError as e:
+        _fail(str(e))
 
     if random_weights:
         if out is None and source is not None:
@@ -69,9 +80,11 @@ def export(
                     gc.collect()  # the built modules go before the export loads them again (SDXL: 14 GB)
                     manifest = export_artifact(str(Path(tmp) / "src"), out, force=force, random_weights=True,
                                                source_label=f"random-weights:{random_weights}:seed={seed}",
+                                               defaults=RECIPES[random_weights].get("defaults", {}) | defaults,
                                                progress=status.update)
             else:
-                manifest = export_artifact(source, out, force=force, config=config, progress=status.update)
+                manifest = export_artifact(source, out, force=force, config=config, defaults=defaults,
+                                           progress=status.update)
         except (ExportError, OSError, ValueError) as e:
             _fail(str(e))
     for comp, variants in manifest.components.items():
@@ -132,8 +145,8 @@ def generate(
     prompt: str = typer.Argument(..., help="what to draw"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="artifact folder (default: the embedded shapes model)"),
     negative: str = typer.Option("", "--negative", help="negative prompt"),
-    steps: int = typer.Option(25, help="denoising steps"),
-    guidance: float = typer.Option(7.5, help="classifier-free guidance scale (<= 1 disables it)"),
+    steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's recommended, else 25)"),
+    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale, <= 1 disables it (default: the model's recommended, else 7.5)"),
     seed: int = typer.Option(0, help="random seed"),
     rng: str = typer.Option("numpy", help="numpy, or torch to reproduce diffusers' images for a seed"),
     width: Optional[int] = typer.Option(None, help="image width, a multiple of 8 (default: the model's)"),
@@ -195,7 +208,9 @@ def generate(
     except (ArtifactError, BackendError, PrecisionError, ValueError) as e:
         _fail(str(e))
     params = {
-        "prompt": prompt, "negative": negative, "steps": steps, "guidance": guidance, "seed": seed, "rng": rng,
+        "prompt": prompt, "negative": negative, "seed": seed, "rng": rng,
+        "steps": pipe.manifest.default_steps if steps is None else steps,
+        "guidance": pipe.manifest.default_guidance if guidance is None else guidance,
         "width": images[0].width, "height": images[0].height,
         "scheduler": scheduler or pipe.manifest.scheduler, "model": str(model), "backend": pipe.backend,
         "precision": {c: s.variant.precision for c, s in pipe.sessions.items()},
@@ -330,7 +345,8 @@ def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omi
             m = load_manifest(model)
         except ArtifactError as e:
             _fail(str(e))
-        table = Table(title=f"{model}: {m.family}, {m.prediction_type}, {m.sample_size}px default, scheduler {m.scheduler}"
+        table = Table(title=f"{model}: {m.family}, {m.prediction_type}, {m.sample_size}px default, scheduler {m.scheduler}, "
+                      f"{m.default_steps} steps, guidance {m.default_guidance:g}"
                       + (" [random weights]" if m.random_weights else ""))
         for col in ("component", "precision", "MB", "inputs", "quality"):
             table.add_column(col)

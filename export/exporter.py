@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgediff import __version__
-from edgediff.runtime.manifest import MANIFEST_FILE, Manifest
+from edgediff.runtime.manifest import MANIFEST_FILE, Manifest, check_defaults
 from edgediff.runtime.schedulers import default_scheduler_name
 
 from . import components as C
@@ -99,10 +99,15 @@ def export_artifact(
     config: str | None = None,
     random_weights: bool = False,
     source_label: str | None = None,
+    defaults: dict[str, Any] | None = None,
     progress: Callable[[str], Any] = lambda s: None,
 ) -> Manifest:
-    """Export ``source`` to the artifact folder ``out``; returns its manifest."""
+    """Export ``source`` to the artifact folder ``out``; returns its manifest.
+
+    ``defaults``: the model's recommended ``steps`` / ``guidance``, recorded in the manifest.
+    """
     out = Path(out)
+    defaults = check_defaults(defaults or {})
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to overwrite it")
     if str(source) and Path(source).resolve() == out.resolve():
@@ -180,6 +185,7 @@ def export_artifact(
             scheduler=default_scheduler_name(sched_config),
             components=components,
             random_weights=random_weights,
+            defaults=defaults,
             provenance={
                 "source": source_label or str(source),
                 "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -61,6 +61,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "scheduler": ("EulerAncestralDiscreteScheduler",
                       {**PNDM_SD1, "prediction_type": "epsilon", "timestep_spacing": "trailing"}),
         "pad_token": "!",
+        "defaults": {"steps": 1, "guidance": 0.0},  # the model card's usage
     },
     "sdxl": {  # SDXL base 1.0: CLIP ViT-L + OpenCLIP bigG, 2.6B-parameter UNet at 1024x1024
         "arch": "sdxl",
@@ -76,6 +77,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                  "projection_class_embeddings_input_dim": 2816},
         "vae": {**SD_VAE, "scaling_factor": 0.13025, "force_upcast": True},
         "scheduler": ("EulerDiscreteScheduler", {**EULER_SDXL}),
+        "defaults": {"guidance": 5.0},  # diffusers' StableDiffusionXLPipeline default
         "pad_token": "<|endoftext|>",
         "pad_token_2": "!",
     },

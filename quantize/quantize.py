@@ -87,7 +87,7 @@ class GateSettings:
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     seeds: tuple[int, ...] = (0, 1)
     steps: int = 15
-    guidance: float = 7.5
+    guidance: float | None = None  # default: the model's recommended (manifest defaults)
     size: int | None = None  # default: the model's
     backend: str = "onnxruntime"
     threads: int | None = None
@@ -276,6 +276,7 @@ def measure(root: Path, manifest: Manifest, component: str, precision: str, sett
         "ssim": round(float(np.mean([ssim(a, b) for a, b in zip(images, ref_images)])), 4),
         "images": len(images),
         "steps": settings.steps,
+        "guidance": manifest.default_guidance if settings.guidance is None else settings.guidance,
         "backend": backend,
         "generate_seconds": round(time.perf_counter() - t0, 2),
     }

@@ -27,6 +27,29 @@ MANIFEST_FILE = "manifest.json"
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Generation settings used when neither the caller nor the artifact's ``defaults`` name them.
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 7.5
+
+
+def check_defaults(defaults: dict[str, Any], where: str = "defaults") -> dict[str, Any]:
+    """The model's recommended generation settings: ``steps`` (int >= 1) and ``guidance`` (number >= 0), both optional.
+
+    SD-Turbo wants 1 step and no guidance, SDXL guidance 5, the embedded shapes
+    model guidance 4: the artifact says so, and callers that name neither get them.
+    """
+    if not isinstance(defaults, dict):
+        raise ArtifactError(f"{where} must be an object with steps and/or guidance, got {defaults!r}")
+    unknown = set(defaults) - {"steps", "guidance"}
+    if unknown:
+        raise ArtifactError(f"{where} has unknown keys {sorted(unknown)}; accepted: steps, guidance")
+    steps = defaults.get("steps")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ArtifactError(f"{where}.steps must be an integer >= 1, got {steps!r}")
+    guidance = defaults.get("guidance")
+    if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not guidance >= 0):
+        raise ArtifactError(f"{where}.guidance must be a number >= 0, got {guidance!r}")
+    return {k: v for k, v in (("steps", steps), ("guidance", None if guidance is None else float(guidance))) if v is not None}
 
 
 class ArtifactError(ValueError):
@@ -109,7 +132,17 @@ class Manifest:
     # and whether an absent negative prompt means zero embeddings
     text_2: dict[str, Any] | None = None
     force_zeros_for_empty_prompt: bool = False
+    # the model's recommended steps / guidance (see check_defaults)
+    defaults: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def default_steps(self) -> int:
+        return self.defaults.get("steps", DEFAULT_STEPS)
+
+    @property
+    def default_guidance(self) -> float:
+        return self.defaults.get("guidance", DEFAULT_GUIDANCE)
 
     @property
     def is_xl(self) -> bool:
@@ -149,6 +182,7 @@ class Manifest:
             **({"text_2": self.text_2, "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt}
                if self.text_2 is not None else {}),
             "scheduler": {"default": self.scheduler, "config": self.scheduler_file},
+            **({"defaults": self.defaults} if self.defaults else {}),
             "random_weights": self.random_weights,
             "components": {
                 name: {"variants": {p: v.to_json() for p, v in variants.items()}}
@@ -231,6 +265,7 @@ def load_manifest(root: str | Path) -> Manifest:
         components=components,
         provenance=dict(d.get("provenance", {})),
         random_weights=bool(d.get("random_weights", False)),
+        defaults=check_defaults(d.get("defaults", {}), f"{path}: defaults"),
         format_version=version,
     )
     if "text_2" in d or "text_encoder_2" in components:

@@ -208,7 +208,8 @@ class Pipeline:
                 latents: np.ndarray | None = None, **kwargs) -> list[Image.Image]:
         """Generate ``num_images`` images per prompt from noise; ``latents`` overrides the seeded noise.
 
-        Keyword arguments (all tasks): steps, guidance, seed, width, height,
+        Keyword arguments (all tasks): steps, guidance (both default to the
+        artifact's recommended ones, else 25 and 7.5), seed, width, height,
         scheduler, num_images, rng (``numpy`` or ``torch``), callback(done, total).
         """
         return self._fallback(self._txt2img, prompt, negative_prompt, latents=latents, **kwargs)
@@ -312,7 +313,7 @@ class Pipeline:
                 "an ordinary checkpoint; use inpaint() / --mask (or outpaint / --extend) with this one"
             )
 
-    def _job(self, prompt, negative_prompt, *, steps: int = 25, guidance: float = 7.5, seed: int = 0,
+    def _job(self, prompt, negative_prompt, *, steps: int | None = None, guidance: float | None = None, seed: int = 0,
              width: int | None = None, height: int | None = None, scheduler: str | None = None,
              num_images: int = 1, rng: str = "numpy", callback: Callable[[int, int], None] | None = None) -> "_Job":
         """Check every argument, then encode the prompts: what every task starts with."""
@@ -322,6 +323,8 @@ class Pipeline:
         width = m.sample_size if width is None else width
         height = m.sample_size if height is None else height
         scheduler = scheduler or m.scheduler
+        steps = m.default_steps if steps is None else steps
+        guidance = m.default_guidance if guidance is None else guidance
         _check_args(width, height, steps, guidance, num_images, scheduler, rng, seed, m.vae_scale_factor)
         batch = len(prompts) * num_images
         self.last_timings = Timings()

@@ -57,6 +57,23 @@ def test_newer_format_version(artifact_copy):
         load_manifest(artifact_copy)
 
 
+@pytest.mark.parametrize("defaults, message", [
+    ({"steps": 0}, "defaults.steps must be an integer >= 1, got 0"),
+    ({"steps": True}, "defaults.steps must be an integer >= 1"),
+    ({"steps": 2.5}, "defaults.steps must be an integer >= 1"),
+    ({"guidance": -1}, "defaults.guidance must be a number >= 0, got -1"),
+    ({"guidance": "high"}, "defaults.guidance must be a number >= 0"),
+    ({"cfg": 4}, "unknown keys \\['cfg'\\]; accepted: steps, guidance"),
+    ([20, 4], "defaults must be an object with steps and/or guidance"),
+])
+def test_bad_recommended_settings_are_refused(artifact_copy, defaults, message):
+    d = json.loads((artifact_copy / "manifest.json").read_text())
+    d["defaults"] = defaults
+    (artifact_copy / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ArtifactError, match=message):
+        load_manifest(artifact_copy)
+
+
 def test_missing_onnx_file(artifact_copy):
     (artifact_copy / "unet" / "model.onnx").unlink()
     with pytest.raises(ArtifactError, match="unet.*model.onnx is missing"):
