@@ -70,3 +70,39 @@ def test_prompt_set_and_summary():
 def test_plain_prompt_form(shape):
     assert dataset.Scene("red", shape, "small", "blue").plain_prompt() == f"a small red {shape} on a blue background"
     assert dataset.Scene("red", shape, "small", "blue").plain_prompt(False) == f"a red {shape} on a blue background"
+
+
+def test_plain_scenes_are_the_distinct_plain_prompts():
+    scenes = evaluate.plain_scenes()
+    prompts = [sc.plain_prompt(with_size=False) for sc in scenes]
+    assert len(prompts) == len(set(prompts)) == 8 * 4 * 7
+    assert "a red circle on a blue background" in prompts
+    held = evaluate.plain_scenes(held_out=True)
+    assert len(held) == 5 * 7 and all((sc.color, sc.shape) in dataset.HELD_OUT for sc in held)
+
+
+class _DrawingPipe:
+    """Stands in for a model: draws the asked scene exactly (so every attribute must score 1.0)."""
+
+    class manifest:  # noqa: N801
+        default_steps, default_guidance = 20, 4.0
+
+    def __init__(self):
+        self.calls = []
+
+    def txt2img(self, prompt, **kw):
+        self.calls.append((prompt, kw))
+        for scene in dataset.all_scenes():
+            if prompt in (scene.plain_prompt(), scene.plain_prompt(with_size=False)):
+                return [dataset.draw(scene, np.random.default_rng(kw["seed"]))]
+        raise AssertionError(prompt)
+
+
+def test_report_covers_both_prompt_forms_with_the_models_settings():
+    pipe = _DrawingPipe()
+    report = evaluate.report(pipe, seeds=2, scenes=6)
+    assert report["with_size"]["all"] == {"n": 12, "color": 1.0, "background": 1.0, "shape": 1.0, "size": 1.0}
+    assert report["plain_form"]["all"]["n"] == 6 and "size" not in report["plain_form"]["all"]
+    assert report["with_size"]["settings"] == {"steps": 20, "guidance": 4.0, "scheduler": None, "seeds": [0, 1]}
+    assert "rows" not in report["with_size"] and report["seconds"] >= 0
+    assert {kw["guidance"] for _, kw in pipe.calls} == {4.0}  # the model's recommended guidance was used

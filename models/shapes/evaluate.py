@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
@@ -130,17 +131,27 @@ def prompt_set(n: int | None = None, held_out: bool | None = None, seed: int = 0
     return [scenes[i] for i in sorted(idx)]
 
 
+def plain_scenes(held_out: bool | None = None) -> list[dataset.Scene]:
+    """One scene per distinct plain prompt ("a red circle on a blue background", no size word): 224 in all."""
+    return [sc for sc in dataset.all_scenes(held_out) if sc.size == dataset.SIZES[0]]
+
+
 def evaluate(
     pipe,
     scenes: Iterable[dataset.Scene],
     seeds: Iterable[int] = (0, 1),
     *,
-    steps: int = 20,
-    guidance: float = 7.5,
+    steps: int | None = None,
+    guidance: float | None = None,
     scheduler: str | None = None,
     with_size: bool = True,
 ) -> dict[str, Any]:
-    """Generate every scene with every seed and report accuracy per attribute, seen vs held-out."""
+    """Generate every scene with every seed and report accuracy per attribute, seen vs held-out.
+
+    ``steps`` / ``guidance`` default to the artifact's recommended ones (the manifest's ``defaults``).
+    """
+    steps = pipe.manifest.default_steps if steps is None else steps
+    guidance = pipe.manifest.default_guidance if guidance is None else guidance
     rows = []
     for scene in scenes:
         prompt = scene.plain_prompt(with_size)
@@ -167,6 +178,17 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def report(pipe, seeds: int = 2, scenes: int | None = None, *, steps: int | None = None, guidance: float | None = None,
+           scheduler: str | None = None) -> dict[str, Any]:
+    """The README's figures: every scene with its size word, and the plain form with one seed, per split."""
+    t0 = time.perf_counter()
+    kw = dict(steps=steps, guidance=guidance, scheduler=scheduler)
+    with_size = evaluate(pipe, prompt_set(scenes), range(seeds), **kw)
+    plain = evaluate(pipe, plain_scenes() if scenes is None else prompt_set(scenes), (0,), with_size=False, **kw)
+    drop = lambda r: {k: v for k, v in r.items() if k != "rows"}  # noqa: E731
+    return {"with_size": drop(with_size), "plain_form": drop(plain), "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def main() -> None:
     from edgediff.runtime import Pipeline
 
@@ -175,20 +197,19 @@ def main() -> None:
     p.add_argument("--backend", default="auto")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--scenes", type=int, default=None, help="random subset of scenes (default: all 448)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=None, help="default: the model's recommended")
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's recommended")
     p.add_argument("--scheduler", default=None)
-    p.add_argument("--json", default=None, help="write the full report here")
+    p.add_argument("--json", default=None, help="write the report here (models/shapes/evaluation.json for the README)")
     args = p.parse_args()
     from edgediff.models import default_model_path
 
     pipe = Pipeline.load(args.model or default_model_path(), backend=args.backend)
-    report = evaluate(pipe, prompt_set(args.scenes), range(args.seeds), steps=args.steps, guidance=args.guidance,
-                      scheduler=args.scheduler)
+    result = report(pipe, args.seeds, args.scenes, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
+            json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
