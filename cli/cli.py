@@ -207,10 +207,9 @@ def generate(
                 images = pipe.img2img(prompt, image, negative or None, strength=0.6 if strength is None else strength, **kw)
     except (ArtifactError, BackendError, PrecisionError, ValueError) as e:
         _fail(str(e))
+    steps, guidance = pipe.manifest.settings(steps, guidance)  # the values used, for the record
     params = {
-        "prompt": prompt, "negative": negative, "seed": seed, "rng": rng,
-        "steps": pipe.manifest.default_steps if steps is None else steps,
-        "guidance": pipe.manifest.default_guidance if guidance is None else guidance,
+        "prompt": prompt, "negative": negative, "steps": steps, "guidance": guidance, "seed": seed, "rng": rng,
         "width": images[0].width, "height": images[0].height,
         "scheduler": scheduler or pipe.manifest.scheduler, "model": str(model), "backend": pipe.backend,
         "precision": {c: s.variant.precision for c, s in pipe.sessions.items()},
@@ -346,7 +345,7 @@ def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omi
         except ArtifactError as e:
             _fail(str(e))
         table = Table(title=f"{model}: {m.family}, {m.prediction_type}, {m.sample_size}px default, scheduler {m.scheduler}, "
-                      f"{m.default_steps} steps, guidance {m.default_guidance:g}"
+                      "{} steps, guidance {:g}".format(*m.settings())
                       + (" [random weights]" if m.random_weights else ""))
         for col in ("component", "precision", "MB", "inputs", "quality"):
             table.add_column(col)

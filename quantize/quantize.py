@@ -276,7 +276,7 @@ def measure(root: Path, manifest: Manifest, component: str, precision: str, sett
         "ssim": round(float(np.mean([ssim(a, b) for a, b in zip(images, ref_images)])), 4),
         "images": len(images),
         "steps": settings.steps,
-        "guidance": manifest.default_guidance if settings.guidance is None else settings.guidance,
+        "guidance": manifest.settings(guidance=settings.guidance)[1],
         "backend": backend,
         "generate_seconds": round(time.perf_counter() - t0, 2),
     }

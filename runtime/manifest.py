@@ -136,13 +136,10 @@ class Manifest:
     defaults: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
-    @property
-    def default_steps(self) -> int:
-        return self.defaults.get("steps", DEFAULT_STEPS)
-
-    @property
-    def default_guidance(self) -> float:
-        return self.defaults.get("guidance", DEFAULT_GUIDANCE)
+    def settings(self, steps: int | None = None, guidance: float | None = None) -> tuple[int, float]:
+        """The caller's steps and guidance where given, else the model's recommended ones, else 25 and 7.5."""
+        return (self.defaults.get("steps", DEFAULT_STEPS) if steps is None else steps,
+                self.defaults.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance)
 
     @property
     def is_xl(self) -> bool:

@@ -323,8 +323,7 @@ class Pipeline:
         width = m.sample_size if width is None else width
         height = m.sample_size if height is None else height
         scheduler = scheduler or m.scheduler
-        steps = m.default_steps if steps is None else steps
-        guidance = m.default_guidance if guidance is None else guidance
+        steps, guidance = m.settings(steps, guidance)
         _check_args(width, height, steps, guidance, num_images, scheduler, rng, seed, m.vae_scale_factor)
         batch = len(prompts) * num_images
         self.last_timings = Timings()

@@ -26,14 +26,14 @@ def recommended(tiny_sd1, tmp_path_factory):
 def test_export_records_them(recommended):
     m = load_manifest(recommended)
     assert m.defaults == {"steps": 3, "guidance": 2.0}
-    assert (m.default_steps, m.default_guidance) == (3, 2.0)
+    assert m.settings() == (3, 2.0) and m.settings(5, None) == (5, 2.0) and m.settings(None, 0.0) == (3, 0.0)
     assert json.loads((recommended / "manifest.json").read_text())["defaults"] == {"steps": 3, "guidance": 2.0}
 
 
 def test_an_artifact_without_them_uses_the_global_defaults(tiny_sd1):
     m = load_manifest(tiny_sd1[1])
     assert m.defaults == {} and "defaults" not in json.loads((tiny_sd1[1] / "manifest.json").read_text())
-    assert (m.default_steps, m.default_guidance) == (DEFAULT_STEPS, DEFAULT_GUIDANCE) == (25, 7.5)
+    assert m.settings() == (DEFAULT_STEPS, DEFAULT_GUIDANCE) == (25, 7.5)
 
 
 def test_pipeline_uses_them_when_not_given(recommended):

@@ -85,7 +85,9 @@ class _DrawingPipe:
     """Stands in for a model: draws the asked scene exactly (so every attribute must score 1.0)."""
 
     class manifest:  # noqa: N801
-        default_steps, default_guidance = 20, 4.0
+        @staticmethod
+        def settings(steps=None, guidance=None):
+            return (20 if steps is None else steps, 4.0 if guidance is None else guidance)
 
     def __init__(self):
         self.calls = []

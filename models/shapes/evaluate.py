@@ -150,8 +150,7 @@ def evaluate(
 
     ``steps`` / ``guidance`` default to the artifact's recommended ones (the manifest's ``defaults``).
     """
-    steps = pipe.manifest.default_steps if steps is None else steps
-    guidance = pipe.manifest.default_guidance if guidance is None else guidance
+    steps, guidance = pipe.manifest.settings(steps, guidance)
     rows = []
     for scene in scenes:
         prompt = scene.plain_prompt(with_size)
