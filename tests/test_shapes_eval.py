@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from edgediff.models.shapes import dataset, evaluate
+from edgediff.runtime import Manifest
 
 
 def test_classifier_reads_every_drawn_scene():
@@ -84,13 +87,11 @@ def test_plain_scenes_are_the_distinct_plain_prompts():
 class _DrawingPipe:
     """Stands in for a model: draws the asked scene exactly (so every attribute must score 1.0)."""
 
-    class manifest:  # noqa: N801
-        @staticmethod
-        def settings(steps=None, guidance=None):
-            return (20 if steps is None else steps, 4.0 if guidance is None else guidance)
-
     def __init__(self):
         self.calls = []
+        # the real resolution of Manifest.settings, over a model that recommends 20 steps / guidance 4
+        recommends = SimpleNamespace(defaults={"steps": 20, "guidance": 4.0})
+        self.manifest = SimpleNamespace(settings=lambda steps=None, guidance=None: Manifest.settings(recommends, steps, guidance))
 
     def txt2img(self, prompt, **kw):
         self.calls.append((prompt, kw))
