@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .manifest import TensorSpec, Variant
+from .manifest import MODEL_SUFFIXES, ArtifactError, TensorSpec, Variant, artifact_file
 
 BACKENDS = ("onnxruntime", "openvino")
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
@@ -55,7 +55,13 @@ class Session:
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         feeds = check_inputs(self.component, self.variant.inputs, inputs)
         t0 = time.perf_counter()
-        outputs = self.run(feeds)
+        try:
+            outputs = self.run(feeds)
+        except MemoryError:
+            raise
+        except Exception as e:  # each backend raises its own types; the message is what matters
+            first = str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__
+            raise BackendError(f"{self.component} ({self.variant.file}) failed on {self.backend} {self.device}: {first}") from e
         self.durations.append(time.perf_counter() - t0)
         return {spec.name: out for spec, out in zip(self.variant.outputs, outputs)}
 
@@ -141,16 +147,29 @@ def _ort_accelerator() -> str | None:
 
 
 def open_session(root: Path, component: str, variant: Variant, backend: str, device: str, options: BackendOptions) -> Session:
-    path = Path(root) / variant.file
+    """Load ``variant``'s graph; its input and output names must be the manifest's (else ArtifactError)."""
+    path = artifact_file(root, variant.file, f"{component} {variant.precision}", MODEL_SUFFIXES)
+    outputs = [spec.name for spec in variant.outputs]
     t0 = time.perf_counter()
-    if backend == "onnxruntime":
-        run, actual, precision = _open_ort(path, device, options)
-    else:
-        run, actual, precision = _open_ov(path, device, options)
+    opener = _open_ort if backend == "onnxruntime" else _open_ov
+    run, actual, precision, graph_inputs, graph_outputs = opener(path, device, options, outputs)
+    # one graph input per manifest input (OpenVINO may give a port several names), every manifest output present
+    want_inputs = [spec.name for spec in variant.inputs]
+    if len(graph_inputs) != len(want_inputs) or not all(any(n in names for names in graph_inputs) for n in want_inputs) \
+            or not all(any(n in names for names in graph_outputs) for n in outputs):
+        raise ArtifactError(
+            f"{path} ({component} {variant.precision}) is not the graph the manifest describes: it takes "
+            f"{_names(graph_inputs)} and gives {_names(graph_outputs)}, the manifest says {want_inputs} -> "
+            f"{outputs}. Was the file replaced by another component's? Re-export the artifact"
+        )
     return Session(component, variant, run, backend, actual, precision, time.perf_counter() - t0)
 
 
-def _open_ort(path: Path, device: str, options: BackendOptions):
+def _names(ports: list[set[str]]) -> list[str]:
+    return sorted(min(names) if names else "?" for names in ports)
+
+
+def _open_ort(path: Path, device: str, options: BackendOptions, outputs: list[str]):
     import onnxruntime as ort
 
     provider = ORT_PROVIDERS[device]
@@ -175,11 +194,12 @@ def _open_ort(path: Path, device: str, options: BackendOptions):
     used = sess.get_providers()[0]
     if used != provider:
         raise BackendError(f"ONNX Runtime fell back to {used} for {path.parent.name} although {provider} was asked for")
-    names = [o.name for o in sess.get_outputs()]
-    return (lambda feeds: sess.run(names, feeds)), used, "f32"
+    graph_inputs = [{i.name} for i in sess.get_inputs()]
+    graph_outputs = [{o.name} for o in sess.get_outputs()]
+    return (lambda feeds: sess.run(outputs, feeds)), used, "f32", graph_inputs, graph_outputs
 
 
-def _open_ov(path: Path, device: str, options: BackendOptions):
+def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str]):
     import openvino as ov
 
     core = _ov_core()
@@ -204,7 +224,9 @@ def _open_ov(path: Path, device: str, options: BackendOptions):
     except Exception as e:  # OpenVINO raises RuntimeError subclasses with its own messages
         raise BackendError(f"OpenVINO could not compile {path} for {target}: {e}") from e
     request = compiled.create_infer_request()
-    outputs = compiled.outputs
+    graph_inputs = [set(port.get_names()) for port in compiled.inputs]
+    graph_outputs = [set(port.get_names()) for port in compiled.outputs]
+    ports = [compiled.output(name) for name in outputs if any(name in names for names in graph_outputs)]
     try:
         precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     except Exception:  # not every device reports it
@@ -216,9 +238,10 @@ def _open_ov(path: Path, device: str, options: BackendOptions):
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = request.infer(feeds, share_inputs=True)
-        return [np.array(result[o], copy=True) for o in outputs]
+        return [np.array(result[port], copy=True) for port in ports]
 
-    return run, actual, {"<Type: 'float32'>": "f32", "<Type: 'bfloat16'>": "bf16", "<Type: 'float16'>": "f16"}.get(precision, precision)
+    precision = {"<Type: 'float32'>": "f32", "<Type: 'bfloat16'>": "bf16", "<Type: 'float16'>": "f16"}.get(precision, precision)
+    return run, actual, precision, graph_inputs, graph_outputs
 
 
 _CORE = None

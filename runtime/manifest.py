@@ -17,9 +17,15 @@ input/output signature and measured parity.
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
+import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
+
+from .schedulers import SCHEDULER_NAMES
 
 FORMAT_NAME = "edgediff-artifact"
 FORMAT_VERSION = 1
@@ -30,6 +36,11 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Generation settings used when neither the caller nor the artifact's ``defaults`` name them.
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
+# A manifest is a few KB; a provenance blob may make it larger, never this large.
+MAX_MANIFEST_BYTES = 64 * 2**20
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
+MODEL_SUFFIXES = (".onnx", ".xml")  # ONNX graphs; OpenVINO IR (NNCF variants)
+VAE_SCALE_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def check_defaults(defaults: dict[str, Any], where: str = "defaults") -> dict[str, Any]:
@@ -56,6 +67,49 @@ class ArtifactError(ValueError):
     """The artifact folder is missing, damaged, or of a format this version cannot read."""
 
 
+def artifact_file(root: Path, rel: Any, where: str, suffixes: tuple[str, ...]) -> Path:
+    """The file a manifest names, confined to the artifact folder ``root``.
+
+    ``rel`` must be a relative path with forward slashes, no ``..``, ending in
+    one of ``suffixes``, and must not leave ``root`` through a symlink (of the
+    file or of a folder on its way). Checked before any backend, tokenizer or
+    ``unlink`` sees the path. Existence is the caller's concern.
+    """
+    if not isinstance(rel, str) or not rel.strip():
+        raise ArtifactError(f"{where}: a file path must be a non-empty string, got {rel!r}")
+    posix, windows = PurePosixPath(rel), PureWindowsPath(rel)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or "\\" in rel or "\0" in rel:
+        raise ArtifactError(f"{where}: {rel!r} is not a relative path inside the artifact folder "
+                            "(paths are relative, with forward slashes, e.g. unet/model.onnx)")
+    if ".." in posix.parts:
+        raise ArtifactError(f"{where}: {rel!r} leaves the artifact folder ('..' is not accepted)")
+    if not rel.endswith(suffixes):
+        raise ArtifactError(f"{where}: {rel!r} must end in {' or '.join(suffixes)}")
+    path = Path(root) / rel
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        raise ArtifactError(f"{where}: {rel!r} resolves outside the artifact folder {root} (a symlink leaves it); "
+                            "an artifact's files must lie inside it")
+    return path
+
+
+def regular_file(path: Path, what: str) -> Path:
+    """``path`` must be an ordinary file (not a folder, FIFO or device: reading those hangs or never ends)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise ArtifactError(f"{path} is missing ({what}); the artifact is incomplete") from None
+    if not stat.S_ISREG(mode):
+        raise ArtifactError(f"{path} ({what}) is not a regular file")
+    return path
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes on disk of a model file with what it loads beside it: ``<name>.data`` (ONNX), ``.bin`` (OpenVINO IR)."""
+    path = Path(path)
+    extra = [Path(str(path) + ".data")] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else [])
+    return path.stat().st_size + sum(p.stat().st_size for p in extra if p.exists())
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -67,7 +121,19 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TensorSpec:
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+        if not isinstance(d, dict):
+            raise ValueError(f"a tensor must be an object with name, dtype and shape, got {d!r:.80}")
+        name, dtype, shape = d["name"], d["dtype"], d["shape"]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor name must be a non-empty string, got {name!r:.80}")
+        if dtype not in DTYPES:
+            raise ValueError(f"{name}: dtype {dtype!r:.40} is not one of {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(
+                (isinstance(a, int) and not isinstance(a, bool) and 1 <= a <= 2**20) or (isinstance(a, str) and a)
+                for a in shape):
+            raise ValueError(f"{name}: shape must be a list of at most 8 axes, each a size in 1..2^20 or an axis "
+                             f"name, got {shape!r:.80}")
+        return cls(name, dtype, tuple(shape))
 
 
 @dataclass(frozen=True)
@@ -95,19 +161,35 @@ class Variant:
         return d
 
     def files(self) -> list[str]:
-        """Every file the variant needs, relative to the root (an IR's .bin beside its .xml)."""
-        return [self.file, str(Path(self.file).with_suffix(".bin"))] if self.file.endswith(".xml") else [self.file]
+        """Every file the variant needs, relative to the root: an IR's .bin beside its .xml, an ONNX graph's
+        external data ``<name>.data`` (listed whether or not the graph has one: callers check existence)."""
+        if self.file.endswith(".xml"):
+            return [self.file, str(PurePosixPath(self.file).with_suffix(".bin"))]
+        return [self.file, self.file + ".data"]
 
     @classmethod
     def from_json(cls, precision: str, d: dict[str, Any]) -> Variant:
+        if not isinstance(d, dict):
+            raise ValueError(f"a variant must be an object, got {d!r:.80}")
+        size = d["bytes"]
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size < 2**50:
+            raise ValueError(f"bytes must be a positive integer, got {size!r:.40}")
+        quality, backends = d.get("quality", {}), d.get("backends", [])
+        if not isinstance(quality, dict):
+            raise ValueError(f"quality must be an object, got {quality!r:.80}")
+        if not isinstance(backends, list) or not all(b in ("onnxruntime", "openvino") for b in backends):
+            raise ValueError(f"backends must be a list of onnxruntime/openvino, got {backends!r:.80}")
+        for key in ("inputs", "outputs"):
+            if not isinstance(d[key], list) or not d[key]:
+                raise ValueError(f"{key} must be a non-empty list of tensors, got {d[key]!r:.80}")
         return cls(
             precision,
             d["file"],
-            int(d["bytes"]),
+            size,
             tuple(TensorSpec.from_json(t) for t in d["inputs"]),
             tuple(TensorSpec.from_json(t) for t in d["outputs"]),
-            dict(d.get("quality", {})),
-            tuple(d.get("backends", ())),
+            dict(quality),
+            tuple(backends),
         )
 
 
@@ -189,31 +271,90 @@ class Manifest:
         }
 
     def save(self, root: Path) -> None:
-        (Path(root) / MANIFEST_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        """Write ``root/manifest.json`` atomically: a unique temporary file renamed over it (readers never see half)."""
+        root = Path(root)
+        fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", suffix=".tmp", dir=root)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.to_json(), indent=2) + "\n")
+            os.chmod(tmp, 0o666 & ~current_umask())
+            os.replace(tmp, root / MANIFEST_FILE)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def current_umask() -> int:
+    """The process's umask (files we create with mkstemp/mkdtemp get 0600/0700; we widen them to what the user set)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _require(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
     if key not in d:
         raise ArtifactError(f"manifest.json{where} lacks the required key {key!r}")
     value = d[key]
-    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ArtifactError(f"manifest.json{where}: {key!r} must be {names}, got {value!r}")
+        raise ArtifactError(f"manifest.json{where}: {key!r} must be {names}, got {value!r:.80}")
     return value
 
 
+def _ranged(d: dict[str, Any], key: str, kind: type, lo: float, hi: float, where: str = "") -> Any:
+    """A required number within [lo, hi] (finite; NaN and Infinity, which JSON readers accept, are refused)."""
+    value = _require(d, key, (int, float) if kind is float else kind, where)
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise ArtifactError(f"manifest.json{where}: {key!r} must be in [{lo:g}, {hi:g}], got {value!r}")
+    return float(value) if kind is float else value
+
+
+def read_manifest_json(path: Path) -> Any:
+    """``manifest.json`` as parsed JSON; too large, not UTF-8, not JSON or nested too deeply is an ArtifactError."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{path} is {size / 2**20:.0f} MiB; a manifest is at most "
+                                f"{MAX_MANIFEST_BYTES // 2**20} MiB (is this an edgediff artifact?)")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the artifact") from e
+    except RecursionError:
+        raise ArtifactError(f"{path} is nested too deeply to be a manifest; re-export the artifact") from None
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e.strerror}") from e
+
+
+def is_artifact(folder: Path) -> bool:
+    """Whether ``folder`` holds an edgediff ``manifest.json`` (whatever its state otherwise)."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.is_file():
+        return False
+    try:
+        d = read_manifest_json(path)
+    except ArtifactError:
+        return False
+    return isinstance(d, dict) and d.get("format") == FORMAT_NAME
+
+
 def load_manifest(root: str | Path) -> Manifest:
-    """Read and validate ``root/manifest.json``; every referenced file must exist."""
+    """Read and validate ``root/manifest.json``.
+
+    Every field is type- and range-checked; every file it names must lie inside
+    ``root`` (no absolute paths, no ``..``, no symlink out), be a regular file
+    and have the byte size the manifest recorded. All failures are ArtifactError.
+    """
     root = Path(root)
+    if root.is_file():
+        raise ArtifactError(f"{root} is a file, not an artifact folder; --model takes the folder `edgediff export` wrote")
     if not root.is_dir():
         raise ArtifactError(f"{root} is not an artifact folder (no such directory); export one with `edgediff export`")
     path = root / MANIFEST_FILE
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: {root} is not an edgediff artifact (or its export did not finish)")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the artifact") from e
+    artifact_file(root, MANIFEST_FILE, "manifest", (".json",))
+    d = read_manifest_json(path)
     if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{path} is not an edgediff manifest (expected \"format\": \"{FORMAT_NAME}\")")
     version = _require(d, "format_version", int)
@@ -226,7 +367,7 @@ def load_manifest(root: str | Path) -> Manifest:
         raise ArtifactError(f"{path} has an invalid format_version {version}")
     prediction = _require(d, "prediction_type", str)
     if prediction not in PREDICTION_TYPES:
-        raise ArtifactError(f"{path}: prediction_type {prediction!r} is not one of {', '.join(PREDICTION_TYPES)}")
+        raise ArtifactError(f"{path}: prediction_type {prediction!r:.80} is not one of {', '.join(PREDICTION_TYPES)}")
     text = _require(d, "text", dict)
     sched = _require(d, "scheduler", dict)
     comps = _require(d, "components", dict)
@@ -236,44 +377,80 @@ def load_manifest(root: str | Path) -> Manifest:
     components: dict[str, dict[str, Variant]] = {}
     for name, entry in comps.items():
         if name not in COMPONENTS:
-            raise ArtifactError(f"{path}: unknown component {name!r}; known: {', '.join(COMPONENTS)}")
+            raise ArtifactError(f"{path}: unknown component {name!r:.80}; known: {', '.join(COMPONENTS)}")
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"{path}: components.{name} must be an object with \"variants\", got {entry!r:.80}")
         variants = _require(entry, "variants", dict, f" components.{name}")
         try:
             components[name] = {p: Variant.from_json(p, v) for p, v in variants.items()}
         except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"{path}: components.{name} has a malformed variant ({e!r})") from e
+            raise ArtifactError(f"{path}: components.{name} has a malformed variant ({e})") from e
+        if "fp32" not in components[name]:
+            raise ArtifactError(f"{path}: components.{name} has no fp32 variant (export writes one; variants "
+                                "are added beside it)")
         for v in components[name].values():
-            for f in v.files():
-                if not (root / f).is_file():
-                    raise ArtifactError(f"{root / f} is missing ({name} {v.precision}); the artifact is incomplete")
+            _check_variant_files(root, name, v)
+    sample_size = _ranged(d, "sample_size", int, 8, 16384)
+    vae_scale_factor = _require(d, "vae_scale_factor", int)
+    if vae_scale_factor not in VAE_SCALE_FACTORS or sample_size % vae_scale_factor:
+        raise ArtifactError(f"manifest.json: 'vae_scale_factor' must be one of {VAE_SCALE_FACTORS} dividing "
+                            f"sample_size {sample_size}, got {vae_scale_factor!r}")
+    latent_channels = _ranged(d, "latent_channels", int, 1, 256)
+    unet_in_channels = _require(d, "unet_in_channels", int)
+    if unet_in_channels not in (latent_channels, 2 * latent_channels + 1):
+        raise ArtifactError(f"manifest.json: 'unet_in_channels' must be latent_channels ({latent_channels}, an "
+                            f"ordinary UNet) or {2 * latent_channels + 1} (an inpainting UNet), got {unet_in_channels!r}")
+    scheduler = _require(sched, "default", str, " scheduler")
+    if scheduler not in SCHEDULER_NAMES:
+        raise ArtifactError(f"manifest.json scheduler: default {scheduler!r:.80} is not one of {', '.join(SCHEDULER_NAMES)}")
+    provenance = d.get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise ArtifactError(f"manifest.json: 'provenance' must be an object, got {type(provenance).__name__}")
     m = Manifest(
         family=_require(d, "family", str),
         prediction_type=prediction,
-        sample_size=_require(d, "sample_size", int),
-        vae_scale_factor=_require(d, "vae_scale_factor", int),
-        latent_channels=_require(d, "latent_channels", int),
-        unet_in_channels=_require(d, "unet_in_channels", int),
-        scaling_factor=float(_require(d, "scaling_factor", (int, float))),
-        shift_factor=float(d.get("shift_factor") or 0.0),
-        text_max_length=_require(text, "max_length", int, " text"),
-        text_hidden_size=_require(text, "hidden_size", int, " text"),
-        pad_token_id=_require(text, "pad_token_id", int, " text"),
-        scheduler=_require(sched, "default", str, " scheduler"),
+        sample_size=sample_size,
+        vae_scale_factor=vae_scale_factor,
+        latent_channels=latent_channels,
+        unet_in_channels=unet_in_channels,
+        scaling_factor=_ranged(d, "scaling_factor", float, 1e-6, 1e3),
+        shift_factor=_ranged({"shift_factor": d.get("shift_factor") or 0.0}, "shift_factor", float, -1e3, 1e3),
+        text_max_length=_ranged(text, "max_length", int, 3, 4096, " text"),
+        text_hidden_size=_ranged(text, "hidden_size", int, 1, 65536, " text"),
+        pad_token_id=_ranged(text, "pad_token_id", int, 0, 10**7, " text"),
+        scheduler=scheduler,
         components=components,
-        provenance=dict(d.get("provenance", {})),
-        random_weights=bool(d.get("random_weights", False)),
+        provenance=dict(provenance),
+        random_weights=_require({"random_weights": d.get("random_weights", False)}, "random_weights", bool),
         defaults=check_defaults(d.get("defaults", {}), f"{path}: defaults"),
         format_version=version,
     )
     if "text_2" in d or "text_encoder_2" in components:
         text_2 = _require(d, "text_2", dict)
-        for key, kind in (("max_length", int), ("hidden_size", int), ("pad_token_id", int), ("tokenizer", str)):
-            _require(text_2, key, kind, " text_2")
+        _ranged(text_2, "max_length", int, 3, 4096, " text_2")
+        _ranged(text_2, "hidden_size", int, 1, 65536, " text_2")
+        _ranged(text_2, "pad_token_id", int, 0, 10**7, " text_2")
+        _require(text_2, "tokenizer", str, " text_2")
         if "text_encoder_2" not in components:
             raise ArtifactError(f"{path} has text_2 but lists no text_encoder_2 component")
         m.text_2 = dict(text_2)
-        m.force_zeros_for_empty_prompt = bool(d.get("force_zeros_for_empty_prompt", False))
-    for rel in (m.tokenizer_file, m.scheduler_file) + ((m.text_2["tokenizer"],) if m.text_2 else ()):
-        if not (root / rel).is_file():
-            raise ArtifactError(f"{root / rel} is missing; the artifact is incomplete")
+        m.force_zeros_for_empty_prompt = _require(
+            {"force_zeros_for_empty_prompt": d.get("force_zeros_for_empty_prompt", False)}, "force_zeros_for_empty_prompt", bool)
+    for where, rel in (("tokenizer", m.tokenizer_file), ("scheduler config", m.scheduler_file)) + (
+            (("text_2.tokenizer", m.text_2["tokenizer"]),) if m.text_2 else ()):
+        regular_file(artifact_file(root, rel, f"manifest.json {where}", (".json",)), where)
     return m
+
+
+def _check_variant_files(root: Path, component: str, v: Variant) -> None:
+    """Each file of the variant inside the artifact, regular, and together of the recorded size."""
+    where = f"manifest.json components.{component}.variants.{v.precision}"
+    main = regular_file(artifact_file(root, v.file, f"{where}.file", MODEL_SUFFIXES), f"{component} {v.precision}")
+    for extra in v.files()[1:]:
+        path = artifact_file(root, extra, f"{where} (beside {v.file})", (".bin", ".data"))
+        if path.exists() or path.is_symlink() or extra.endswith(".bin"):
+            regular_file(path, f"{component} {v.precision}")
+    actual = disk_bytes(main)
+    if actual != v.bytes:
+        raise ArtifactError(f"{main} ({component} {v.precision}) is {actual} bytes on disk but the manifest recorded "
+                            f"{v.bytes}: the file was truncated or replaced; re-export (or re-quantize) it")
