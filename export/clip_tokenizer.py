@@ -32,15 +32,19 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def open_clip_vocab_path() -> Path:
+    from .components import ExportError
+
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the CLIP vocabulary comes from the open-clip-torch wheel: "
-            "pip install --no-deps open-clip-torch"
+        raise ExportError(
+            "the random-weight recipes build the real CLIP tokenizer from the vocabulary inside the open-clip-torch "
+            "wheel, which is not installed: pip install --no-deps 'open-clip-torch==3.3.0' (--no-deps: its "
+            "torchvision dependency would replace the pinned CPU torch)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
-        raise RuntimeError(f"{path} not found in the installed open-clip-torch")
+        raise ExportError(f"{path} not found in the installed open-clip-torch; reinstall it: "
+                          "pip install --no-deps --force-reinstall 'open-clip-torch==3.3.0'")
     return path
 
 

@@ -2,13 +2,17 @@
 
 The artifact is written into a temporary sibling folder and moved into place
 only after every component passed its parity check, so an interrupted or
-failed export never leaves a folder that looks valid.
+failed export never leaves a folder that looks valid. OUT is locked for the
+whole export (a second export to it waits, then finds it taken), and
+``--force`` replaces only what an export wrote: an edgediff artifact, or an
+empty folder, never a folder of the user's files or the source itself.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -17,13 +21,59 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgediff import __version__
-from edgediff.runtime.manifest import MANIFEST_FILE, Manifest, check_defaults
+from edgediff.runtime.locking import folder_lock
+from edgediff.runtime.manifest import MANIFEST_FILE, Manifest, check_defaults, current_umask, is_artifact
 from edgediff.runtime.schedulers import default_scheduler_name
 
 from . import components as C
 from .components import ExportError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+PARTIAL_MARKER = ".edgediff-partial"  # inside an export's temporary folder: only such folders are cleaned up
+
+
+def check_target(out: str | Path, force: bool, source: str | None = None) -> None:
+    """Refuse an OUT that the export must not write: run before anything loads, and again under OUT's lock.
+
+    OUT may be new, or (with ``force``) an edgediff artifact or an empty
+    folder. Never a file, a symlink, a folder of other files, the source, a
+    folder holding the source, or a folder inside the source.
+    """
+    out = Path(out)
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symlink; give the folder it points to, or another OUT")
+    if source is not None and Path(source).exists():
+        src, dst = Path(source).resolve(), out.resolve()
+        if src == dst or dst in src.parents:
+            raise ExportError(f"the source {source} is inside {out}: writing the artifact there would replace it "
+                              "(with --force, delete it); choose an OUT outside the source")
+        if src in dst.parents:
+            raise ExportError(f"{out} is inside the source {source}; choose an OUT outside the checkpoint folder")
+    if not out.exists():
+        ancestor = next((p for p in out.parents if p.exists()), None)
+        if ancestor is not None and not ancestor.is_dir():
+            raise ExportError(f"{out}: {ancestor} is a file, not a folder")
+        return
+    if not out.is_dir():
+        raise ExportError(f"{out} is a file; OUT must be a folder (new, or with --force an edgediff artifact)")
+    entries = sorted(e.name for e in out.iterdir())
+    if entries and not is_artifact(out):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ExportError(f"{out} already exists and is not an edgediff artifact: it holds {shown}. "
+                          + ("--force would have deleted them; it " if force else "--force ")
+                          + "replaces only an edgediff artifact (a folder with an edgediff manifest.json) or an empty "
+                          "folder. Choose another OUT")
+    if not force:
+        raise ExportError(f"{out} already exists ({'an edgediff artifact' if entries else 'an empty folder'}); "
+                          "pass --force to replace it")
+
+
+def _clean_stale(out: Path, progress: Callable[[str], Any]) -> None:
+    """Remove what interrupted exports to OUT left beside it (we hold OUT's lock: no export is writing them)."""
+    for leftover in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
+        if (leftover / PARTIAL_MARKER).is_file() or is_artifact(leftover):
+            progress(f"removing {leftover}, left by an interrupted export")
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def load_source(source: str, config: str | None = None):
@@ -108,10 +158,16 @@ def export_artifact(
     """
     out = Path(out)
     defaults = check_defaults(defaults or {})
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to overwrite it")
-    if str(source) and Path(source).resolve() == out.resolve():
-        raise ExportError("the artifact folder cannot be the source folder")
+    check_target(out, force, source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, progress):
+        check_target(out, force, source)  # another export may have finished meanwhile
+        _clean_stale(out, progress)
+        return _export(source, out, force, config, random_weights, source_label, defaults, progress)
+
+
+def _export(source: str, out: Path, force: bool, config: str | None, random_weights: bool, source_label: str | None,
+            defaults: dict[str, Any], progress: Callable[[str], Any]) -> Manifest:
     progress(f"loading {source}")
     pipe = load_source(str(source), config)
     xl = getattr(pipe, "text_encoder_2", None) is not None
@@ -126,8 +182,9 @@ def export_artifact(
     pipe.unet.eval()
     pipe.vae.eval()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the artifact gets the user's usual mode
+    (tmp / PARTIAL_MARKER).touch()
     try:
         vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         latent = int(pipe.unet.config.sample_size)
@@ -193,7 +250,9 @@ def export_artifact(
                 "versions": _versions(),
             },
         )
+        (tmp / PARTIAL_MARKER).unlink()
         manifest.save(tmp)  # written last: a folder without it is never taken for an artifact
+        check_target(out, force)  # OUT may have changed during the export
         if out.exists():
             old = out.with_name(f".{out.name}.old-{time.time_ns()}")
             out.rename(old)

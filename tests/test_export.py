@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -52,19 +53,20 @@ def test_refuses_to_overwrite_without_force(tiny_sd1, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     r = run_cli("export", str(tiny_sd1[0]), str(out))
-    assert r.exit_code == 2 and "already exists; pass --force" in r.output
+    assert r.exit_code == 2 and "already exists and is not an edgediff artifact: it holds keep.txt" in r.output
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_force_overwrites(tiny_sd1, tmp_path):
+def test_force_replaces_an_artifact(tiny_sd1, tmp_path):
     out = tmp_path / "a"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    shutil.copytree(tiny_sd1[1], out)
+    (out / "unet" / "model.fp16.onnx").write_bytes(b"a variant of the old export")
     r = run_cli("export", str(tiny_sd1[0]), str(out), "--force")
     assert r.exit_code == 0, r.output
-    assert not (out / "stale.txt").exists()
+    assert not (out / "unet" / "model.fp16.onnx").exists()
     assert load_manifest(out).prediction_type == "epsilon"
-    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary folders left behind
+    # no temporary folders left behind; the lock file beside OUT stays (it is how writers queue)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lock", "a"]
 
 
 def test_failed_parity_leaves_no_artifact(tiny_sd1, tmp_path, monkeypatch):
@@ -82,7 +84,7 @@ def test_failed_parity_leaves_no_artifact(tiny_sd1, tmp_path, monkeypatch):
     r = run_cli("export", str(tiny_sd1[0]), str(out))
     assert r.exit_code == 2
     assert "vae_decoder: ONNX output sample differs from PyTorch" in r.output and "refusing" in r.output
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".a.lock"]  # only the lock file writers queue on
 
 
 def test_bad_sources(tmp_path):
