@@ -22,15 +22,21 @@ Each method is ONNX Runtime's own tooling, not a hand-written converter:
 Every candidate is measured before it is accepted: the final images of a
 fixed prompt set and seeds, with only that component swapped, against the
 fp32 artifact (PSNR, SSIM; on the embedded shapes model also the attribute
-accuracy). Below the gate the variant is refused (its file removed) unless
-``force``. Accepted variants are recorded in the manifest with their figures.
+accuracy). Below the gate (or with any metric not finite) the variant is
+refused (its file removed) unless ``force``. Accepted variants are recorded
+in the manifest with their figures.
+
+Writes hold the artifact's lock (``edgediff.runtime.locking``) from reading
+the manifest to saving it, so concurrent runs queue and each keeps the
+other's variants; candidates are written under unique temporary names.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -40,9 +46,10 @@ import numpy as np
 from edgediff.export.onnx_io import save_onnx
 from PIL import Image
 
-from edgediff.runtime import Pipeline, PrecisionError
+from edgediff.runtime import ArtifactError, Pipeline, PrecisionError
+from edgediff.runtime.locking import folder_lock
+from edgediff.runtime.manifest import MODEL_SUFFIXES, Manifest, Variant, artifact_file, disk_bytes, load_manifest
 from edgediff.runtime.pipeline import from_pil, to_pil
-from edgediff.runtime.manifest import MANIFEST_FILE, Manifest, Variant, load_manifest
 
 from .metrics import psnr, ssim
 
@@ -293,8 +300,9 @@ def measure(root: Path, manifest: Manifest, component: str, precision: str, sett
 
 
 def passes(quality: dict[str, Any], gate: Gate) -> list[str]:
-    """Reasons the variant fails the gate (empty when it passes)."""
-    failures = []
+    """Reasons the variant fails the gate (empty when it passes); a metric that is not finite fails it."""
+    failures = [f"{name} is {quality[name]} (not a finite number)" for name in ("psnr_db", "ssim")
+                if not math.isfinite(quality[name])]
     if quality["psnr_db"] < gate.min_psnr:
         failures.append(f"PSNR {quality['psnr_db']:.1f} dB < {gate.min_psnr} dB")
     if quality["ssim"] < gate.min_ssim:
@@ -329,7 +337,20 @@ def quantize_artifact(
     root = Path(root)
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    manifest = load_manifest(root)
+    gate = gate or Gate()
+    settings = settings or GateSettings()
+    if not settings.prompts or not settings.seeds:
+        raise ValueError("the quality gate needs at least one prompt and one seed (--prompts, --seeds >= 1): "
+                         "a variant measured on no image would pass unmeasured")
+    load_manifest(root)  # a damaged artifact fails before waiting for the lock
+    with folder_lock(root, progress):
+        _remove_partials(root)
+        return _quantize(root, precision, components, force, gate, settings, conv, progress)
+
+
+def _quantize(root: Path, precision: str, components: tuple[str, ...] | None, force: bool, gate: Gate,
+              settings: GateSettings, conv: bool, progress: Callable[[str], Any]) -> dict[str, dict[str, Any]]:
+    manifest = load_manifest(root)  # under the lock: it has every variant added before ours
     components = components or tuple(c for c in DEFAULT_COMPONENTS[precision] if c in manifest.components)
     for comp in components:
         if comp not in manifest.components:
@@ -342,34 +363,25 @@ def quantize_artifact(
         missing = [m for m in ("nncf", "openvino") if importlib.util.find_spec(m) is None]
         if missing:
             raise ValueError(f"{precision} needs {' and '.join(missing)}: pip install 'edgediff[openvino,quantize]'")
-    gate = gate or Gate()
-    settings = settings or GateSettings()
     settings.size = settings.size or manifest.sample_size
     results: dict[str, dict[str, Any]] = {}
     refused: list[str] = []
     for comp in components:
-        src = root / manifest.variant(comp, "fp32").file
-        dst = root / _variant_file(comp, precision)
-        partial = dst.with_suffix(".partial" + dst.suffix)
+        src = artifact_file(root, manifest.variant(comp, "fp32").file, f"{comp} fp32", MODEL_SUFFIXES)
+        dst = artifact_file(root, _variant_file(comp, precision), f"{comp} {precision}", MODEL_SUFFIXES)
+        partial = dst.with_name(f"{dst.stem}{PARTIAL}{uuid.uuid4().hex[:12]}{dst.suffix}")
         progress(f"{comp}: converting to {precision}")
         try:
-            if precision == "fp16":
-                method = convert_fp16(src, partial)
-            elif precision == "int8":
-                method = quantize_int8_dynamic(src, partial, conv=conv)
-            elif precision == "int4":
-                method = quantize_int4(src, partial)
-            else:
-                progress("unet: recording calibration inputs along denoising runs")
-                fp32 = Pipeline.load(root, manifest=manifest, backend="onnxruntime", device="cpu", threads=settings.threads)
-                calibration = record_unet_inputs(fp32, settings)
-                del fp32
-                if precision == "int8-static":
-                    method = quantize_int8_static(src, partial, calibration)
-                else:
-                    method = quantize_nncf(src, partial, calibration, hybrid=precision == "nncf-hybrid")
-            candidate = replace(manifest.variant(comp, "fp32"), precision=precision, file=str(partial.relative_to(root)),
-                                bytes=_size(partial), quality={}, backends=tuple(method.get("backends", ())))
+            try:
+                method = _convert(root, manifest, src, partial, precision, settings, conv, progress)
+            except (ArtifactError, MemoryError):
+                raise
+            except Exception as e:  # onnx, onnxruntime and nncf raise their own types (ValidationError, Fail...)
+                first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+                raise ArtifactError(f"{comp}: the {precision} conversion of {src} failed ({type(e).__name__}: "
+                                    f"{first})") from e
+            candidate = replace(manifest.variant(comp, "fp32"), precision=precision, file=partial.relative_to(root).as_posix(),
+                                bytes=disk_bytes(partial), quality={}, backends=tuple(method.get("backends", ())))
             trial = _with_variant(manifest, comp, candidate)
             progress(f"{comp} {precision}: measuring against fp32")
             try:
@@ -385,10 +397,10 @@ def quantize_artifact(
                 results[comp] = quality
                 continue
             _move(partial, dst)
-            final = replace(candidate, file=str(dst.relative_to(root)), bytes=_size(dst),
-                            quality=quality | {"size_ratio_vs_fp32": round(_size(dst) / manifest.variant(comp).bytes, 3)})
+            final = replace(candidate, file=dst.relative_to(root).as_posix(), bytes=disk_bytes(dst),
+                            quality=quality | {"size_ratio_vs_fp32": round(disk_bytes(dst) / manifest.variant(comp).bytes, 3)})
             manifest = _with_variant(manifest, comp, final)
-            _save_manifest(manifest, root)
+            manifest.save(root)
             results[comp] = final.quality
         finally:
             for leftover in (partial, Path(str(partial) + ".data"), partial.with_suffix(".bin")):
@@ -401,13 +413,43 @@ def quantize_artifact(
     return results
 
 
-def _size(path: Path) -> int:
-    extra = [Path(str(path) + ".data"), path.with_suffix(".bin") if path.suffix == ".xml" else None]
-    return path.stat().st_size + sum(p.stat().st_size for p in extra if p is not None and p.exists())
+PARTIAL = ".partial-"  # in a candidate's file name: model.int8.partial-<unique>.onnx
+
+
+def _convert(root: Path, manifest: Manifest, src: Path, partial: Path, precision: str, settings: GateSettings,
+             conv: bool, progress: Callable[[str], Any]) -> dict[str, Any]:
+    """Write the ``precision`` candidate of ``src`` to ``partial``; returns the method's description."""
+    if precision == "fp16":
+        return convert_fp16(src, partial)
+    if precision == "int8":
+        return quantize_int8_dynamic(src, partial, conv=conv)
+    if precision == "int4":
+        return quantize_int4(src, partial)
+    progress("unet: recording calibration inputs along denoising runs")
+    fp32 = Pipeline.load(root, manifest=manifest, backend="onnxruntime", device="cpu", threads=settings.threads)
+    calibration = record_unet_inputs(fp32, settings)
+    del fp32
+    if precision == "int8-static":
+        return quantize_int8_static(src, partial, calibration)
+    return quantize_nncf(src, partial, calibration, hybrid=precision == "nncf-hybrid")
+
+
+def _remove_partials(root: Path) -> None:
+    """Candidates left by a run that was killed (we hold the lock: no run is writing them now)."""
+    for comp_dir in (p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
+        for leftover in comp_dir.glob(f"model.*{PARTIAL}*"):
+            if leftover.is_file() or leftover.is_symlink():
+                leftover.unlink()
 
 
 def _move(partial: Path, dst: Path) -> None:
-    """Rename the candidate (and its external data, renamed inside the graph) into place."""
+    """Rename the candidate (and its external data, renamed inside the graph) into place.
+
+    A symlink already at ``dst`` is replaced, never written through.
+    """
+    for old in (dst, Path(str(dst) + ".data"), dst.with_suffix(".bin")):
+        if old.is_symlink():
+            old.unlink()
     if partial.suffix == ".xml":  # OpenVINO IR: the .xml finds its weights by name, <stem>.bin
         os.replace(partial.with_suffix(".bin"), dst.with_suffix(".bin"))
         os.replace(partial, dst)
@@ -430,22 +472,19 @@ def _with_variant(manifest: Manifest, component: str, variant: Variant) -> Manif
     return replace(manifest, components=comps)
 
 
-def _save_manifest(manifest: Manifest, root: Path) -> None:
-    tmp = root / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    os.replace(tmp, root / MANIFEST_FILE)
-
-
 def remove_variant(root: str | Path, component: str, precision: str) -> None:
-    """Drop a variant (never fp32) from the artifact and its manifest."""
+    """Drop a variant (never fp32) from the artifact and its manifest; only files inside the artifact are deleted."""
     if precision == "fp32":
         raise ValueError("the fp32 originals stay")
     root = Path(root)
-    manifest = load_manifest(root)
-    variant = manifest.variant(component, precision)
-    comps = {c: dict(v) for c, v in manifest.components.items()}
-    del comps[component][precision]
-    _save_manifest(replace(manifest, components=comps), root)
-    for f in [root / f for f in variant.files()] + [Path(str(root / variant.file) + ".data")]:
-        if f.exists():
-            f.unlink()
+    with folder_lock(root):
+        manifest = load_manifest(root)  # checks every path it names
+        variant = manifest.variant(component, precision)
+        files = [artifact_file(root, f, f"{component} {precision}", (".onnx", ".xml", ".bin", ".data"))
+                 for f in variant.files()]  # checked again right before anything is deleted
+        comps = {c: dict(v) for c, v in manifest.components.items()}
+        del comps[component][precision]
+        replace(manifest, components=comps).save(root)
+        for f in files:
+            if f.exists() or f.is_symlink():
+                f.unlink()
