@@ -20,12 +20,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from edgediff import __version__
 from edgediff.runtime import Pipeline, load_manifest
+from edgediff.runtime.manifest import disk_bytes
 from edgediff.runtime.backends import available_devices
 
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
@@ -73,8 +74,8 @@ def run_bench(
     backend: str = "auto",
     device: str = "auto",
     precision: str | None = None,
-    width: int = 512,
-    height: int = 512,
+    width: int | None = None,
+    height: int | None = None,
     steps: int = 20,
     runs: int = 3,
     warmup: int = 1,
@@ -84,9 +85,14 @@ def run_bench(
     ov_precision: str = "auto",
     cache_dir: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Benchmark one configuration; returns one flat row per measured run."""
+    """Benchmark one configuration (default size: the model's); returns one flat row per measured run."""
+    for name, value, lo in (("runs", runs, 1), ("warmup", warmup, 0), ("steps", steps, 1)):
+        if not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
     root = Path(artifact)
     manifest = load_manifest(root)
+    width = manifest.sample_size if width is None else width
+    height = manifest.sample_size if height is None else height
     with tempfile.TemporaryDirectory() as tmp_cache:
         cache = cache_dir or tmp_cache
         kw = dict(backend=backend, device=device, precision=precision, threads=threads, ov_precision=ov_precision)
@@ -102,7 +108,7 @@ def run_bench(
         for _ in range(warmup):
             pipe.txt2img("warm up", steps=min(2, steps), width=width, height=height, guidance=guidance, scheduler=scheduler)
         desc = pipe.describe()
-        disk = sum(_file_bytes(root, f) for c in pipe.sessions for f in pipe.sessions[c].variant.files())
+        disk = sum(disk_bytes(root / s.variant.file) for s in pipe.sessions.values())
         base = {
             "artifact": str(root), "family": manifest.family, "random_weights": manifest.random_weights,
             "backend": pipe.backend, "device": pipe.device,
@@ -137,34 +143,50 @@ def run_bench(
         return rows
 
 
-def _file_bytes(root: Path, rel: str) -> int:
-    path = root / rel
-    data = Path(str(path) + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+def write_rows(rows: list[dict[str, Any]], out: Path | IO[str]) -> None:
+    """Append the rows as JSON lines to a path or an open text file."""
+    if isinstance(out, (str, Path)):
+        with open(out, "a") as f:
+            write_rows(rows, f)
+        return
+    for row in rows:
+        out.write(json.dumps(row) + "\n")
 
 
-def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+# what --compare reads of each row (all written by run_bench)
+ROW_FIELDS = ("artifact", "backend", "device", "precision", "width", "height", "machine", "disk_bytes", "load_s",
+              "text_encoder_s", "unet_first_s", "unet_rest_median_s", "vae_decode_s", "end_to_end_s", "peak_rss_mb")
 
 
 def read_rows(paths: list[Path]) -> list[dict[str, Any]]:
+    """Rows of ``edgediff bench --json`` files; a line that is not such a row is a ValueError naming it."""
     rows = []
     for path in paths:
-        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n} is not a JSON row ({e})") from e
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{path}:{n} is not a JSON row ({e})") from None
+            missing = [f for f in ROW_FIELDS if not isinstance(row, dict) or f not in row]
+            if missing:
+                raise ValueError(f"{path}:{n} is not an edgediff bench row: it lacks {', '.join(missing)}")
+            bad = [f for f in ROW_FIELDS[7:] if not isinstance(row[f], (int, float)) or isinstance(row[f], bool)]
+            if bad or not isinstance(row["precision"], dict) or not isinstance(row["machine"], dict):
+                raise ValueError(f"{path}:{n} has non-numeric {', '.join(bad) or 'precision/machine'} fields")
+            rows.append(row)
     return rows
 
 
 def label(row: dict[str, Any]) -> str:
-    prec = sorted(set(row["precision"].values()))
+    prec = sorted({str(v) for v in row["precision"].values()})
     return (f"{Path(row['artifact']).name} {row['backend']}/{row['device']} {'+'.join(prec)} "
-            f"{row['width']}x{row['height']} on {row['machine'].get('cpu', '?')[:24]}")
+            f"{row['width']}x{row['height']} on {str(row['machine'].get('cpu', '?'))[:24]}")
 
 
 STAGES = ("load_s", "text_encoder_s", "unet_first_s", "unet_rest_median_s", "vae_decode_s", "end_to_end_s", "peak_rss_mb")

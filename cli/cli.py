@@ -33,7 +33,7 @@ def _fail(message: str) -> None:
 def export(
     source: Optional[str] = typer.Argument(None, help="diffusers folder, .safetensors/.ckpt file, or hub id"),
     out: Optional[Path] = typer.Argument(None, help="artifact folder to write"),
-    force: bool = typer.Option(False, "--force", help="overwrite an existing artifact folder"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it is an edgediff artifact or an empty folder (never other files)"),
     config: Optional[str] = typer.Option(None, help="for single-file checkpoints: a diffusers folder or hub id giving the component configs"),
     random_weights: Optional[str] = typer.Option(
         None, "--random-weights", help="export an architecture built from a recipe with seeded random weights (then the only argument is OUT)"
@@ -45,6 +45,7 @@ def export(
     """Export a Stable Diffusion checkpoint to an artifact folder (ONNX + manifest)."""
     try:
         from edgediff.export import ExportError, export_artifact
+        from edgediff.export.exporter import check_target
         from edgediff.export.recipes import RECIPES, build_pipeline
     except ImportError as e:
         _fail(f"export needs the export extra ({e.name} is missing): pip install 'edgediff[export]'")
@@ -68,8 +69,14 @@ def export(
             _fail(f"unknown recipe {random_weights!r}; valid: {', '.join(RECIPES)}")
     elif source is None or out is None:
         _fail("usage: edgediff export SOURCE OUT (or --random-weights RECIPE OUT)")
-    if out.exists() and not force:
-        _fail(f"{out} already exists; pass --force to overwrite it")
+    try:
+        check_target(out, force, source)  # before anything loads; again under OUT's lock
+        if random_weights:
+            from edgediff.export.clip_tokenizer import open_clip_vocab_path
+
+            open_clip_vocab_path()
+    except ExportError as e:
+        _fail(str(e))
     t0 = time.perf_counter()
     with console.status("exporting") as status:
         try:
@@ -87,6 +94,9 @@ def export(
                                            progress=status.update)
         except (ExportError, OSError, ValueError) as e:
             _fail(str(e))
+        except MemoryError:
+            _fail("out of memory while exporting; close other programs, or export on a machine with more RAM "
+                  "(an SDXL export needs about 20 GB)")
     for comp, variants in manifest.components.items():
         v = variants["fp32"]
         err = v.quality["parity_vs_torch"]["max_rel_err"]
@@ -103,10 +113,10 @@ def quantize(
     min_psnr: float = typer.Option(20.0, help="gate: mean PSNR (dB) of the prompt set's images vs fp32"),
     min_ssim: float = typer.Option(0.70, help="gate: mean SSIM vs fp32"),
     max_accuracy_drop: float = typer.Option(0.10, help="gate (embedded shapes model): allowed drop of attribute accuracy"),
-    steps: int = typer.Option(15, help="denoising steps of the gate's generations"),
+    steps: int = typer.Option(15, min=1, help="denoising steps of the gate's generations"),
     size: Optional[int] = typer.Option(None, help="image side of the gate's generations (default: the model's)"),
     prompts: Optional[str] = typer.Option(None, help="gate prompts separated by '|' (default: a fixed set of 4)"),
-    seeds: int = typer.Option(2, help="seeds per prompt in the gate"),
+    seeds: int = typer.Option(2, min=1, help="seeds per prompt in the gate"),
     conv: bool = typer.Option(False, "--conv", help="int8: quantize Conv too (ConvInteger)"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads"),
 ) -> None:
@@ -117,10 +127,12 @@ def quantize(
     except ImportError as e:
         _fail(f"quantize needs onnx and onnxruntime's tools ({e.name} is missing): pip install 'edgediff[quantize]'")
     from edgediff.models import default_model_path
-    from edgediff.runtime import ArtifactError, BackendError
+    from edgediff.runtime import ArtifactError, BackendError, GenerationError
 
+    if prompts is not None and not any(p.strip() for p in prompts.split("|")):
+        _fail("--prompts needs at least one prompt (separated by '|')")
     settings = GateSettings(
-        prompts=tuple(p.strip() for p in prompts.split("|")) if prompts else DEFAULT_PROMPTS,
+        prompts=tuple(p.strip() for p in prompts.split("|") if p.strip()) if prompts is not None else DEFAULT_PROMPTS,
         seeds=tuple(range(seeds)), steps=steps, size=size, threads=threads,
         evaluate_shapes=artifact.resolve() == default_model_path().resolve(),
     )
@@ -131,8 +143,10 @@ def quantize(
                                         gate=Gate(min_psnr, min_ssim, max_accuracy_drop), settings=settings)
         except QualityGateError as e:
             _fail(str(e))
-        except (ArtifactError, BackendError, ValueError) as e:
+        except (ArtifactError, BackendError, GenerationError, ValueError) as e:
             _fail(str(e))
+        except MemoryError:
+            _fail("out of memory while quantizing; try fewer --components at a time, or a machine with more RAM")
     for comp, q in results.items():
         acc = f", accuracy {q['accuracy']}" if "accuracy" in q else ""
         console.print(f"  {comp:13s} {precision:11s} {q['size_ratio_vs_fp32']:.2f}x fp32 size, "
@@ -155,7 +169,7 @@ def generate(
     backend: str = typer.Option("auto", help="auto, onnxruntime or openvino"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, dml (onnxruntime); cpu, gpu, npu, auto (openvino)"),
     precision: Optional[str] = typer.Option(None, help="component precisions, e.g. fp16 or unet=int8,vae_decoder=fp16"),
-    num_images: int = typer.Option(1, "--num-images", help="images to generate"),
+    num_images: int = typer.Option(1, "--num-images", min=1, help="images to generate (run in UNet batches of at most --max-batch)"),
     image: Optional[Path] = typer.Option(None, "--image", help="input image: img2img, or inpainting with --mask, or outpainting with --extend"),
     strength: Optional[float] = typer.Option(None, help="how much of the schedule to redo, in (0, 1] (default 0.6 for img2img, 1.0 for inpainting)"),
     mask: Optional[Path] = typer.Option(None, "--mask", help="inpainting mask, same size as --image (white = repaint)"),
@@ -168,19 +182,34 @@ def generate(
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache folder"),
     ov_precision: str = typer.Option("auto", "--ov-precision", help="OpenVINO execution precision: auto (bf16 where the CPU has it), f32, bf16, f16"),
     output: Path = typer.Option(Path("edgediff.png"), "--output", "-o", help="PNG to write (several images get -1, -2 ...)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing output files (default: refuse)"),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="per-image pixel budget (default: max(1024x1024, 4x the model's native size))"),
+    max_batch: int = typer.Option(4, "--max-batch", min=1, help="images per UNet call; more run in chunks (chunk at image r seeded seed+r)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="print per-stage timings"),
 ) -> None:
     """Generate images from a prompt with an exported artifact (no PyTorch needed)."""
-    from edgediff.runtime import ArtifactError, BackendError, Pipeline, PrecisionError
+    from edgediff.runtime import ArtifactError, BackendError, GenerationError, Pipeline
+    from edgediff.runtime.outputs import output_paths
 
     if model is None:
         from edgediff.models import default_model_path
 
         model = default_model_path()
+    # everything that can be checked without the model, before it loads
+    if image is None and (mask or extend is not None or strength is not None):
+        _fail("--mask, --extend and --strength need an input --image")
+    if mask is not None and extend is not None:
+        _fail("--mask (inpainting) and --extend (outpainting) exclude each other; give one")
+    try:
+        sides = dict(_parse_sides(extend)) if extend is not None else None
+        paths = output_paths(output, num_images, overwrite)
+    except ValueError as e:
+        _fail(str(e))
     try:
         t0 = time.perf_counter()
         pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, fallback=fallback,
-                             threads=threads, cache_dir=cache_dir, ov_precision=ov_precision)
+                             threads=threads, cache_dir=cache_dir, ov_precision=ov_precision,
+                             max_pixels=max_pixels, max_batch=max_batch)
         load_s = time.perf_counter() - t0
         if pipe.manifest.random_weights:
             console.print("[yellow]note:[/] this artifact has random weights (for latency measurement); it draws noise")
@@ -194,19 +223,19 @@ def generate(
             kw = dict(steps=steps, guidance=guidance, seed=seed, width=width, height=height, scheduler=scheduler,
                       num_images=num_images, rng=rng, callback=on_step)
             if image is None:
-                if mask or extend or strength is not None:
-                    raise ValueError("--mask, --extend and --strength need an input --image")
                 images = pipe.txt2img(prompt, negative or None, **kw)
-            elif extend:
-                sides = dict(_parse_sides(extend))
+            elif sides is not None:
                 images = pipe.outpaint(prompt, image, sides, negative or None, fill=fill, mask_blur=mask_blur, **kw)
             elif mask:
                 images = pipe.inpaint(prompt, image, mask, negative or None, strength=1.0 if strength is None else strength,
                                       mask_blur=mask_blur, keep_unmasked=keep_unmasked, **kw)
             else:
                 images = pipe.img2img(prompt, image, negative or None, strength=0.6 if strength is None else strength, **kw)
-    except (ArtifactError, BackendError, PrecisionError, ValueError) as e:
+    except (ArtifactError, BackendError, GenerationError, ValueError) as e:
         _fail(str(e))
+    except MemoryError:
+        _fail(f"out of memory generating {num_images} image(s) at {width or 'the model'}x{height or 'default'} size; "
+              "ask for a smaller size, fewer images or a smaller --max-batch")
     steps, guidance = pipe.manifest.settings(steps, guidance)  # the values used, for the record
     params = {
         "prompt": prompt, "negative": negative, "steps": steps, "guidance": guidance, "seed": seed, "rng": rng,
@@ -216,7 +245,10 @@ def generate(
     }
     if image is not None:
         params.update(image=str(image), strength=strength, mask=str(mask) if mask else None, extend=extend)
-    paths = _write_images(images, output, params)
+    try:
+        _write_images(images, paths, params)
+    except OSError as e:
+        _fail(f"cannot write {e.filename or output}: {e.strerror}")
     for p in paths:
         typer.echo(f"wrote {p}")
     if verbose:
@@ -224,29 +256,24 @@ def generate(
 
 
 def _parse_sides(text: str):
+    if not text.strip():
+        raise ValueError("--extend takes side=pixels pairs such as left=128,right=128; got an empty value")
     for part in text.split(","):
         side, _, value = part.partition("=")
         try:
             yield side.strip(), int(value)
         except ValueError:
-            raise ValueError(f"--extend takes side=pixels pairs such as left=128,right=128; got {part!r}") from None
+            raise ValueError(f"--extend takes side=pixels pairs such as left=128,right=128; got {part[:40]!r}") from None
 
 
-def _write_images(images, output: Path, params: dict) -> list[Path]:
-    from PIL.PngImagePlugin import PngInfo
+def _write_images(images, paths: list[Path], params: dict) -> None:
+    from edgediff.runtime.outputs import png_info, write_png
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k, image in enumerate(images):
-        path = output if len(images) == 1 else output.with_name(f"{output.stem}-{k + 1}{output.suffix or '.png'}")
-        info = PngInfo()
-        info.add_text("parameters", f"{params['prompt']}\nNegative prompt: {params['negative']}\n"
+    for k, (image, path) in enumerate(zip(images, paths)):
+        parameters = (f"{params['prompt']}\nNegative prompt: {params['negative']}\n"
                       f"Steps: {params['steps']}, Sampler: {params['scheduler']}, CFG scale: {params['guidance']}, "
                       f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}")
-        info.add_text("edgediff", json.dumps({**params, "index": k}))
-        image.save(path, pnginfo=info)
-        paths.append(path)
-    return paths
+        write_png(image, path, png_info(parameters, {**params, "index": k}))
 
 
 def _print_timings(load_s: float, pipe) -> None:
@@ -272,10 +299,10 @@ def bench(
     backend: str = typer.Option("auto", help="auto, onnxruntime or openvino"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, dml, gpu, npu"),
     precision: Optional[str] = typer.Option(None, help="component precisions, e.g. fp16 or unet=int8"),
-    size: str = typer.Option("512x512", help="WIDTHxHEIGHT"),
-    steps: int = typer.Option(20, help="denoising steps per run"),
-    runs: int = typer.Option(3, help="measured runs"),
-    warmup: int = typer.Option(1, help="unmeasured warm-up runs"),
+    size: Optional[str] = typer.Option(None, help="WIDTHxHEIGHT (default: the model's native size)"),
+    steps: int = typer.Option(20, min=1, help="denoising steps per run"),
+    runs: int = typer.Option(3, min=1, help="measured runs"),
+    warmup: int = typer.Option(1, min=0, help="unmeasured warm-up runs"),
     guidance: float = typer.Option(7.5, help="guidance scale (> 1: UNet batch 2)"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads"),
     ov_precision: str = typer.Option("auto", "--ov-precision", help="OpenVINO execution precision"),
@@ -285,7 +312,7 @@ def bench(
 ) -> None:
     """Measure cold load, per-stage latency, peak memory and disk size; or compare saved rows."""
     from edgediff.benchmarks import bench as B
-    from edgediff.runtime import ArtifactError, BackendError
+    from edgediff.runtime import ArtifactError, BackendError, GenerationError
 
     if compare:
         try:
@@ -309,28 +336,39 @@ def bench(
             B.chart(summary, chart)
             typer.echo(f"wrote {chart}")
         return
-    try:
-        width, height = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        _fail(f"--size must be WIDTHxHEIGHT, e.g. 512x512; got {size!r}")
+    width = height = None
+    if size is not None:
+        try:
+            width, height = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            _fail(f"--size must be WIDTHxHEIGHT, e.g. 512x512; got {size!r}")
     if artifact is None:
         from edgediff.models import default_model_path
 
         artifact = default_model_path()
+    rows_file = None
+    if json_out:
+        try:  # opened now: a bad path fails before the benchmark, not after it
+            rows_file = open(json_out, "a")
+        except OSError as e:
+            _fail(f"--json {json_out}: cannot write it ({e.strerror})")
     try:
         rows = B.run_bench(artifact, backend=backend, device=device, precision=precision, width=width, height=height,
                            steps=steps, runs=runs, warmup=warmup, guidance=guidance, threads=threads,
                            ov_precision=ov_precision)
-    except (ArtifactError, BackendError, ValueError) as e:
+    except (ArtifactError, BackendError, GenerationError, ValueError) as e:
         _fail(str(e))
+    except MemoryError:
+        _fail("out of memory during the benchmark; try a smaller --size")
     for row in rows:
         typer.echo(f"run {row['run']}: total {row['end_to_end_s']:.3f} s, unet first {row['unet_first_s']:.3f} s, "
                    f"rest median {row['unet_rest_median_s']:.3f} s, vae {row['vae_decode_s']:.3f} s, "
                    f"peak {row['peak_rss_mb']:.0f} MB")
     typer.echo(f"load {rows[0]['load_s']:.2f} s" + (f" (cached {rows[0]['load_cached_s']:.2f} s)" if rows[0]["load_cached_s"] else "")
                + f" on {rows[0]['backend']} {rows[0]['execution']['unet']} ({rows[0]['execution_precision']['unet']})")
-    if json_out:
-        B.write_rows(rows, json_out)
+    if rows_file is not None:
+        with rows_file:
+            B.write_rows(rows, rows_file)
         typer.echo(f"appended {len(rows)} rows to {json_out}")
 
 
@@ -355,8 +393,14 @@ def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omi
                 only = f" ({', '.join(v.backends)} only)" if v.backends else ""
                 table.add_row(comp, prec + only, f"{v.bytes / 1e6:.1f}", ins, json.dumps(v.quality.get("parity_vs_torch", v.quality))[:80])
         Console().print(table)
-        Console().print(f"provenance: {json.dumps(m.provenance)}")
+        provenance = json.dumps(m.provenance)
+        if len(provenance) > INFO_PROVENANCE_CHARS:
+            provenance = provenance[:INFO_PROVENANCE_CHARS] + f"... ({len(provenance) - INFO_PROVENANCE_CHARS:,} more characters in manifest.json)"
+        Console().print(f"provenance: {provenance}", markup=False, soft_wrap=True)
     Console().print_json(json.dumps({"backends": available_devices()}))
+
+
+INFO_PROVENANCE_CHARS = 2000
 
 
 def main() -> None:

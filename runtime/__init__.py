@@ -2,7 +2,7 @@
 
 from .backends import BackendError, available_devices
 from .manifest import ArtifactError, Manifest, load_manifest
-from .pipeline import Pipeline, PrecisionError
+from .pipeline import GenerationError, Pipeline, PrecisionError
 from .schedulers import SCHEDULER_NAMES
 
-__all__ = ["ArtifactError", "BackendError", "Manifest", "Pipeline", "PrecisionError", "SCHEDULER_NAMES", "available_devices", "load_manifest"]
+__all__ = ["ArtifactError", "BackendError", "GenerationError", "Manifest", "Pipeline", "PrecisionError", "SCHEDULER_NAMES", "available_devices", "load_manifest"]

@@ -14,6 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+SHOWN_TOKENS = 20  # of a truncated prompt's dropped part, in the warning
 
 
 class PromptTokenizer:
@@ -27,6 +28,9 @@ class PromptTokenizer:
         self.eos = self._tok.token_to_id(EOS)
         if self.bos is None or self.eos is None:
             raise ValueError(f"{path} is not a CLIP tokenizer (no {BOS} / {EOS} tokens)")
+        if pad_token_id >= self._tok.get_vocab_size():
+            raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary of {path} "
+                             f"({self._tok.get_vocab_size()} tokens)")
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         rows = []
@@ -34,10 +38,12 @@ class PromptTokenizer:
         for prompt in prompts:
             ids = self._tok.encode(prompt, add_special_tokens=False).ids
             if len(ids) > room:
-                dropped = self._tok.decode(ids[room:])
+                dropped = ids[room:]
+                shown = self._tok.decode(dropped[:SHOWN_TOKENS])
+                more = f" and {len(dropped) - SHOWN_TOKENS} more tokens" if len(dropped) > SHOWN_TOKENS else ""
                 warnings.warn(
                     f"the prompt is longer than the text encoder's {self.max_length} tokens; "
-                    f"this part was truncated: {dropped!r}",
+                    f"{len(dropped)} tokens were truncated: {shown!r}{more}",
                     stacklevel=3,
                 )
                 ids = ids[:room]
