@@ -61,7 +61,10 @@ class Session:
             raise
         except Exception as e:  # each backend raises its own types; the message is what matters
             first = str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__
-            raise BackendError(f"{self.component} ({self.variant.file}) failed on {self.backend} {self.device}: {first}") from e
+            hint = ("; that is out of memory at this size: ask for a smaller image or fewer images per UNet call "
+                    "(--max-batch)") if "alloc" in first.lower() else ""
+            raise BackendError(f"{self.component} ({self.variant.file}) failed on {self.backend} {self.device}: "
+                               f"{first}{hint}") from e
         self.durations.append(time.perf_counter() - t0)
         return {spec.name: out for spec, out in zip(self.variant.outputs, outputs)}
 
@@ -185,7 +188,7 @@ def _open_ort(path: Path, device: str, options: BackendOptions, outputs: list[st
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if options.threads:
         so.intra_op_num_threads = options.threads
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors reach the user once, as our BackendError, not also as ONNX Runtime's log line
     providers = [provider] if device == "cpu" else [provider, "CPUExecutionProvider"]
     try:
         sess = ort.InferenceSession(str(path), so, providers=providers)

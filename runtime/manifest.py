@@ -50,16 +50,17 @@ def check_defaults(defaults: dict[str, Any], where: str = "defaults") -> dict[st
     model guidance 4: the artifact says so, and callers that name neither get them.
     """
     if not isinstance(defaults, dict):
-        raise ArtifactError(f"{where} must be an object with steps and/or guidance, got {defaults!r}")
+        raise ArtifactError(f"{where} must be an object with steps and/or guidance, got {defaults!r:.80}")
     unknown = set(defaults) - {"steps", "guidance"}
     if unknown:
-        raise ArtifactError(f"{where} has unknown keys {sorted(unknown)}; accepted: steps, guidance")
+        raise ArtifactError(f"{where} has unknown keys {sorted(str(k)[:40] for k in unknown)}; accepted: steps, guidance")
     steps = defaults.get("steps")
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-        raise ArtifactError(f"{where}.steps must be an integer >= 1, got {steps!r}")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000):
+        raise ArtifactError(f"{where}.steps must be an integer >= 1 (at most 1000), got {steps!r:.40}")
     guidance = defaults.get("guidance")
-    if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not guidance >= 0):
-        raise ArtifactError(f"{where}.guidance must be a number >= 0, got {guidance!r}")
+    if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool)
+                                 or not (math.isfinite(guidance) and guidance >= 0)):
+        raise ArtifactError(f"{where}.guidance must be a finite number >= 0, got {guidance!r:.40}")
     return {k: v for k, v in (("steps", steps), ("guidance", None if guidance is None else float(guidance))) if v is not None}
 
 

@@ -25,6 +25,8 @@ from .manifest import current_umask
 def output_paths(output: str | Path, count: int, overwrite: bool = False) -> list[Path]:
     """The files ``count`` images go to: ``out.png``, or ``out-1.png``, ``out-2.png``... for several."""
     output = Path(output)
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder; give a file name ending in .png")
     if output.suffix.lower() != ".png":
         raise ValueError(f"--output {output}: images are written as PNG (with their generation parameters); "
                          "give a file name ending in .png")

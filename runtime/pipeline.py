@@ -69,7 +69,8 @@ class Guidance:
         if not self.enabled:
             return out
         uncond, cond = np.split(out, 2)
-        return uncond + np.float32(self.scale) * (cond - uncond)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught, with its step, by the NaN/Inf guard
+            return uncond + np.float32(self.scale) * (cond - uncond)
 
 
 @dataclass
@@ -307,6 +308,12 @@ class Pipeline:
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be a function (done, total), got {type(callback).__name__}")
         total = len(prompts) * num_images
+        width, height = kw.get("width") or self.manifest.sample_size, kw.get("height") or self.manifest.sample_size
+        if isinstance(width, int) and isinstance(height, int):
+            check_pixels(width, height, self.max_pixels)  # before the total: one huge image is a size problem
+        if isinstance(width, int) and isinstance(height, int) and total * width * height > MAX_TOTAL_PIXELS:
+            raise ValueError(f"{total} images of {width}x{height} exceed {MAX_TOTAL_PIXELS:,} pixels in one call "
+                             "(they are all held in memory); ask for fewer and call again with another seed")
         if seed + total - 1 >= 2**64:
             raise ValueError("seed + images must stay below 2**64 (each chunk is seeded with seed + its first image)")
         if latents is not None and (not isinstance(latents, np.ndarray) or latents.ndim != 4 or len(latents) != total):
@@ -422,9 +429,6 @@ class Pipeline:
         _check_args(width, height, steps, guidance, num_images, scheduler, rng, seed, m.vae_scale_factor)
         check_pixels(width, height, self.max_pixels)
         batch = len(prompts) * num_images
-        if batch * width * height > MAX_TOTAL_PIXELS:
-            raise ValueError(f"{batch} images of {width}x{height} exceed {MAX_TOTAL_PIXELS:,} pixels in one call "
-                             "(they are all held in memory); ask for fewer and call again with another seed")
         self.last_timings = Timings()
         t0 = time.perf_counter()
         cfg = Guidance(guidance)

@@ -58,11 +58,11 @@ def test_newer_format_version(artifact_copy):
 
 
 @pytest.mark.parametrize("defaults, message", [
-    ({"steps": 0}, "defaults.steps must be an integer >= 1, got 0"),
+    ({"steps": 0}, "defaults.steps must be an integer >= 1 \\(at most 1000\\), got 0"),
     ({"steps": True}, "defaults.steps must be an integer >= 1"),
     ({"steps": 2.5}, "defaults.steps must be an integer >= 1"),
-    ({"guidance": -1}, "defaults.guidance must be a number >= 0, got -1"),
-    ({"guidance": "high"}, "defaults.guidance must be a number >= 0"),
+    ({"guidance": -1}, "defaults.guidance must be a finite number >= 0, got -1"),
+    ({"guidance": "high"}, "defaults.guidance must be a finite number >= 0"),
     ({"cfg": 4}, "unknown keys \\['cfg'\\]; accepted: steps, guidance"),
     ([20, 4], "defaults must be an object with steps and/or guidance"),
 ])

@@ -59,8 +59,8 @@ def test_cli_generate_uses_and_reports_them(recommended, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--default-steps", "0"], "--default-steps/--default-guidance.steps must be an integer >= 1, got 0"),
-    (["--default-guidance", "-1"], "--default-steps/--default-guidance.guidance must be a number >= 0"),
+    (["--default-steps", "0"], "--default-steps/--default-guidance.steps must be an integer >= 1 (at most 1000), got 0"),
+    (["--default-guidance", "-1"], "--default-steps/--default-guidance.guidance must be a finite number >= 0"),
 ])
 def test_bad_values_are_refused_before_exporting(tiny_sd1, tmp_path, args, message):
     out = tmp_path / "artifact"
