@@ -1,101 +1,38 @@
 """Parity of the numpy Euler, Euler a, Heun, DPM-Solver++ 2M and UniPC schedulers with diffusers.
 
-Both sides run the same sampling loop from the same torch-seeded noise with the same stand-in UNet
-(a deterministic function of the scaled input and the timestep); the final latents must agree.
+Both sides run the same sampling loop (tests/scheduler_harness.py) from the same torch-seeded noise with the
+same stand-in UNet (a deterministic function of the scaled input and the timestep); the final latents must agree.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
 import pytest
 
-from .conftest import SD15_SCHEDULER_CONFIG
+from edgediff.runtime.rng import TorchRandn
+from edgediff.runtime.schedulers import make_scheduler
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+from .scheduler_harness import CONFIGS, K_FAMILY, NO_STRAY_RUNTIME_WARNINGS, ODD_SHAPE, SD15, check_parity, fake_unet
 
-from edgediff.runtime.rng import TorchRandn  # noqa: E402
-from edgediff.runtime.schedulers import make_scheduler  # noqa: E402
+pytestmark = NO_STRAY_RUNTIME_WARNINGS
 
-# our name -> (diffusers class, extra kwargs the registry adds)
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-
-SD15 = SD15_SCHEDULER_CONFIG
-SD2 = {**SD15, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
-LINSPACE = {**SD15, "timestep_spacing": "linspace"}
-CONFIGS = {"sd15": SD15, "sd2_v_trailing": SD2, "linspace": LINSPACE}
-
-pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # no stray overflow / 0-division in our ports
-
-SHAPE = (2, 4, 5, 7)  # batch of 2; 280 values, not a multiple of 16 (torch.randn's tail path)
-
-
-def fake_unet(x_in: np.ndarray, t: float) -> np.ndarray:
-    return (0.3 * x_in + 0.05 * np.cos(t / 100)).astype(np.float32)
-
-
-def run_diffusers(name: str, config: dict[str, Any], steps: int, seed: int):
-    cls_name, extra = SCHEDULERS[name]
-    sched = getattr(diffusers, cls_name).from_config(config, **extra)
-    sched.set_timesteps(steps)
-    gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(SHAPE, generator=gen) * sched.init_noise_sigma
-    step_kwargs = {"generator": gen} if "generator" in inspect.signature(sched.step).parameters else {}
-    for t in sched.timesteps:
-        x_in = sched.scale_model_input(latents, t)
-        model_output = torch.from_numpy(fake_unet(x_in.numpy(), float(t)))
-        latents = sched.step(model_output, t, latents, **step_kwargs).prev_sample
-    return sched.timesteps.numpy(), float(sched.init_noise_sigma), latents.numpy()
-
-
-def run_ours(name: str, config: dict[str, Any], steps: int, seed: int):
-    sched = make_scheduler(name, config, steps)
-    rng = TorchRandn(seed)
-    latents = rng.randn(SHAPE) * sched.init_noise_sigma
-    for i, t in enumerate(sched.timesteps):
-        x_in = sched.scale_model_input(latents, i)
-        latents = sched.step(fake_unet(x_in, float(t)), i, latents, rng)
-        assert latents.dtype == np.float32
-    return np.asarray(sched.timesteps), sched.init_noise_sigma, latents
-
-
-def check_parity(name: str, config: dict[str, Any], steps: int, seed: int, rtol: float = 1e-4) -> float:
-    """Assert parity; return the error relative to the tolerance's scale."""
-    ts_ref, sigma_ref, ref = run_diffusers(name, config, steps, seed)
-    ts, sigma, out = run_ours(name, config, steps, seed)
-    assert isinstance(sigma, float)
-    assert ts.shape == ts_ref.shape, (ts, ts_ref)
-    np.testing.assert_allclose(ts, ts_ref.astype(np.float64), rtol=0, atol=1e-4)
-    assert sigma == pytest.approx(sigma_ref, rel=1e-6)
-    assert np.isfinite(ref).all()
-    scale = max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(out.astype(np.float64) - ref).max())
-    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:g} * {scale:.3g}"
-    return err / scale
+SHAPE = ODD_SHAPE
 
 
 @pytest.mark.parametrize("seed", [0, 1234])
 @pytest.mark.parametrize("steps", [1, 2, 7, 20])
 @pytest.mark.parametrize("config_name", list(CONFIGS))
-@pytest.mark.parametrize("name", list(SCHEDULERS))
+@pytest.mark.parametrize("name", K_FAMILY)
 def test_parity(name: str, config_name: str, steps: int, seed: int) -> None:
-    check_parity(name, CONFIGS[config_name], steps, seed)
+    check_parity(name, CONFIGS[config_name], steps, seed, SHAPE)
 
 
 # Config values beyond the three checkpoint styles, each honoured by our port: (scheduler, overrides of SD15)
 FEATURES: list[tuple[str, dict[str, Any]]] = [
-    *((name, {}) for name in SCHEDULERS),  # SD15 as is
-    *((name, {"__empty__": True}) for name in SCHEDULERS),  # {}: every class default
+    *((name, {}) for name in K_FAMILY),  # SD15 as is
+    *((name, {"__empty__": True}) for name in K_FAMILY),  # {}: every class default
     ("euler", {"use_karras_sigmas": True}),
     ("euler", {"use_karras_sigmas": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
     ("euler", {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
@@ -195,7 +132,7 @@ def test_parity_config_features(name: str, overrides: dict[str, Any], steps: int
     # there leaves ~1e-4 of the final scale in diffusers itself (its float32 run vs the same run in float64),
     # and torch's float32 sqrt/exp/log differ from numpy's by up to an ulp, so allow 3e-4 for those configs.
     rtol = 3e-4 if overrides.get("rescale_betas_zero_snr") else 1e-4
-    check_parity(name, _feature_config(overrides), steps, seed=7, rtol=rtol)
+    check_parity(name, _feature_config(overrides), steps, seed=7, shape=SHAPE, rtol=rtol)
 
 
 def test_heun_timesteps_and_order() -> None:

@@ -1,4 +1,5 @@
-"""What every scheduler shares: the training noise schedule and the interface.
+"""What every scheduler shares: the interface, the training noise schedule and the small pure
+functions the ports have in common.
 
 A scheduler is built for one generation: ``make(config, num_inference_steps)``
 precomputes every table in numpy; the pipeline then calls, for
@@ -19,6 +20,16 @@ order from the index while using only the derivatives it has gathered).
 ``config`` is the checkpoint's ``scheduler_config.json`` (as diffusers wrote it);
 each scheduler reads the keys it knows with its own defaults for missing ones,
 which is what diffusers' ``XScheduler.from_config(config)`` does.
+
+Two parameterisations of the noise level appear below, as in diffusers:
+
+* DDPM / "variance preserving": x_t = alpha_t x0 + sigma_t eps with alpha_t = sqrt(alpha_bar_t),
+  sigma_t = sqrt(1 - alpha_bar_t) (DDIM, PNDM, LCM, and DPM-Solver / UniPC's alpha_t, sigma_t tables);
+* k-diffusion / "variance exploding": x = x0 + sigma eps with sigma = sqrt((1 - alpha_bar) / alpha_bar),
+  the UNet seeing x / sqrt(sigma^2 + 1) (Euler, Euler a, Heun, LMS; Karras et al. 2022).
+
+Every function keeps diffusers' float32 / float64 operation order: the ports are bit-for-bit what they were
+when each computed these values itself.
 """
 
 from __future__ import annotations
@@ -27,11 +38,65 @@ from typing import Any, Protocol
 
 import numpy as np
 
+# --- the interface ---
+
 
 class NoiseSource(Protocol):
     """The pipeline's random stream (see ``edgediff.runtime.rng``)."""
 
     def randn(self, shape: tuple[int, ...]) -> np.ndarray: ...
+
+
+class Scheduler(Protocol):
+    """Interface every scheduler satisfies (structural: no base class needed).
+
+    Set by ``__init__(config, num_inference_steps)``:
+      timesteps:        float array, one entry per UNet call, in call order
+      init_noise_sigma: scale of the initial Gaussian latents
+      order:            UNet calls per solver step (2 for Heun), for progress bars
+                        and for img2img's start index (diffusers' ``t_start * order``)
+
+    The loop may start at any index ``start`` (img2img / inpainting, after
+    ``add_noise(x0, noise, start)``) and must then call ``step`` for every index
+    ``start, start + 1, ..., len(timesteps) - 1`` in order, on a freshly built
+    scheduler: the result equals diffusers' after ``set_begin_index(start)``.
+    """
+
+    timesteps: np.ndarray
+    init_noise_sigma: float
+    order: int
+
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
+        """Input scaling before the UNet call at index ``i``."""
+        ...
+
+    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
+        """Advance ``sample`` past UNet call ``i`` given the (guided) model output."""
+        ...
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """Forward diffusion of a clean latent to the noise level of UNet call ``i``, float32: diffusers'
+        ``add_noise(original, noise, timesteps[i:i + 1])`` after ``set_begin_index(i)`` (or, once the
+        loop has stepped through call ``i - 1``, at its current step index, as for inpainting)."""
+        ...
+
+
+# --- reading the config ---
+
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")  # Table 2 of Lin et al. 2023
+BOOL_OR_NONE = (False, True, None)  # a flag we implement; diffusers saves an unset flag as None
+OFF = (False, None)  # a flag we do not implement: accepted only when off
+
+
+def config_choice(config: dict[str, Any], key: str, default: Any, accepted: tuple[Any, ...]) -> Any:
+    """``config.get(key, default)``, or ValueError naming the key, the value and what is accepted."""
+    value = config.get(key, default)
+    if not any(value is a or (type(value) is type(a) and value == a) for a in accepted):
+        raise ValueError(f"{key}={value!r} is not supported; accepted: {', '.join(repr(a) for a in accepted)}")
+    return value
+
+
+# --- the training noise schedule (the schedulers' ``__init__``) ---
 
 
 def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
@@ -100,73 +165,44 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (1 - alphas).astype(np.float32)
 
 
-class Scheduler(Protocol):
-    """Interface every scheduler satisfies (structural: no base class needed).
-
-    Set by ``__init__(config, num_inference_steps)``:
-      timesteps:        float array, one entry per UNet call, in call order
-      init_noise_sigma: scale of the initial Gaussian latents
-      order:            UNet calls per solver step (2 for Heun), for progress bars
-                        and for img2img's start index (diffusers' ``t_start * order``)
-
-    The loop may start at any index ``start`` (img2img / inpainting, after
-    ``add_noise(x0, noise, start)``) and must then call ``step`` for every index
-    ``start, start + 1, ..., len(timesteps) - 1`` in order, on a freshly built
-    scheduler: the result equals diffusers' after ``set_begin_index(start)``.
-    """
-
-    timesteps: np.ndarray
-    init_noise_sigma: float
-    order: int
-
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        """Input scaling before the UNet call at index ``i``."""
-        ...
-
-    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
-        """Advance ``sample`` past UNet call ``i`` given the (guided) model output."""
-        ...
-
-    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
-        """Forward diffusion of a clean latent to the noise level of UNet call ``i``, float32: diffusers'
-        ``add_noise(original, noise, timesteps[i:i + 1])`` after ``set_begin_index(i)`` (or, once the
-        loop has stepped through call ``i - 1``, at its current step index, as for inpainting)."""
-        ...
+def training_alphas_cumprod(
+    config: dict[str, Any], *, zero_terminal_snr: bool, finite_first_sigma: bool = False
+) -> np.ndarray:
+    """alphas_cumprod of the config's betas, first rescaled to zero terminal SNR when ``zero_terminal_snr``
+    (the config's ``rescale_betas_zero_snr``). With ``finite_first_sigma`` (Euler, Euler a, DPM-Solver, UniPC)
+    a rescaled schedule ends at alpha_bar = 2**-24 instead of 0, as diffusers sets it, so that the first
+    sigma = sqrt((1 - alpha_bar) / alpha_bar) is not inf; DDIM and LCM keep the 0."""
+    betas = train_betas(config)
+    # Rescale for zero SNR
+    if zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    acp = alphas_cumprod(config, betas)
+    if zero_terminal_snr and finite_first_sigma:
+        # Close to 0 without being 0 so first sigma is not inf
+        acp[-1] = 2**-24
+    return acp
 
 
-def ddpm_add_noise(alpha_prod: np.floating, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """sqrt(alpha_bar) * x0 + sqrt(1 - alpha_bar) * noise in float32 (DDPM/DDIM/PNDM/LCM ``add_noise``)."""
-    alpha_prod = np.float32(alpha_prod)
-    sqrt_alpha_prod = np.sqrt(alpha_prod)
-    sqrt_one_minus_alpha_prod = np.sqrt(np.float32(1) - alpha_prod)
-    original = np.asarray(original, dtype=np.float32)
-    noise = np.asarray(noise, dtype=np.float32)
-    return (sqrt_alpha_prod * original + sqrt_one_minus_alpha_prod * noise).astype(np.float32, copy=False)
+def final_alpha_cumprod(config: dict[str, Any], acp: np.ndarray, set_alpha_to_one_default: bool) -> np.floating:
+    """alpha_bar "before" timestep 0, for the final step, where there is no previous alphas_cumprod:
+    ``set_alpha_to_one`` decides whether it is 1 or the alphas_cumprod of step 0 (DDIM, PNDM, LCM)."""
+    return np.float32(1.0) if config.get("set_alpha_to_one", set_alpha_to_one_default) else acp[0]
 
 
-def sigma_add_noise(sigma: np.floating, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """x0 + noise * sigma in float32 (the k-diffusion schedulers' ``add_noise``: Euler, Heun, LMS)."""
-    original = np.asarray(original, dtype=np.float32)
-    noise = np.asarray(noise, dtype=np.float32)
-    return (original + noise * np.float32(sigma)).astype(np.float32, copy=False)
+def alphas_cumprod_at(acp: np.ndarray, timesteps: np.ndarray, final: np.floating) -> np.ndarray:
+    """float32 alphas_cumprod at each integer timestep, or ``final`` where it is negative (a "previous
+    timestep" past the end of the schedule; DDIM's and LCM's ``alpha_prod_t_prev``)."""
+    return np.where(timesteps >= 0, acp[np.maximum(timesteps, 0)], final).astype(np.float32)
 
 
-# --- helpers shared by the sigma-based ("k-diffusion") and multistep schedulers ---
-
-
-def config_choice(config: dict[str, Any], key: str, default: Any, accepted: tuple[Any, ...]) -> Any:
-    """``config.get(key, default)``, or ValueError naming the key, the value and what is accepted."""
-    value = config.get(key, default)
-    if not any(value is a or (type(value) is type(a) and value == a) for a in accepted):
-        raise ValueError(f"{key}={value!r} is not supported; accepted: {', '.join(repr(a) for a in accepted)}")
-    return value
+# --- inference timesteps (``set_timesteps``) ---
 
 
 def discrete_timesteps(config: dict[str, Any], num_inference_steps: int) -> np.ndarray:
     """Float32 timesteps of Euler/Heun/LMS ``set_timesteps`` ("linspace", "leading", "trailing"),
     Table 2 of Lin et al. 2023 (https://huggingface.co/papers/2305.08891)."""
     n_train = int(config.get("num_train_timesteps", 1000))
-    spacing = config_choice(config, "timestep_spacing", "linspace", ("linspace", "leading", "trailing"))
+    spacing = config_choice(config, "timestep_spacing", "linspace", TIMESTEP_SPACINGS)
     if spacing == "linspace":
         return np.linspace(0, n_train - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
     if spacing == "leading":
@@ -182,7 +218,7 @@ def multistep_timesteps(config: dict[str, Any], num_inference_steps: int, last_t
     ``num_train_timesteps`` unless DPM-Solver's ``lambda_min_clipped`` cuts the schedule."""
     n_train = int(config.get("num_train_timesteps", 1000))
     n = num_inference_steps
-    spacing = config_choice(config, "timestep_spacing", "linspace", ("linspace", "leading", "trailing"))
+    spacing = config_choice(config, "timestep_spacing", "linspace", TIMESTEP_SPACINGS)
     if spacing == "linspace":
         return np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
     if spacing == "leading":
@@ -191,6 +227,19 @@ def multistep_timesteps(config: dict[str, Any], num_inference_steps: int, last_t
         return timesteps + int(config.get("steps_offset", 0))
     step_ratio = n_train / n
     return np.arange(last_timestep, 0, -step_ratio).round().copy().astype(np.int64) - 1
+
+
+# --- k-diffusion sigmas: Euler, Euler a, Heun, LMS (and DPM-Solver / UniPC's sigma tables) ---
+
+
+def sigmas_from_alphas_cumprod(acp: np.ndarray) -> np.ndarray:
+    """Noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) of every training timestep."""
+    return ((1 - acp) / acp) ** 0.5
+
+
+def interpolate_sigmas(timesteps: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:
+    """float64 sigmas at (possibly fractional) ``timesteps``, linear in the training timestep."""
+    return np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
 
 
 def sigma_to_t(sigma: np.ndarray | float, log_sigmas: np.ndarray) -> np.ndarray:
@@ -212,6 +261,12 @@ def sigma_to_t(sigma: np.ndarray | float, log_sigmas: np.ndarray) -> np.ndarray:
     return t.reshape(sigma.shape)
 
 
+def sigmas_to_timesteps(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma, one at a time as diffusers does
+    (``np.array([self._sigma_to_t(sigma, log_sigmas) for sigma in sigmas])``)."""
+    return np.array([sigma_to_t(sigma, log_sigmas) for sigma in sigmas])
+
+
 def karras_sigmas(in_sigmas: np.ndarray, num_inference_steps: int, config: dict[str, Any]) -> np.ndarray:
     """Karras et al. 2022 (EDM, https://huggingface.co/papers/2206.00364) rho=7 noise levels, float64, from
     ``config["sigma_max"]``/``["sigma_min"]`` or else ``in_sigmas[0]``/``[-1]`` (diffusers' ``_convert_to_karras``;
@@ -225,3 +280,121 @@ def karras_sigmas(in_sigmas: np.ndarray, num_inference_steps: int, config: dict[
     min_inv_rho = sigma_min ** (1 / rho)
     max_inv_rho = sigma_max ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def discrete_sigma_schedule(
+    config: dict[str, Any],
+    acp: np.ndarray,
+    num_inference_steps: int,
+    use_karras_sigmas: bool,
+    karras_bounds_from_config: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Timesteps and their sigmas (without the final sigma) of Euler / Euler a / Heun / LMS ``set_timesteps``:
+    the training sigmas interpolated at ``discrete_timesteps``, or with ``use_karras_sigmas`` the Karras
+    sigmas and their fractional timesteps. ``karras_bounds_from_config`` False: the Karras sigmas span the
+    interpolated ones whatever ``sigma_min`` / ``sigma_max`` say (LMS's ``_convert_to_karras``)."""
+    timesteps = discrete_timesteps(config, num_inference_steps)
+    train_sigmas = sigmas_from_alphas_cumprod(acp)
+    log_sigmas = np.log(train_sigmas)
+    sigmas = interpolate_sigmas(timesteps, train_sigmas)
+    if use_karras_sigmas:
+        sigmas = karras_sigmas(sigmas, num_inference_steps, config if karras_bounds_from_config else {})
+        timesteps = sigmas_to_timesteps(sigmas, log_sigmas)
+    return timesteps, sigmas
+
+
+def final_sigma(acp: np.ndarray, final_sigmas_type: str) -> np.floating | int:
+    """The sigma after the last step (``final_sigmas_type``): 0 ("zero"), or the smallest training sigma
+    ("sigma_min")."""
+    return ((1 - acp[0]) / acp[0]) ** 0.5 if final_sigmas_type == "sigma_min" else 0
+
+
+def sigma_init_noise_sigma(sigmas: np.ndarray, config: dict[str, Any]) -> float:
+    """Standard deviation of the initial noise (k-diffusion schedulers' ``init_noise_sigma``): the largest
+    sigma for "linspace" / "trailing" timestep spacing, else sqrt(max_sigma**2 + 1)."""
+    max_sigma = sigmas.max()
+    if config.get("timestep_spacing", "linspace") in ("linspace", "trailing"):
+        return float(max_sigma)
+    return float((max_sigma**2 + 1) ** 0.5)
+
+
+def sigma_scale_model_input(sample: np.ndarray, sigma: np.floating) -> np.ndarray:
+    """The UNet's input at noise level sigma, float32: sample / sqrt(sigma**2 + 1) (k-diffusion's c_in,
+    the schedulers' ``scale_model_input``)."""
+    return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
+
+
+def predicted_x0_from_sigma(
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, sigma: np.floating
+) -> np.ndarray:
+    """Predicted original sample (x_0) from the model output at noise level sigma (k-diffusion's
+    denoised = model_output * c_out + input * c_skip); "sample" / "original_sample" is x_0 itself."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+    return model_output
+
+
+# --- alpha_t, sigma_t: DDIM, PNDM, LCM, DPM-Solver, UniPC ---
+
+
+def alpha_sigma_lambda(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """alpha_t = 1 / sqrt(sigma**2 + 1) and sigma_t = sigma * alpha_t of every k-diffusion sigma (diffusers'
+    ``_sigma_to_alpha_sigma_t``), and the half log-SNR lambda_t = log(alpha_t) - log(sigma_t), float32;
+    sigma = 0 gives lambda = inf (DPM-Solver, UniPC)."""
+    alpha_t = (1 / ((sigmas**2 + 1) ** 0.5)).astype(np.float32)
+    sigma_t = sigmas * alpha_t
+    with np.errstate(divide="ignore"):
+        lambda_t = np.log(alpha_t) - np.log(sigma_t)
+    return alpha_t, sigma_t, lambda_t
+
+
+def predicted_x0(
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_t: np.floating, sigma_t: np.floating
+) -> np.ndarray:
+    """Predicted original sample (x_0, "data prediction") of x_t = alpha_t x_0 + sigma_t eps from an
+    epsilon, v or x_0 ("sample") model output (formula (12) of the DDIM paper; DPM-Solver++'s and UniPC's
+    ``convert_model_output``)."""
+    if prediction_type == "epsilon":
+        return (sample - sigma_t * model_output) / alpha_t
+    if prediction_type == "sample":
+        return model_output
+    return alpha_t * sample - sigma_t * model_output  # v_prediction
+
+
+def predicted_epsilon(
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_t: np.floating, sigma_t: np.floating
+) -> np.ndarray:
+    """Predicted noise (epsilon, "noise prediction") of x_t = alpha_t x_0 + sigma_t eps from an epsilon, v
+    or x_0 ("sample") model output (DDIM's ``pred_epsilon``, PNDM's v conversion, UniPC without predict_x0)."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "sample":
+        return (sample - alpha_t * model_output) / sigma_t
+    return alpha_t * model_output + sigma_t * sample  # v_prediction
+
+
+# --- forward diffusion (``add_noise``) ---
+
+
+def alpha_sigma_add_noise(
+    alpha_t: np.floating, sigma_t: np.floating, original: np.ndarray, noise: np.ndarray
+) -> np.ndarray:
+    """alpha_t * x0 + sigma_t * noise in float32 (DPM-Solver / UniPC ``add_noise``)."""
+    original = np.asarray(original, dtype=np.float32)
+    noise = np.asarray(noise, dtype=np.float32)
+    return (alpha_t * original + sigma_t * noise).astype(np.float32, copy=False)
+
+
+def ddpm_add_noise(alpha_prod: np.floating, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """sqrt(alpha_bar) * x0 + sqrt(1 - alpha_bar) * noise in float32 (DDPM/DDIM/PNDM/LCM ``add_noise``)."""
+    alpha_prod = np.float32(alpha_prod)
+    return alpha_sigma_add_noise(np.sqrt(alpha_prod), np.sqrt(np.float32(1) - alpha_prod), original, noise)
+
+
+def sigma_add_noise(sigma: np.floating, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """x0 + noise * sigma in float32 (the k-diffusion schedulers' ``add_noise``: Euler, Heun, LMS)."""
+    original = np.asarray(original, dtype=np.float32)
+    noise = np.asarray(noise, dtype=np.float32)
+    return (original + noise * np.float32(sigma)).astype(np.float32, copy=False)

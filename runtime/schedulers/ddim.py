@@ -15,16 +15,18 @@ from typing import Any
 import numpy as np
 
 from .common import (
+    TIMESTEP_SPACINGS,
     NoiseSource,
-    alphas_cumprod,
+    alphas_cumprod_at,
     config_choice,
     ddpm_add_noise,
-    rescale_zero_terminal_snr,
-    train_betas,
+    final_alpha_cumprod,
+    predicted_epsilon,
+    predicted_x0,
+    training_alphas_cumprod,
 )
 
 _PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-_SPACINGS = ("linspace", "leading", "trailing")
 
 
 def _ddim_timesteps(spacing: str, num_train: int, steps: int, steps_offset: int) -> np.ndarray:
@@ -49,7 +51,7 @@ class DDIM:
     def __init__(self, config: dict[str, Any], num_inference_steps: int):
         num_train = int(config.get("num_train_timesteps", 1000))
         self.prediction_type: str = config_choice(config, "prediction_type", "epsilon", _PREDICTION_TYPES)
-        spacing = config_choice(config, "timestep_spacing", "leading", _SPACINGS)
+        spacing = config_choice(config, "timestep_spacing", "leading", TIMESTEP_SPACINGS)
         config_choice(config, "thresholding", False, (False,))  # dynamic thresholding: pixel-space models only
         rescale = bool(config_choice(config, "rescale_betas_zero_snr", False, (False, True)))
         if num_inference_steps > num_train:
@@ -62,14 +64,8 @@ class DDIM:
         self.clip_sample = bool(config.get("clip_sample", True))
         self.clip_sample_range = np.float32(config.get("clip_sample_range", 1.0))
 
-        betas = train_betas(config)
-        # Rescale for zero SNR
-        if rescale:
-            betas = rescale_zero_terminal_snr(betas)
-        acp = alphas_cumprod(config, betas)
-        # For the final step there is no previous alphas_cumprod: `set_alpha_to_one`
-        # decides whether it is 1 or the alphas_cumprod of step 0.
-        final_alpha_cumprod = np.float32(1.0) if config.get("set_alpha_to_one", True) else acp[0]
+        acp = training_alphas_cumprod(config, zero_terminal_snr=rescale)
+        final = final_alpha_cumprod(config, acp, set_alpha_to_one_default=True)
 
         # standard deviation of the initial noise distribution
         self.init_noise_sigma = 1.0
@@ -81,9 +77,7 @@ class DDIM:
         # num_train // steps whatever the spacing, so the same here.
         prev_timesteps = timesteps - num_train // num_inference_steps
         self.alpha_prod_t = acp[timesteps]
-        self.alpha_prod_t_prev = np.where(
-            prev_timesteps >= 0, acp[np.maximum(prev_timesteps, 0)], final_alpha_cumprod
-        ).astype(np.float32)
+        self.alpha_prod_t_prev = alphas_cumprod_at(acp, prev_timesteps, final)
         # 5. compute variance: "sigma_t(η)" -> see formula (16)
         # σ_t = sqrt((1 − α_t−1)/(1 − α_t)) * sqrt(1 − α_t/α_t−1)
         beta_prod_t = 1 - self.alpha_prod_t
@@ -106,15 +100,9 @@ class DDIM:
 
         # 3. compute predicted original sample from predicted noise also called
         # "predicted x_0" of formula (12) from https://arxiv.org/abs/2010.02502
-        if self.prediction_type == "epsilon":
-            pred_original_sample = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
-            pred_epsilon = model_output
-        elif self.prediction_type == "sample":
-            pred_original_sample = model_output
-            pred_epsilon = (sample - alpha_prod_t**0.5 * pred_original_sample) / beta_prod_t**0.5
-        else:  # v_prediction
-            pred_original_sample = alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
-            pred_epsilon = alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
+        alpha_t, sigma_t = alpha_prod_t**0.5, beta_prod_t**0.5
+        pred_original_sample = predicted_x0(self.prediction_type, model_output, sample, alpha_t, sigma_t)
+        pred_epsilon = predicted_epsilon(self.prediction_type, model_output, sample, alpha_t, sigma_t)
 
         # 4. Clip "predicted x_0"
         if self.clip_sample:

@@ -13,17 +13,21 @@ from typing import Any
 import numpy as np
 
 from .common import (
+    BOOL_OR_NONE,
+    OFF,
     NoiseSource,
-    alphas_cumprod,
+    alpha_sigma_add_noise,
+    alpha_sigma_lambda,
     config_choice,
+    final_sigma,
+    interpolate_sigmas,
     karras_sigmas,
     multistep_timesteps,
-    rescale_zero_terminal_snr,
-    sigma_to_t,
-    train_betas,
+    predicted_x0,
+    sigmas_from_alphas_cumprod,
+    sigmas_to_timesteps,
+    training_alphas_cumprod,
 )
-
-_OFF = (False, None)
 
 
 class DPMSolverPP2M:
@@ -42,9 +46,9 @@ class DPMSolverPP2M:
         self.solver_type = "heun" if solver_type == "heun" else "midpoint"
         lower_order_final = bool(config_choice(config, "lower_order_final", True, (True, False)))
         euler_at_final = bool(config_choice(config, "euler_at_final", False, (False, True)))
-        use_karras_sigmas = bool(config_choice(config, "use_karras_sigmas", False, (False, True, None)))
+        use_karras_sigmas = bool(config_choice(config, "use_karras_sigmas", False, BOOL_OR_NONE))
         for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"):
-            config_choice(config, key, False, _OFF)
+            config_choice(config, key, False, OFF)
         final_sigmas_type = config_choice(config, "final_sigmas_type", "zero", ("zero", "sigma_min"))
         if algorithm_type == "deis" and final_sigmas_type == "zero":  # as diffusers
             raise ValueError("final_sigmas_type='zero' is not supported with algorithm_type='deis'; use 'sigma_min'")
@@ -54,13 +58,7 @@ class DPMSolverPP2M:
         rescale = bool(config_choice(config, "rescale_betas_zero_snr", False, (False, True)))
 
         # training schedule (DPMSolverMultistepScheduler.__init__)
-        betas = train_betas(config)
-        if rescale:
-            betas = rescale_zero_terminal_snr(betas)
-        acp = alphas_cumprod(config, betas)
-        if rescale:
-            # Close to 0 without being 0 so first sigma is not inf
-            acp[-1] = 2**-24
+        acp = training_alphas_cumprod(config, zero_terminal_snr=rescale, finite_first_sigma=True)
         lambda_train = np.log(np.sqrt(acp)) - np.log(np.sqrt(1 - acp))
 
         # set_timesteps
@@ -68,29 +66,22 @@ class DPMSolverPP2M:
         # This is critical for cosine (squaredcos_cap_v2) noise schedule.
         clipped_idx = int(np.searchsorted(lambda_train[::-1], np.float32(lambda_min_clipped)))
         timesteps = multistep_timesteps(config, num_inference_steps, n_train - clipped_idx)
-        sigmas = ((1 - acp) / acp) ** 0.5
-        log_sigmas = np.log(sigmas)
+        sigmas = sigmas_from_alphas_cumprod(acp)
         if use_karras_sigmas:
+            log_sigmas = np.log(sigmas)
             sigmas = karras_sigmas(sigmas[::-1].copy(), num_inference_steps, config)
-            timesteps = np.array([sigma_to_t(sigma, log_sigmas) for sigma in sigmas])
+            timesteps = sigmas_to_timesteps(sigmas, log_sigmas)
             if config.get("beta_schedule", "linear") != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
             timesteps = timesteps.astype(np.int64)  # torch .to(int64) truncates
         else:
-            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-        if final_sigmas_type == "sigma_min":
-            sigma_last = ((1 - acp[0]) / acp[0]) ** 0.5
-        else:
-            sigma_last = 0
-        self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
+            sigmas = interpolate_sigmas(timesteps, sigmas)
+        self.sigmas = np.concatenate([sigmas, [final_sigma(acp, final_sigmas_type)]]).astype(np.float32)
         self.timesteps = timesteps.astype(np.float32)
         self.init_noise_sigma = 1.0
 
-        # _sigma_to_alpha_sigma_t and lambda of every sigma; sigma = 0 gives lambda = inf
-        self.alpha_t = (1 / ((self.sigmas**2 + 1) ** 0.5)).astype(np.float32)
-        self.sigma_t = self.sigmas * self.alpha_t
-        with np.errstate(divide="ignore"):
-            self.lambda_t = np.log(self.alpha_t) - np.log(self.sigma_t)
+        # _sigma_to_alpha_sigma_t and lambda of every sigma
+        self.alpha_t, self.sigma_t, self.lambda_t = alpha_sigma_lambda(self.sigmas)
 
         # to improve numerical stability for small number of steps: lower_order_final / lower_order_second, keyed on
         # the call index against the whole schedule (diffusers' step_index and len(timesteps))
@@ -110,9 +101,7 @@ class DPMSolverPP2M:
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         """Forward diffusion to the noise level of call ``i``: alpha_t x0 + sigma_t noise at sigmas[i]."""
-        original = np.asarray(original, dtype=np.float32)
-        noise = np.asarray(noise, dtype=np.float32)
-        return (self.alpha_t[i] * original + self.sigma_t[i] * noise).astype(np.float32, copy=False)
+        return alpha_sigma_add_noise(self.alpha_t[i], self.sigma_t[i], original, noise)
 
     def _step_order(self, i: int) -> int:
         """Solver order of the step at call ``i`` (diffusers' step()), from the warm-up counter."""
@@ -124,13 +113,9 @@ class DPMSolverPP2M:
 
     def convert_model_output(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
         """DPM-Solver++ needs to solve an integral of the data prediction model: x0."""
-        if self.prediction_type == "epsilon":
-            if self.learned_variance:  # learned variance: the first 3 channels are the noise
-                model_output = model_output[:, :3]
-            return (sample - self.sigma_t[i] * model_output) / self.alpha_t[i]
-        if self.prediction_type == "sample":
-            return model_output
-        return self.alpha_t[i] * sample - self.sigma_t[i] * model_output  # v_prediction
+        if self.prediction_type == "epsilon" and self.learned_variance:
+            model_output = model_output[:, :3]  # learned variance: the first 3 channels are the noise
+        return predicted_x0(self.prediction_type, model_output, sample, self.alpha_t[i], self.sigma_t[i])
 
     def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
         model_output = self.convert_model_output(model_output, i, sample)

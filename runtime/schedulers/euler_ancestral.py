@@ -14,12 +14,13 @@ import numpy as np
 
 from .common import (
     NoiseSource,
-    alphas_cumprod,
     config_choice,
-    discrete_timesteps,
-    rescale_zero_terminal_snr,
+    discrete_sigma_schedule,
+    predicted_x0_from_sigma,
     sigma_add_noise,
-    train_betas,
+    sigma_init_noise_sigma,
+    sigma_scale_model_input,
+    training_alphas_cumprod,
 )
 
 
@@ -32,34 +33,20 @@ class EulerAncestral:
         rescale = bool(config_choice(config, "rescale_betas_zero_snr", False, (False, True)))
 
         # training schedule (EulerAncestralDiscreteScheduler.__init__)
-        betas = train_betas(config)
-        if rescale:
-            betas = rescale_zero_terminal_snr(betas)
-        acp = alphas_cumprod(config, betas)
-        if rescale:
-            # Close to 0 without being 0 so first sigma is not inf
-            acp[-1] = 2**-24
+        acp = training_alphas_cumprod(config, zero_terminal_snr=rescale, finite_first_sigma=True)
 
         # set_timesteps
-        self.timesteps = discrete_timesteps(config, num_inference_steps)
-        sigmas = ((1 - acp) / acp) ** 0.5
-        sigmas = np.interp(self.timesteps, np.arange(0, len(sigmas)), sigmas)
+        self.timesteps, sigmas = discrete_sigma_schedule(config, acp, num_inference_steps, use_karras_sigmas=False)
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
 
         # ancestral split of each step sigma_from -> sigma_to (from step())
         sigma_from, sigma_to = self.sigmas[:-1], self.sigmas[1:]
         self.sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
         self.sigma_down = (sigma_to**2 - self.sigma_up**2) ** 0.5
-
-        max_sigma = self.sigmas.max()
-        if config.get("timestep_spacing", "linspace") in ("linspace", "trailing"):
-            self.init_noise_sigma = float(max_sigma)
-        else:
-            self.init_noise_sigma = float((max_sigma**2 + 1) ** 0.5)
+        self.init_noise_sigma = sigma_init_noise_sigma(self.sigmas, config)
 
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        sigma = self.sigmas[i]
-        return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
+        return sigma_scale_model_input(sample, self.sigmas[i])
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         """Forward diffusion to the noise level of call ``i``: x0 + noise * sigmas[i]."""
@@ -70,10 +57,7 @@ class EulerAncestral:
         sample = sample.astype(np.float32)
 
         # 1. compute predicted original sample (x_0) from sigma-scaled predicted noise
-        if self.prediction_type == "epsilon":
-            pred_original_sample = sample - sigma * model_output
-        else:  # v_prediction: * c_out + input * c_skip
-            pred_original_sample = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+        pred_original_sample = predicted_x0_from_sigma(self.prediction_type, model_output, sample, sigma)
 
         # 2. Convert to an ODE derivative
         derivative = (sample - pred_original_sample) / sigma

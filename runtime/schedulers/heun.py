@@ -16,16 +16,17 @@ from typing import Any
 import numpy as np
 
 from .common import (
+    BOOL_OR_NONE,
+    OFF,
     NoiseSource,
     alphas_cumprod,
     config_choice,
-    discrete_timesteps,
-    karras_sigmas,
+    discrete_sigma_schedule,
+    predicted_x0_from_sigma,
     sigma_add_noise,
-    sigma_to_t,
+    sigma_init_noise_sigma,
+    sigma_scale_model_input,
 )
-
-_OFF = (False, None)
 
 
 class Heun:
@@ -35,9 +36,9 @@ class Heun:
         self.prediction_type = config_choice(
             config, "prediction_type", "epsilon", ("epsilon", "v_prediction", "sample")
         )
-        use_karras_sigmas = bool(config_choice(config, "use_karras_sigmas", False, (False, True, None)))
-        config_choice(config, "use_exponential_sigmas", False, _OFF)
-        config_choice(config, "use_beta_sigmas", False, _OFF)
+        use_karras_sigmas = bool(config_choice(config, "use_karras_sigmas", False, BOOL_OR_NONE))
+        config_choice(config, "use_exponential_sigmas", False, OFF)
+        config_choice(config, "use_beta_sigmas", False, OFF)
         self.clip_sample = bool(config.get("clip_sample", False))
         self.clip_sample_range = float(config.get("clip_sample_range", 1.0))
 
@@ -47,29 +48,17 @@ class Heun:
         )
 
         # set_timesteps
-        timesteps = discrete_timesteps(config, num_inference_steps)
-        sigmas = ((1 - acp) / acp) ** 0.5
-        log_sigmas = np.log(sigmas)
-        sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-        if use_karras_sigmas:
-            sigmas = karras_sigmas(sigmas, num_inference_steps, config)
-            timesteps = np.array([sigma_to_t(sigma, log_sigmas) for sigma in sigmas])
+        timesteps, sigmas = discrete_sigma_schedule(config, acp, num_inference_steps, use_karras_sigmas)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         self.sigmas = np.concatenate([sigmas[:1], sigmas[1:-1].repeat(2), sigmas[-1:]])
         self.timesteps = np.concatenate([timesteps[:1], timesteps[1:].repeat(2)]).astype(np.float32)
-
-        max_sigma = self.sigmas.max()
-        if config.get("timestep_spacing", "linspace") in ("linspace", "trailing"):
-            self.init_noise_sigma = float(max_sigma)
-        else:
-            self.init_noise_sigma = float((max_sigma**2 + 1) ** 0.5)
+        self.init_noise_sigma = sigma_init_noise_sigma(self.sigmas, config)
 
         # per-generation state: the first-order half's derivative, dt and sample
         self._first_order: tuple[np.ndarray, np.float32, np.ndarray] | None = None
 
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        sigma = self.sigmas[i]
-        return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
+        return sigma_scale_model_input(sample, self.sigmas[i])
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         """Forward diffusion to the noise level of call ``i``: x0 + noise * sigmas[i]."""
@@ -85,14 +74,7 @@ class Heun:
 
         # 1. compute predicted original sample (x_0) from sigma-scaled predicted noise
         sigma_input = sigma_hat if first_order else sigma_next
-        if self.prediction_type == "epsilon":
-            pred_original_sample = sample - sigma_input * model_output
-        elif self.prediction_type == "v_prediction":
-            pred_original_sample = model_output * (-sigma_input / (sigma_input**2 + 1) ** 0.5) + (
-                sample / (sigma_input**2 + 1)
-            )
-        else:  # sample
-            pred_original_sample = model_output
+        pred_original_sample = predicted_x0_from_sigma(self.prediction_type, model_output, sample, sigma_input)
         if self.clip_sample:
             pred_original_sample = np.clip(pred_original_sample, -self.clip_sample_range, self.clip_sample_range)
 

@@ -15,11 +15,12 @@ import numpy as np
 
 from .common import (
     NoiseSource,
-    alphas_cumprod,
+    alphas_cumprod_at,
     config_choice,
     ddpm_add_noise,
-    rescale_zero_terminal_snr,
-    train_betas,
+    final_alpha_cumprod,
+    predicted_x0,
+    training_alphas_cumprod,
 )
 
 _PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -69,12 +70,8 @@ class LCM:
         timestep_scaling = float(config.get("timestep_scaling", 10.0))
         original_steps = int(config.get("original_inference_steps", 50))
 
-        betas = train_betas(config)
-        # Rescale for zero SNR
-        if rescale:
-            betas = rescale_zero_terminal_snr(betas)
-        acp = alphas_cumprod(config, betas)
-        final_alpha_cumprod = np.float32(1.0) if config.get("set_alpha_to_one", True) else acp[0]
+        acp = training_alphas_cumprod(config, zero_terminal_snr=rescale)
+        final = final_alpha_cumprod(config, acp, set_alpha_to_one_default=True)
 
         # standard deviation of the initial noise distribution
         self.init_noise_sigma = 1.0
@@ -87,9 +84,7 @@ class LCM:
         prev_timesteps = np.concatenate([timesteps[1:], timesteps[-1:]])
         # 2. compute alphas, betas
         self.alpha_prod_t = acp[timesteps]
-        self.alpha_prod_t_prev = np.where(
-            prev_timesteps >= 0, acp[np.maximum(prev_timesteps, 0)], final_alpha_cumprod
-        ).astype(np.float32)
+        self.alpha_prod_t_prev = alphas_cumprod_at(acp, prev_timesteps, final)
         # 3. Get scalings for boundary conditions (get_scalings_for_boundary_condition_discrete)
         scaled_timestep = timesteps.astype(np.float32) * np.float32(timestep_scaling)
         self.c_skip = (self.sigma_data**2 / (scaled_timestep**2 + self.sigma_data**2)).astype(np.float32)
@@ -113,12 +108,9 @@ class LCM:
         c_skip, c_out = self.c_skip[i], self.c_out[i]
 
         # 4. Compute the predicted original sample x_0 based on the model parameterization
-        if self.prediction_type == "epsilon":  # noise-prediction
-            predicted_original_sample = (sample - np.sqrt(beta_prod_t) * model_output) / np.sqrt(alpha_prod_t)
-        elif self.prediction_type == "sample":  # x-prediction
-            predicted_original_sample = model_output
-        else:  # v-prediction
-            predicted_original_sample = np.sqrt(alpha_prod_t) * sample - np.sqrt(beta_prod_t) * model_output
+        predicted_original_sample = predicted_x0(
+            self.prediction_type, model_output, sample, np.sqrt(alpha_prod_t), np.sqrt(beta_prod_t)
+        )
 
         # 5. Clip "predicted x_0"
         if self.clip_sample:

@@ -20,17 +20,20 @@ import numpy as np
 from numpy.polynomial import Polynomial
 
 from .common import (
+    BOOL_OR_NONE,
+    OFF,
+    TIMESTEP_SPACINGS,
     NoiseSource,
     alphas_cumprod,
     config_choice,
-    discrete_timesteps,
-    karras_sigmas,
+    discrete_sigma_schedule,
+    predicted_x0_from_sigma,
     sigma_add_noise,
-    sigma_to_t,
+    sigma_init_noise_sigma,
+    sigma_scale_model_input,
 )
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-_OFF = (False, None)
 
 
 def _lms_coefficient(sigmas: np.ndarray, order: int, t: int, current_order: int) -> float:
@@ -53,27 +56,21 @@ class LMS:
 
     def __init__(self, config: dict[str, Any], num_inference_steps: int):
         self.prediction_type: str = config_choice(config, "prediction_type", "epsilon", _PREDICTION_TYPES)
-        spacing = config_choice(config, "timestep_spacing", "linspace", ("linspace", "leading", "trailing"))
-        config_choice(config, "use_exponential_sigmas", False, _OFF)
-        config_choice(config, "use_beta_sigmas", False, _OFF)  # diffusers needs scipy.stats for it
-        use_karras_sigmas = bool(config_choice(config, "use_karras_sigmas", False, (False, True, None)))
+        config_choice(config, "timestep_spacing", "linspace", TIMESTEP_SPACINGS)
+        config_choice(config, "use_exponential_sigmas", False, OFF)
+        config_choice(config, "use_beta_sigmas", False, OFF)  # diffusers needs scipy.stats for it
+        use_karras_sigmas = bool(config_choice(config, "use_karras_sigmas", False, BOOL_OR_NONE))
 
         acp = alphas_cumprod(config)
-        train_sigmas = (((1 - acp) / acp) ** 0.5).astype(np.float32)
-        log_sigmas = np.log(train_sigmas)
-
-        timesteps = discrete_timesteps(config, num_inference_steps)
-        sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
-        if use_karras_sigmas:
-            # LMS's _convert_to_karras ignores config sigma_min / sigma_max: hence {}
-            sigmas = karras_sigmas(sigmas, num_inference_steps, {})
-            timesteps = sigma_to_t(sigmas, log_sigmas)
+        # LMS's _convert_to_karras ignores config sigma_min / sigma_max
+        timesteps, sigmas = discrete_sigma_schedule(
+            config, acp, num_inference_steps, use_karras_sigmas, karras_bounds_from_config=False
+        )
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         self.timesteps = timesteps.astype(np.float32)
 
         # standard deviation of the initial noise distribution
-        max_sigma = self.sigmas.max()
-        self.init_noise_sigma = float(max_sigma if spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5)
+        self.init_noise_sigma = sigma_init_noise_sigma(self.sigmas, config)
 
         # 3. linear multistep coefficients, one list per step (newest derivative first). As in diffusers the order
         # is min(i + 1, 4) from the call index, not from the derivatives gathered: a loop started at i > 0
@@ -86,8 +83,7 @@ class LMS:
         self.derivatives: list[np.ndarray] = []
 
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        sigma = self.sigmas[i]
-        return sample / ((sigma**2 + 1) ** 0.5)
+        return sigma_scale_model_input(sample, self.sigmas[i])
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         """Forward diffusion to the noise level of call ``i``: x0 + noise * sigmas[i]."""
@@ -97,13 +93,7 @@ class LMS:
         sigma = self.sigmas[i]
 
         # 1. compute predicted original sample (x_0) from sigma-scaled predicted noise
-        if self.prediction_type == "epsilon":
-            pred_original_sample = sample - sigma * model_output
-        elif self.prediction_type == "v_prediction":
-            # * c_out + input * c_skip
-            pred_original_sample = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
-        else:  # sample
-            pred_original_sample = model_output
+        pred_original_sample = predicted_x0_from_sigma(self.prediction_type, model_output, sample, sigma)
 
         # 2. Convert to an ODE derivative
         derivative = (sample - pred_original_sample) / sigma

@@ -14,10 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from .common import NoiseSource, alphas_cumprod, config_choice, ddpm_add_noise
+from .common import (
+    TIMESTEP_SPACINGS,
+    NoiseSource,
+    alphas_cumprod,
+    config_choice,
+    ddpm_add_noise,
+    final_alpha_cumprod,
+    predicted_epsilon,
+)
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
-_SPACINGS = ("linspace", "leading", "trailing")
 
 
 def _ascending_timesteps(spacing: str, num_train: int, steps: int, steps_offset: int) -> np.ndarray:
@@ -42,11 +49,11 @@ class PNDM:
     def __init__(self, config: dict[str, Any], num_inference_steps: int):
         num_train = int(config.get("num_train_timesteps", 1000))
         self.prediction_type: str = config_choice(config, "prediction_type", "epsilon", _PREDICTION_TYPES)
-        spacing = config_choice(config, "timestep_spacing", "leading", _SPACINGS)
+        spacing = config_choice(config, "timestep_spacing", "leading", TIMESTEP_SPACINGS)
         skip_prk_steps = bool(config.get("skip_prk_steps", False))
 
         self.alphas_cumprod = alphas_cumprod(config)
-        self.final_alpha_cumprod = np.float32(1.0) if config.get("set_alpha_to_one", False) else self.alphas_cumprod[0]
+        self.final_alpha_cumprod = final_alpha_cumprod(config, self.alphas_cumprod, set_alpha_to_one_default=False)
 
         # standard deviation of the initial noise distribution
         self.init_noise_sigma = 1.0
@@ -154,8 +161,8 @@ class PNDM:
         beta_prod_t = 1 - alpha_prod_t
         beta_prod_t_prev = 1 - alpha_prod_t_prev
 
-        if self.prediction_type == "v_prediction":
-            model_output = alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
+        # the formula takes the predicted noise: convert a v prediction
+        model_output = predicted_epsilon(self.prediction_type, model_output, sample, alpha_prod_t**0.5, beta_prod_t**0.5)
 
         # corresponds to (α_(t−δ) - α_t) divided by
         # denominator of x_t in formula (9) and plus 1

@@ -13,17 +13,22 @@ from typing import Any
 import numpy as np
 
 from .common import (
+    BOOL_OR_NONE,
+    OFF,
     NoiseSource,
-    alphas_cumprod,
+    alpha_sigma_add_noise,
+    alpha_sigma_lambda,
     config_choice,
+    final_sigma,
+    interpolate_sigmas,
     karras_sigmas,
     multistep_timesteps,
-    rescale_zero_terminal_snr,
-    sigma_to_t,
-    train_betas,
+    predicted_epsilon,
+    predicted_x0,
+    sigmas_from_alphas_cumprod,
+    sigmas_to_timesteps,
+    training_alphas_cumprod,
 )
-
-_OFF = (False, None)
 
 
 class UniPC:
@@ -45,42 +50,33 @@ class UniPC:
         lower_order_final = bool(config_choice(config, "lower_order_final", True, (True, False)))
         self.disable_corrector = [int(k) for k in config.get("disable_corrector", [])]
         config_choice(config, "solver_p", None, (None,))
-        use_karras_sigmas = bool(config_choice(config, "use_karras_sigmas", False, (False, True, None)))
+        use_karras_sigmas = bool(config_choice(config, "use_karras_sigmas", False, BOOL_OR_NONE))
         for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting"):
-            config_choice(config, key, False, _OFF)
+            config_choice(config, key, False, OFF)
         config_choice(config, "shift_terminal", None, (None,))  # diffusers: only with use_flow_sigmas
         final_sigmas_type = config_choice(config, "final_sigmas_type", "zero", ("zero", "sigma_min"))
         rescale = bool(config_choice(config, "rescale_betas_zero_snr", False, (False, True)))
 
         # training schedule (UniPCMultistepScheduler.__init__)
-        betas = train_betas(config)
-        if rescale:
-            betas = rescale_zero_terminal_snr(betas)
-        acp = alphas_cumprod(config, betas)
-        if rescale:
-            # Close to 0 without being 0 so first sigma is not inf
-            acp[-1] = 2**-24
+        acp = training_alphas_cumprod(config, zero_terminal_snr=rescale, finite_first_sigma=True)
 
         # set_timesteps
         timesteps = multistep_timesteps(config, num_inference_steps, n_train)
-        sigmas = ((1 - acp) / acp) ** 0.5
+        sigmas = sigmas_from_alphas_cumprod(acp)
         if use_karras_sigmas:
             log_sigmas = np.log(sigmas)
             sigmas = karras_sigmas(sigmas[::-1].copy(), num_inference_steps, config)
-            timesteps = np.array([sigma_to_t(sigma, log_sigmas) for sigma in sigmas]).round().astype(np.int64)
-            sigma_last = sigmas[-1] if final_sigmas_type == "sigma_min" else 0
+            timesteps = sigmas_to_timesteps(sigmas, log_sigmas).round().astype(np.int64)
+            sigma_last = sigmas[-1] if final_sigmas_type == "sigma_min" else 0  # the last Karras sigma
         else:
-            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-            sigma_last = ((1 - acp[0]) / acp[0]) ** 0.5 if final_sigmas_type == "sigma_min" else 0
+            sigmas = interpolate_sigmas(timesteps, sigmas)
+            sigma_last = final_sigma(acp, final_sigmas_type)
         self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
         self.timesteps = timesteps.astype(np.float32)
         self.init_noise_sigma = 1.0
 
-        # _sigma_to_alpha_sigma_t and lambda of every sigma; sigma = 0 gives lambda = inf
-        self.alpha_t = (1 / ((self.sigmas**2 + 1) ** 0.5)).astype(np.float32)
-        self.sigma_t = self.sigmas * self.alpha_t
-        with np.errstate(divide="ignore"):
-            self.lambda_t = np.log(self.alpha_t) - np.log(self.sigma_t)
+        # _sigma_to_alpha_sigma_t and lambda of every sigma
+        self.alpha_t, self.sigma_t, self.lambda_t = alpha_sigma_lambda(self.sigmas)
 
         # UniP order cap of each step from lower_order_final, keyed on the call index against the whole schedule
         # (diffusers' step_index and len(timesteps)); step() caps it further by the warm-up counter
@@ -103,24 +99,12 @@ class UniPC:
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         """Forward diffusion to the noise level of call ``i``: alpha_t x0 + sigma_t noise at sigmas[i]."""
-        original = np.asarray(original, dtype=np.float32)
-        noise = np.asarray(noise, dtype=np.float32)
-        return (self.alpha_t[i] * original + self.sigma_t[i] * noise).astype(np.float32, copy=False)
+        return alpha_sigma_add_noise(self.alpha_t[i], self.sigma_t[i], original, noise)
 
     def convert_model_output(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
         """x0 (``predict_x0``) or epsilon, whichever the solver integrates."""
-        alpha_t, sigma_t = self.alpha_t[i], self.sigma_t[i]
-        if self.predict_x0:
-            if self.prediction_type == "epsilon":
-                return (sample - sigma_t * model_output) / alpha_t
-            if self.prediction_type == "sample":
-                return model_output
-            return alpha_t * sample - sigma_t * model_output  # v_prediction
-        if self.prediction_type == "epsilon":
-            return model_output
-        if self.prediction_type == "sample":
-            return (sample - alpha_t * model_output) / sigma_t
-        return alpha_t * model_output + sigma_t * sample  # v_prediction
+        convert = predicted_x0 if self.predict_x0 else predicted_epsilon
+        return convert(self.prediction_type, model_output, sample, self.alpha_t[i], self.sigma_t[i])
 
     def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:
         use_corrector = i > 0 and i - 1 not in self.disable_corrector and self._last_sample is not None
