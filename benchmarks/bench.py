@@ -1,6 +1,6 @@
 """``edgediff bench``: per-stage latency of an artifact on one backend/device/precision, as flat JSON rows.
 
-Timing wraps the sessions from outside the math (``Session.durations`` holds
+Timing wraps the sessions from outside the math (each ``Result.timings`` holds
 every call's wall time): cold load (session creation or compilation, with
 and without OpenVINO's compile cache), text encoder, each UNet call (first
 vs the rest, median and p90), VAE decode, end to end, peak resident memory
@@ -123,15 +123,15 @@ def run_bench(
         rows = []
         for run in range(runs):
             t0 = time.perf_counter()
-            pipe.txt2img("a photo of an astronaut riding a horse on mars", steps=steps, width=width, height=height,
-                         guidance=guidance, scheduler=scheduler, seed=run)
+            result = pipe.txt2img("a photo of an astronaut riding a horse on mars", steps=steps, width=width,
+                                  height=height, guidance=guidance, scheduler=scheduler, seed=run)
             total = time.perf_counter() - t0
-            t = pipe.last_timings.stages
+            t = result.timings.stages
             unet = t["unet"]
             rows.append(base | {
                 "run": run,
                 "end_to_end_s": round(total, 4),
-                "text_encoder_s": round(sum(t["text_encoder"]), 5),
+                "text_encoder_s": round(sum(t["text_encoder"]) + sum(t.get("text_encoder_2", [])), 5),
                 "unet_first_s": round(unet[0], 5),
                 "unet_rest_median_s": _stats(unet[1:]).get("median", round(unet[0], 5)),
                 "unet_rest_p90_s": _stats(unet[1:]).get("p90", round(unet[0], 5)),

@@ -48,8 +48,8 @@ def latency(artifact: Path, device: str, size: int, steps: int) -> dict:
     pipe = Pipeline.load(artifact, backend="onnxruntime", device=device)
     load_s = time.perf_counter() - t0
     pipe.txt2img("warm up", steps=2, width=size, height=size, scheduler="euler")
-    pipe.txt2img("a photo of an astronaut riding a horse", steps=steps, width=size, height=size, scheduler="euler")
-    t = pipe.last_timings.stages
+    result = pipe.txt2img("a photo of an astronaut riding a horse", steps=steps, width=size, height=size, scheduler="euler")
+    t = result.timings.stages
     unet = t["unet"]
     return {
         "size": size, "steps": steps, "load_s": round(load_s, 2), "devices": pipe.describe(),

@@ -28,8 +28,8 @@ def step_time(root: Path, component: str, precision: str, backend: str, size: in
     pipe.txt2img("warm up", steps=2, width=size, height=size)
     times = []
     for seed in range(runs):
-        pipe.txt2img("a red circle on a blue background", steps=8, seed=seed, width=size, height=size)
-        times += pipe.last_timings.stages[STAGE[component]]
+        result = pipe.txt2img("a red circle on a blue background", steps=8, seed=seed, width=size, height=size)
+        times += result.timings.stages[STAGE[component]]
     return statistics.median(times)
 
 

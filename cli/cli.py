@@ -189,7 +189,8 @@ def generate(
 ) -> None:
     """Generate images from a prompt with an exported artifact (no PyTorch needed)."""
     from edgediff.runtime import ArtifactError, BackendError, GenerationError, Pipeline
-    from edgediff.runtime.outputs import output_paths
+    from edgediff.runtime import GenerationSettings
+    from edgediff.runtime.outputs import output_paths, write_result
 
     if model is None:
         from edgediff.models import default_model_path
@@ -202,7 +203,9 @@ def generate(
         _fail("--mask (inpainting) and --extend (outpainting) exclude each other; give one")
     try:
         sides = dict(_parse_sides(extend)) if extend is not None else None
-        paths = output_paths(output, num_images, overwrite)
+        settings = GenerationSettings((prompt,), (negative,) if negative else None, steps, guidance, seed, width,
+                                      height, scheduler, num_images, rng, strength)
+        paths = output_paths(output, settings.batch, overwrite)
     except ValueError as e:
         _fail(str(e))
     try:
@@ -220,39 +223,21 @@ def generate(
             def on_step(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
 
-            kw = dict(steps=steps, guidance=guidance, seed=seed, width=width, height=height, scheduler=scheduler,
-                      num_images=num_images, rng=rng, callback=on_step)
-            if image is None:
-                images = pipe.txt2img(prompt, negative or None, **kw)
-            elif sides is not None:
-                images = pipe.outpaint(prompt, image, sides, negative or None, fill=fill, mask_blur=mask_blur, **kw)
-            elif mask:
-                images = pipe.inpaint(prompt, image, mask, negative or None, strength=1.0 if strength is None else strength,
-                                      mask_blur=mask_blur, keep_unmasked=keep_unmasked, **kw)
-            else:
-                images = pipe.img2img(prompt, image, negative or None, strength=0.6 if strength is None else strength, **kw)
+            result = pipe.generate(settings, image=image, mask=mask, extend=sides, fill=fill, mask_blur=mask_blur,
+                                   keep_unmasked=keep_unmasked or sides is not None, callback=on_step)
     except (ArtifactError, BackendError, GenerationError, ValueError) as e:
         _fail(str(e))
     except MemoryError:
         _fail(f"out of memory generating {num_images} image(s) at {width or 'the model'}x{height or 'default'} size; "
               "ask for a smaller size, fewer images or a smaller --max-batch")
-    steps, guidance = pipe.manifest.settings(steps, guidance)  # the values used, for the record
-    params = {
-        "prompt": prompt, "negative": negative, "steps": steps, "guidance": guidance, "seed": seed, "rng": rng,
-        "width": images[0].width, "height": images[0].height,
-        "scheduler": scheduler or pipe.manifest.scheduler, "model": str(model), "backend": pipe.backend,
-        "precision": {c: s.variant.precision for c, s in pipe.sessions.items()},
-    }
-    if image is not None:
-        params.update(image=str(image), strength=strength, mask=str(mask) if mask else None, extend=extend)
     try:
-        _write_images(images, paths, params)
+        write_result(result, paths)
     except OSError as e:
         _fail(f"cannot write {e.filename or output}: {e.strerror}")
     for p in paths:
         typer.echo(f"wrote {p}")
     if verbose:
-        _print_timings(load_s, pipe)
+        _print_timings(load_s, result)
 
 
 def _parse_sides(text: str):
@@ -266,31 +251,16 @@ def _parse_sides(text: str):
             raise ValueError(f"--extend takes side=pixels pairs such as left=128,right=128; got {part[:40]!r}") from None
 
 
-def _write_images(images, paths: list[Path], params: dict) -> None:
-    from edgediff.runtime.outputs import png_info, write_png
-
-    for k, (image, path) in enumerate(zip(images, paths)):
-        parameters = (f"{params['prompt']}\nNegative prompt: {params['negative']}\n"
-                      f"Steps: {params['steps']}, Sampler: {params['scheduler']}, CFG scale: {params['guidance']}, "
-                      f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}")
-        write_png(image, path, png_info(parameters, {**params, "index": k}))
-
-
-def _print_timings(load_s: float, pipe) -> None:
-    t = pipe.last_timings.stages
-    unet = t.get("unet", [])
+def _print_timings(load_s: float, result) -> None:
     table = Table(title="timings (s)")
     for col in ("stage", "calls", "total", "first", "median of rest"):
         table.add_column(col)
     table.add_row("load", "", f"{load_s:.3f}", "", "")
-    for stage, values in t.items():
-        rest = sorted(values[1:])
-        table.add_row(stage, str(len(values)), f"{sum(values):.3f}", f"{values[0]:.3f}",
-                      f"{rest[len(rest) // 2]:.3f}" if rest else "")
+    for stage, t in result.timings.summary().items():
+        rest = "" if t["calls"] < 2 else f"{t['median_rest']:.3f}"
+        table.add_row(stage, str(t["calls"]), f"{t['total']:.3f}", f"{t['first']:.3f}", rest)
     console.print(table)
-    console.print(f"devices: {json.dumps(pipe.describe())}")
-    if unet:
-        console.print(f"unet: {len(unet)} calls, first {unet[0]:.3f} s")
+    console.print(f"devices: {json.dumps(result.components)}")
 
 
 @app.command()

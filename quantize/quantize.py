@@ -49,7 +49,7 @@ from PIL import Image
 from edgediff.runtime import ArtifactError, Pipeline, PrecisionError
 from edgediff.runtime.locking import folder_lock
 from edgediff.runtime.manifest import MODEL_SUFFIXES, Manifest, Variant, artifact_file, disk_bytes, load_manifest
-from edgediff.runtime.pipeline import from_pil, to_pil
+from edgediff.runtime.images import from_pil, to_pil
 
 from .metrics import psnr, ssim
 

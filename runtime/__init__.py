@@ -2,7 +2,11 @@
 
 from .backends import BackendError, available_devices
 from .manifest import ArtifactError, Manifest, load_manifest
+from .outputs import save_result
 from .pipeline import GenerationError, Pipeline, PrecisionError
+from .result import Result
+from .settings import GenerationSettings
 from .schedulers import SCHEDULER_NAMES
 
-__all__ = ["ArtifactError", "BackendError", "GenerationError", "Manifest", "Pipeline", "PrecisionError", "SCHEDULER_NAMES", "available_devices", "load_manifest"]
+__all__ = ["ArtifactError", "BackendError", "GenerationError", "GenerationSettings", "Manifest", "Pipeline",
+           "PrecisionError", "Result", "SCHEDULER_NAMES", "available_devices", "load_manifest", "save_result"]

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +42,12 @@ class BackendOptions:
 
 @dataclass
 class Session:
-    """One loaded graph. Checks every call's inputs against the manifest's signature."""
+    """One loaded graph. Checks every call's inputs against the manifest's signature.
+
+    Safe to call from several threads (ONNX Runtime's ``run`` is; OpenVINO gets an
+    infer request per concurrent call). It keeps nothing of a call: timing is the
+    caller's (``edgediff.runtime.denoise.Job.call``).
+    """
 
     component: str
     variant: Variant
@@ -50,11 +56,9 @@ class Session:
     device: str  # what actually executes (provider / OpenVINO device), for reports
     execution_precision: str = "f32"
     load_seconds: float = 0.0
-    durations: list[float] = field(default_factory=list)  # raw per-call wall times
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         feeds = check_inputs(self.component, self.variant.inputs, inputs)
-        t0 = time.perf_counter()
         try:
             outputs = self.run(feeds)
         except MemoryError:
@@ -65,7 +69,6 @@ class Session:
                     "(--max-batch)") if "alloc" in first.lower() else ""
             raise BackendError(f"{self.component} ({self.variant.file}) failed on {self.backend} {self.device}: "
                                f"{first}{hint}") from e
-        self.durations.append(time.perf_counter() - t0)
         return {spec.name: out for spec, out in zip(self.variant.outputs, outputs)}
 
 
@@ -226,7 +229,8 @@ def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str
         compiled = core.compile_model(str(path), target, config)
     except Exception as e:  # OpenVINO raises RuntimeError subclasses with its own messages
         raise BackendError(f"OpenVINO could not compile {path} for {target}: {e}") from e
-    request = compiled.create_infer_request()
+    idle = [compiled.create_infer_request()]  # a pool: one request per concurrent call ("Infer Request is busy")
+    pool_lock = threading.Lock()
     graph_inputs = [set(port.get_names()) for port in compiled.inputs]
     graph_outputs = [set(port.get_names()) for port in compiled.outputs]
     ports = [compiled.output(name) for name in outputs if any(name in names for names in graph_outputs)]
@@ -240,8 +244,14 @@ def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str
         actual = target
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        result = request.infer(feeds, share_inputs=True)
-        return [np.array(result[port], copy=True) for port in ports]
+        with pool_lock:
+            request = idle.pop() if idle else compiled.create_infer_request()
+        try:
+            result = request.infer(feeds, share_inputs=True)
+            return [np.array(result[port], copy=True) for port in ports]
+        finally:
+            with pool_lock:
+                idle.append(request)
 
     precision = {"<Type: 'float32'>": "f32", "<Type: 'bfloat16'>": "bf16", "<Type: 'float16'>": "f16"}.get(precision, precision)
     return run, actual, precision, graph_inputs, graph_outputs

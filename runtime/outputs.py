@@ -20,6 +20,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .manifest import current_umask
+from .result import Result
 
 
 def output_paths(output: str | Path, count: int, overwrite: bool = False) -> list[Path]:
@@ -75,3 +76,17 @@ def write_png(image: Image.Image, path: Path, info: PngInfo | None = None) -> No
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_result(result: Result, output: str | Path, overwrite: bool = False) -> list[Path]:
+    """Write every image of ``result`` as a PNG with its generation parameters (what ``edgediff generate`` writes)."""
+    paths = output_paths(output, len(result), overwrite)
+    write_result(result, paths)
+    return paths
+
+
+def write_result(result: Result, paths: list[Path]) -> None:
+    """Write ``result``'s images to ``paths`` (checked beforehand by ``output_paths``)."""
+    for k, (image, path) in enumerate(zip(result, paths)):
+        write_png(image, path, png_info(result.parameters(k), result.metadata(k)))
+

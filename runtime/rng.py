@@ -99,3 +99,25 @@ def make_rng(name: str, seed: int) -> NumpyRandn | TorchRandn:
     if name == "torch":
         return TorchRandn(seed)
     raise ValueError(f"unknown rng {name!r}; valid: {', '.join(RNG_NAMES)}")
+
+
+class ImageNoise:
+    """One stream per image of a batch: image ``k`` draws from ``make_rng(name, seeds[k])``.
+
+    A draw of shape ``(batch, ...)`` stacks each image's own draw of ``(...)``,
+    so an image's noise does not depend on the batch it is in: image ``k`` of a
+    batch equals the image generated alone with its seed. For one image this is
+    the plain stream (diffusers' single ``torch.Generator``); for several it is
+    diffusers' list of generators, one per image.
+    """
+
+    def __init__(self, name: str, seeds: tuple[int, ...] | list[int]):
+        self.streams = [make_rng(name, seed) for seed in seeds]
+
+    def randn(self, shape: tuple[int, ...]) -> np.ndarray:
+        if shape[0] != len(self.streams):
+            raise ValueError(f"a draw of {shape[0]} rows from the noise of {len(self.streams)} images")
+        if len(self.streams) == 1:
+            return self.streams[0].randn(tuple(shape))
+        return np.stack([stream.randn(tuple(shape[1:])) for stream in self.streams])
+

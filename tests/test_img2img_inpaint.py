@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from edgediff.runtime import Pipeline
+from edgediff.runtime import SCHEDULER_NAMES, Pipeline
 
 from .conftest import psnr, run_cli
-from .test_txt2img_parity import DIFFUSERS
+from .scheduler_harness import diffusers_scheduler
 
 PROMPT, NEGATIVE = "a red circle on a blue background", "blurry"
 W, H, STEPS, SEED = 64, 48, 10, 11
@@ -47,8 +47,7 @@ def reference(kind: str, src, scheduler: str, **kw) -> np.ndarray:
 
     cls = {"img2img": diffusers.StableDiffusionImg2ImgPipeline, "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
     pipe = cls.from_pretrained(str(src), safety_checker=None, requires_safety_checker=False)
-    name, extra = DIFFUSERS[scheduler]
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
+    pipe.scheduler = diffusers_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5,
                generator=torch.Generator().manual_seed(SEED), output_type="np", **kw).images[0]
@@ -59,7 +58,7 @@ OV_SUBSET = ("ddim", "euler_a", "dpmpp_2m", "heun", "lcm")
 
 
 def _cases(subset):
-    return [(b, s) for b in ("onnxruntime", "openvino") for s in DIFFUSERS if b == "onnxruntime" or s in subset]
+    return [(b, s) for b in ("onnxruntime", "openvino") for s in SCHEDULER_NAMES if b == "onnxruntime" or s in subset]
 
 
 @pytest.mark.parametrize("backend, scheduler", _cases(OV_SUBSET))
@@ -100,10 +99,10 @@ def test_manifest_says_inpainting(tiny_inpaint):
 
 def test_strength_edge_cases(tiny_sd1):
     pipe = Pipeline.load(tiny_sd1[1], backend="onnxruntime")
-    pipe.img2img(PROMPT, photo(), strength=0.01, steps=10, scheduler="euler")
-    assert len(pipe.last_timings.stages["unet"]) == 1  # diffusers would run none; we run one
-    pipe.img2img(PROMPT, photo(), strength=1.0, steps=10, scheduler="euler")
-    assert len(pipe.last_timings.stages["unet"]) == 10
+    result = pipe.img2img(PROMPT, photo(), strength=0.01, steps=10, scheduler="euler")
+    assert len(result.timings.stages["unet"]) == 1  # diffusers would run none; we run one
+    result = pipe.img2img(PROMPT, photo(), strength=1.0, steps=10, scheduler="euler")
+    assert len(result.timings.stages["unet"]) == 10
     for bad in (0.0, 1.5, -0.2):
         with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
             pipe.img2img(PROMPT, photo(), strength=bad)

@@ -12,24 +12,23 @@ from edgediff.runtime import Pipeline, load_manifest
 from edgediff.runtime.manifest import ArtifactError
 
 from .conftest import psnr, run_cli
+from .scheduler_harness import diffusers_scheduler
+from .test_txt2img_parity import generators
 
 PROMPT = "a red circle on a blue background"
 STEPS, GUIDANCE, SEED, W, H = 6, 5.0, 42, 64, 48
-SCHEDULERS = {"euler": ("EulerDiscreteScheduler", {}), "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-              "euler_a": ("EulerAncestralDiscreteScheduler", {}), "ddim": ("DDIMScheduler", {})}
+SCHEDULERS = ("euler", "dpmpp_2m", "euler_a", "ddim")
 
 
 def reference(src, scheduler="euler", **kw) -> np.ndarray:
     import diffusers
 
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(src))
-    cls, extra = SCHEDULERS[scheduler]
-    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
+    pipe.scheduler = diffusers_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     args = dict(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=W, height=H, output_type="np")
     args.update(kw)
-    seed = args.pop("seed", SEED)
-    out = pipe(**args, generator=torch.Generator().manual_seed(seed)).images
+    out = pipe(**args, generator=generators(args.pop("seed", SEED))).images
     return (out * 255).round().astype(np.uint8)
 
 
@@ -46,7 +45,7 @@ def test_manifest_describes_both_text_encoders(tiny_sdxl):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_txt2img_matches_diffusers(tiny_sdxl, backend, scheduler, parity_log):
     src, artifact = tiny_sdxl
     pipe = Pipeline.load(artifact, backend=backend, device="cpu", ov_precision="f32")
@@ -67,8 +66,8 @@ def test_negative_prompt_and_no_guidance(tiny_sdxl):
     plain = np.asarray(pipe.txt2img(PROMPT, steps=STEPS, guidance=GUIDANCE, seed=SEED, width=W, height=H, rng="torch")[0])
     assert psnr(neg, plain) < 35  # the zeroed negative differs from an encoded one: the test bites
     ours = pipe.txt2img([PROMPT, "a green star"], steps=4, guidance=1.0, seed=7, width=W, height=H, rng="torch")
-    ref = reference(src, prompt=[PROMPT, "a green star"], num_inference_steps=4, guidance_scale=1.0, seed=7)
-    assert len(pipe.sessions["unet"].durations) == 4
+    ref = reference(src, prompt=[PROMPT, "a green star"], num_inference_steps=4, guidance_scale=1.0, seed=[7, 8])
+    assert len(ours.timings.stages["unet"]) == 4
     for got, want in zip(ours, ref):
         assert psnr(np.asarray(got), want) >= 40
 
