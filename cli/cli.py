@@ -22,6 +22,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 console = Console(stderr=True)
 
 
+@app.callback()
+def _setup() -> None:
+    """Warnings (a long prompt cut, a precision some components lack) as one note line on stderr."""
+    import warnings
+
+    from rich.markup import escape
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        console.print(f"[yellow]note:[/] {escape(str(message))}", soft_wrap=True)
+
+    warnings.showwarning = show
+
+
 def _fail(message: str) -> None:
     from rich.markup import escape
 

@@ -39,7 +39,8 @@ class PromptTokenizer:
             ids = self._tok.encode(prompt, add_special_tokens=False).ids
             if len(ids) > room:
                 dropped = ids[room:]
-                shown = self._tok.decode(dropped[:SHOWN_TOKENS])
+                # CLIP's word-end marker, where the tokenizer.json has no decoder to turn it into spaces
+                shown = self._tok.decode(dropped[:SHOWN_TOKENS]).replace("</w>", " ").strip()
                 more = f" and {len(dropped) - SHOWN_TOKENS} more tokens" if len(dropped) > SHOWN_TOKENS else ""
                 warnings.warn(
                     f"the prompt is longer than the text encoder's {self.max_length} tokens; "
