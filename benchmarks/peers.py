@@ -221,7 +221,7 @@ def run_peer(work: Path, tool: str, size: int, steps: int, threads: int) -> dict
 def run_ours(artifact: Path, size: int, steps: int, threads: int, backend: str, precision: str | None) -> dict:
     """edgediff's bench in its own process too, so peak memory is this configuration's alone."""
     code = (
-        "import json,sys\nfrom edgediff.benchmarks.bench import run_bench\n"
+        "import json,sys\nfrom edgediff.bench import run_bench\n"
         f"r = run_bench({str(artifact)!r}, backend={backend!r}, device='cpu', precision={'unet=' + precision!r}, width={size}, "
         f"height={size}, steps={steps}, runs=1, warmup=0, threads={threads})[0]\nprint(json.dumps(r))"
     )
@@ -313,7 +313,7 @@ def main() -> None:
         fn = {"diffusers": run_diffusers, "optimum": run_optimum, "ovgenai": run_ovgenai}[args.tool]
         print(json.dumps(fn(args.model, args.size, args.steps, args.threads)))
     else:
-        from edgediff.benchmarks.bench import machine
+        from edgediff.bench import machine
         from edgediff.runtime import load_manifest
 
         have = load_manifest(args.artifact).components["unet"]
@@ -344,7 +344,7 @@ def main() -> None:
                     f.write(json.dumps(row) + "\n")
         floor_json = args.out.with_name("results") / "floor_sd15_cpu.json"
         if not args.table_only or not floor_json.exists():
-            from edgediff.benchmarks.floor import matmul_rates, unet_flops
+            from floor import matmul_rates, unet_flops
 
             flops, rates = unet_flops(args.artifact, 512), matmul_rates(args.threads)
             floor_json.write_text(json.dumps({

@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from edgediff.benchmarks.bench import machine, run_bench, write_rows
+from edgediff.bench import machine, run_bench, write_rows
 from edgediff.quantize import GateSettings, QualityGateError, quantize_artifact
 from edgediff.quantize.quantize import NNCF_PRECISIONS
 from edgediff.runtime import load_manifest

@@ -71,8 +71,10 @@ class Result(Sequence):
 
     def metadata(self, k: int) -> dict[str, Any]:
         """edgediff's JSON record of image ``k``: enough to regenerate it alone."""
-        prompt, negative = self.settings.rows()[k]
+        s = self.settings
+        prompt, negative = s.rows()[k]
         return {"task": self.task, "prompt": prompt, "negative": negative, "index": k, "seed": self.seeds[k],
-                "settings": self.settings.to_json(), "model": self.model,
-                "precision": {c: d["precision"] for c, d in self.components.items()},
-                "backend": next(iter(self.components.values()), {}).get("backend"), **self.inputs}
+                "steps": s.steps, "guidance": s.guidance, "width": s.width, "height": s.height,
+                "scheduler": s.scheduler, "rng": s.rng, "strength": s.strength, "model": self.model,
+                "backend": next(iter(self.components.values()), {}).get("backend"),
+                "precision": {c: d["precision"] for c, d in self.components.items()}, **self.inputs}

@@ -114,12 +114,6 @@ class GenerationSettings:
         return replace(self, steps=steps, guidance=guidance, width=width, height=height,
                        scheduler=self.scheduler or manifest.scheduler)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"prompts": list(self.prompts), "negative_prompts": None if self.negative_prompts is None
-                else list(self.negative_prompts), "steps": self.steps, "guidance": self.guidance, "seed": self.seed,
-                "width": self.width, "height": self.height, "scheduler": self.scheduler,
-                "images_per_prompt": self.images_per_prompt, "rng": self.rng, "strength": self.strength}
-
 
 def _is_int(value: Any, lo: int, hi: int | None = None) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)

@@ -83,10 +83,10 @@ def test_api_and_cli_write_the_same_files(tiny_sd1, tmp_path):
         assert cli.info["parameters"] == api.info["parameters"]
         assert json.loads(cli.info["edgediff"]) == json.loads(api.info["edgediff"])
     record = json.loads(Image.open(tmp_path / "cli-2.png").info["edgediff"])
-    assert record["seed"] == 10 and record["index"] == 1 and record["settings"]["steps"] == 2
+    assert record["seed"] == 10 and record["index"] == 1 and record["steps"] == 2
     # the second image regenerates alone from what its PNG records
-    (alone,) = pipe.txt2img(record["prompt"], record["negative"], steps=record["settings"]["steps"],
-                            seed=record["seed"])
+    (alone,) = pipe.txt2img(record["prompt"], record["negative"], steps=record["steps"], guidance=record["guidance"],
+                            seed=record["seed"], scheduler=record["scheduler"], rng=record["rng"])
     assert np.array_equal(np.asarray(alone), np.asarray(Image.open(tmp_path / "cli-2.png")))
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from PIL import Image
 
-from .conftest import run_cli
+from .conftest import load_script, run_cli
 
 
 def test_bench_rows_and_compare(tiny_sd1, tmp_path):
@@ -51,8 +51,7 @@ def test_bench_bad_input(tiny_sd1, tmp_path):
 
 def test_floor_counts_unet_flops_on_the_graph(tiny_sd1):
     """Convolution FLOPs scale exactly with the pixel count; attention products faster than linearly."""
-    from edgediff.benchmarks.floor import unet_flops
-
+    unet_flops = load_script("benchmarks/floor.py").unet_flops
     small, big = unet_flops(tiny_sd1[1], 64), unet_flops(tiny_sd1[1], 128)
     assert small["total"] == small["Convolution"] + small["MatMul"] > 0
     assert big["Convolution"] / small["Convolution"] == pytest.approx(4.0, rel=1e-9)
@@ -63,7 +62,7 @@ def test_results_md_ratios_and_floor():
     """RESULTS.md's table divides each row by edgediff's OpenVINO fp32 row and states the floor."""
     from types import SimpleNamespace
 
-    from edgediff.benchmarks.peers import results_md
+    results_md = load_script("benchmarks/peers.py").results_md
 
     def row(tool, step, total):
         return {"tool": tool, "size": 512, "load_s": 1.0, "text_encoder_s": 0.1, "unet_first_s": step,

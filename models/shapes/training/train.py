@@ -17,7 +17,7 @@ the defaults take 43 minutes and learn the colours but not yet the shapes
 (benchmarks/results/shapes_cpu_training.json); CUDA is used when present.
 Writes a diffusers folder that ``edgediff export`` turns into the artifact::
 
-    python models/shapes/train.py --out /tmp/shapes-diffusers
+    python models/shapes/training/train.py --out /tmp/shapes-diffusers
     edgediff export /tmp/shapes-diffusers models/shapes/artifact --force --default-steps 20 --default-guidance 4
 
 The shipped weights (models/shapes/diffusers/training.json holds the exact

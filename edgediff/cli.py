@@ -294,7 +294,7 @@ def bench(
     chart: Optional[Path] = typer.Option(None, "--chart", help="with --compare: also draw per-stage stacked bars as a PNG"),
 ) -> None:
     """Measure cold load, per-stage latency, peak memory and disk size; or compare saved rows."""
-    from edgediff.benchmarks import bench as B
+    from edgediff import bench as B
     from edgediff.runtime import ArtifactError, BackendError, GenerationError
 
     if compare:
