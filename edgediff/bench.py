@@ -183,6 +183,12 @@ def read_rows(paths: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def machine_label(machine: dict[str, Any]) -> str:
+    """The CPU and its vector extensions, as rows record them: "AMD EPYC (avx2, fma, avx512_bf16)"."""
+    flags = machine.get("cpu_flags") or []
+    return f"{machine.get('cpu', '?')}" + (f" ({', '.join(map(str, flags))})" if flags else "")
+
+
 def label(row: dict[str, Any]) -> str:
     prec = sorted({str(v) for v in row["precision"].values()})
     return (f"{Path(row['artifact']).name} {row['backend']}/{row['device']} {'+'.join(prec)} "
@@ -199,31 +205,42 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault(label(row), []).append(row)
     out = []
     for name, group in groups.items():
-        out.append({"config": name, "runs": len(group), "disk_gb": round(group[0]["disk_bytes"] / 1e9, 3)}
+        out.append({"config": name, "runs": len(group), "disk_gb": round(group[0]["disk_bytes"] / 1e9, 3),
+                    "machine": machine_label(group[0]["machine"])}
                    | {s: statistics.median(r[s] for r in group) for s in STAGES})
     return out
 
 
-def chart(summary: list[dict[str, Any]], path: Path) -> None:
-    """Per-stage stacked horizontal bars (load, text encoder, UNet steps, VAE) per configuration, as a PNG."""
-    from PIL import Image, ImageDraw
+def chart(summary: list[dict[str, Any]], path: Path):
+    """Per configuration, the generation's stages as stacked bars (text encoder, UNet, VAE decode) and the load
+    time as its own bar, the machine in the title; saved as a PNG. Needs matplotlib (``edgediff[chart]``);
+    returns the figure."""
+    try:
+        import matplotlib
 
-    colors = {"text encoder": (90, 160, 220), "unet": (230, 120, 60), "vae decode": (90, 180, 110)}
-    width, row_h, left = 1000, 34, 420
-    img = Image.new("RGB", (width, 50 + row_h * len(summary)), "white")
-    d = ImageDraw.Draw(img)
-    longest = max(s["end_to_end_s"] for s in summary) or 1.0
-    scale = (width - left - 20) / longest
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--chart draws with matplotlib: pip install 'edgediff[chart]'") from None
+    colors = {"load": "#9e9e9e", "text encoder": "#5aa0dc", "unet": "#e6783c", "vae decode": "#5ab46e"}
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.9 * len(summary)))
+    longest = max(max(s["end_to_end_s"], s["load_s"]) for s in summary) or 1.0
     for i, s in enumerate(summary):
-        y = 30 + i * row_h
-        d.text((8, y + 8), s["config"][:60], fill="black")
-        x = left
-        unet_total = max(s["end_to_end_s"] - s["text_encoder_s"] - s["vae_decode_s"], 0.0)
-        for name, value in (("text encoder", s["text_encoder_s"]), ("unet", unet_total), ("vae decode", s["vae_decode_s"])):
-            d.rectangle([x, y, x + value * scale, y + row_h - 8], fill=colors[name])
-            x += value * scale
-        d.text((x + 4, y + 8), f"{s['end_to_end_s']:.2f} s", fill="black")
-    for k, (name, color) in enumerate(colors.items()):
-        d.rectangle([left + k * 150, 8, left + k * 150 + 12, 20], fill=color)
-        d.text((left + k * 150 + 16, 8), name, fill="black")
-    img.save(path)
+        y = -2.2 * i
+        left = 0.0
+        unet = max(s["end_to_end_s"] - s["text_encoder_s"] - s["vae_decode_s"], 0.0)
+        for name, value in (("text encoder", s["text_encoder_s"]), ("unet", unet), ("vae decode", s["vae_decode_s"])):
+            ax.barh(y, value, left=left, color=colors[name], label=name if i == 0 else None)
+            left += value
+        ax.text(left + 0.01 * longest, y, f"{s['end_to_end_s']:.2f} s", va="center")
+        ax.barh(y - 0.9, s["load_s"], height=0.5, color=colors["load"], label="load" if i == 0 else None)
+        ax.text(s["load_s"] + 0.01 * longest, y - 0.9, f"load {s['load_s']:.2f} s", va="center", fontsize=8)
+    ax.set_yticks([-2.2 * i for i in range(len(summary))], [s["config"] for s in summary])
+    ax.set_xlim(0, longest * 1.18)  # room for the last value's label
+    ax.set_xlabel("seconds (median of the runs)")
+    machines = sorted({s["machine"] for s in summary})
+    ax.set_title("edgediff bench on " + "; ".join(machines))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, bbox_inches="tight", dpi=100)
+    plt.close(fig)
+    return fig

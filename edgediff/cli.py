@@ -316,7 +316,10 @@ def bench(
                           f"{s['peak_rss_mb']:.0f}", f"{s['disk_gb']:.3f}")
         Console(width=200).print(table)
         if chart:
-            B.chart(summary, chart)
+            try:
+                B.chart(summary, chart)
+            except (OSError, ValueError) as e:
+                _fail(f"--chart {chart}: {e}")
             typer.echo(f"wrote {chart}")
         return
     width = height = None
@@ -374,7 +377,7 @@ def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omi
             for prec, v in variants.items():
                 ins = ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in v.inputs)
                 only = f" ({', '.join(v.backends)} only)" if v.backends else ""
-                table.add_row(comp, prec + only, f"{v.bytes / 1e6:.1f}", ins, json.dumps(v.quality.get("parity_vs_torch", v.quality))[:80])
+                table.add_row(comp, prec + only, f"{v.bytes / 1e6:.1f}", ins, quality_words(v.quality))
         Console().print(table)
         provenance = json.dumps(m.provenance)
         if len(provenance) > INFO_PROVENANCE_CHARS:
@@ -384,6 +387,24 @@ def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omi
 
 
 INFO_PROVENANCE_CHARS = 2000
+
+
+def quality_words(quality: dict) -> str:
+    """A variant's measured quality as a reader wants it: "parity vs PyTorch 3.7e-06 relative",
+    "PSNR 65.4 dB, SSIM 1.000 vs fp32, accuracy colour 0.94 ..."."""
+    try:
+        if "parity_vs_torch" in quality:
+            return f"parity vs PyTorch {float(quality['parity_vs_torch']['max_rel_err']):.1e} relative"
+        if "psnr_db" in quality:
+            words = f"PSNR {float(quality['psnr_db']):.1f} dB, SSIM {float(quality['ssim']):.3f} vs {quality.get('vs', 'fp32')}"
+            if isinstance(quality.get("accuracy"), dict):
+                words += ", accuracy " + " ".join(f"{k} {float(v):.2f}" for k, v in quality["accuracy"].items())
+            if isinstance(quality.get("gate"), dict) and quality["gate"].get("forced"):
+                words += " (below the gate, added with --force)"
+            return words
+    except (KeyError, TypeError, ValueError):
+        return "quality record unreadable"
+    return "not measured"
 
 
 def main() -> None:

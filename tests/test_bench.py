@@ -37,7 +37,20 @@ def test_bench_rows_and_compare(tiny_sd1, tmp_path):
     r = run_cli("bench", "--compare", str(a), "--compare", str(b), "--chart", str(chart))
     assert r.exit_code == 0, r.output
     assert "onnxruntime/cpu" in r.output and "openvino/cpu" in r.output and "1.00x" in r.output
-    assert Image.open(chart).size[0] == 1000
+    assert Image.open(chart).format == "PNG"
+    # drawn with matplotlib: the machine in the title, labels with their spaces, load as its own bar, room
+    # to the right of the longest bar for its value
+    from edgediff import bench as B
+
+    summary = B.summarize(B.read_rows([a, b]))
+    fig = B.chart(summary, tmp_path / "again.png")
+    ax = fig.axes[0]
+    assert row["machine"]["cpu"] in ax.get_title()
+    assert [t.get_text() for t in ax.get_yticklabels()] == [s["config"] for s in summary]
+    assert " " in summary[0]["config"]
+    assert {t.get_text().split()[0] for t in ax.texts} >= {"load"}
+    longest = max(max(s["end_to_end_s"], s["load_s"]) for s in summary)
+    assert ax.get_xlim()[1] > longest * 1.1
 
 
 def test_bench_bad_input(tiny_sd1, tmp_path):
@@ -77,3 +90,15 @@ def test_results_md_ratios_and_floor():
                     floor)
     assert "| diffusers PyTorch fp32 | 1.0 | 0.10 | 15.00 | 15.00 | 2.00 | 100.0 | 2.0 | 4.00 | 1.25x | 1.25x |" in md
     assert "**1,606 GFLOP**" in md and "12.4 s in fp32 or 6.0 s in int8" in md
+
+
+def test_info_prints_quality_in_words(tiny_sd1):
+    from edgediff.cli import quality_words
+
+    r = run_cli("info", str(tiny_sd1[1]))
+    assert r.exit_code == 0 and "parity vs PyTorch" in " ".join(r.output.split())
+    assert quality_words({"parity_vs_torch": {"max_rel_err": 3.71e-06}}) == "parity vs PyTorch 3.7e-06 relative"
+    assert quality_words({"psnr_db": 65.43, "ssim": 0.99991, "vs": "fp32", "accuracy": {"color": 0.94},
+                          "gate": {"forced": True}}) == \
+        "PSNR 65.4 dB, SSIM 1.000 vs fp32, accuracy color 0.94 (below the gate, added with --force)"
+    assert quality_words({"psnr_db": "x"}) == "quality record unreadable"
