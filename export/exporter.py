@@ -22,13 +22,15 @@ from typing import Any, Callable
 
 from edgediff import __version__
 from edgediff.runtime.locking import folder_lock
-from edgediff.runtime.manifest import MANIFEST_FILE, Manifest, check_defaults, current_umask, is_artifact
+from edgediff.runtime.manifest import (MANIFEST_FILE, DenoiserSpec, Manifest, TextEncoderSpec, check_defaults,
+                                       current_umask, is_artifact)
 from edgediff.runtime.schedulers import default_scheduler_name
 
 from . import components as C
 from .components import ExportError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+ROLE_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "denoiser"}  # else: the name
 PARTIAL_MARKER = ".edgediff-partial"  # inside an export's temporary folder: only such folders are cleaned up
 
 
@@ -214,13 +216,14 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
             del contract
             gc.collect()
 
-        pipe.tokenizer.backend_tokenizer.save(str(_mkdir(tmp / "tokenizer") / "tokenizer.json"))
-        text_2 = None
-        if xl:
-            pipe.tokenizer_2.backend_tokenizer.save(str(_mkdir(tmp / "tokenizer_2") / "tokenizer.json"))
-            text_2 = {"max_length": int(pipe.tokenizer_2.model_max_length),
-                      "hidden_size": int(configs["text_encoder_2"].hidden_size),
-                      "pad_token_id": int(pipe.tokenizer_2.pad_token_id), "tokenizer": "tokenizer_2/tokenizer.json"}
+        text_encoders = []
+        for suffix in ("", "_2") if xl else ("",):  # text_encoder with tokenizer/, SDXL's second with tokenizer_2/
+            tokenizer = getattr(pipe, f"tokenizer{suffix}")
+            tokenizer.backend_tokenizer.save(str(_mkdir(tmp / f"tokenizer{suffix}") / "tokenizer.json"))
+            text_encoders.append(TextEncoderSpec(f"text_encoder{suffix}", f"tokenizer{suffix}/tokenizer.json",
+                                                 int(tokenizer.model_max_length),
+                                                 int(configs[f"text_encoder{suffix}"].hidden_size),
+                                                 int(tokenizer.pad_token_id)))
         sched_config = dict(pipe.scheduler.config)
         sched_config["_class_name"] = type(pipe.scheduler).__name__
         (_mkdir(tmp / "scheduler") / "scheduler_config.json").write_text(json.dumps(sched_config, indent=2, default=list))
@@ -231,16 +234,14 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
             sample_size=latent * vae_scale,
             vae_scale_factor=vae_scale,
             latent_channels=int(configs["vae"].latent_channels),
-            unet_in_channels=int(configs["unet"].in_channels),
             scaling_factor=float(configs["vae"].scaling_factor),
             shift_factor=float(getattr(configs["vae"], "shift_factor", None) or 0.0),
-            text_max_length=max_length,
-            text_hidden_size=int(configs["text_encoder"].hidden_size),
-            text_2=text_2,
             force_zeros_for_empty_prompt=bool(xl and pipe.config.get("force_zeros_for_empty_prompt", True)),
-            pad_token_id=int(pipe.tokenizer.pad_token_id),
             scheduler=default_scheduler_name(sched_config),
             components=components,
+            roles={name: ROLE_OF.get(name, name) for name in components},
+            text_encoders=tuple(text_encoders),
+            denoiser=DenoiserSpec("unet", "unet", int(configs["unet"].in_channels)),
             random_weights=random_weights,
             defaults=defaults,
             provenance={

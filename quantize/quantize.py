@@ -56,13 +56,14 @@ from .metrics import psnr, ssim
 PRECISIONS = ("fp16", "int8", "int8-static", "int4", "nncf-int8", "nncf-hybrid")
 NNCF_PRECISIONS = ("nncf-int8", "nncf-hybrid")  # OpenVINO IR variants
 CALIBRATED = ("int8-static",) + NNCF_PRECISIONS  # need recorded UNet inputs
-DEFAULT_COMPONENTS = {
-    "fp16": ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"),
-    "int8": ("text_encoder", "text_encoder_2", "unet"),
-    "int8-static": ("unet",),
-    "int4": ("text_encoder", "text_encoder_2", "unet"),
-    "nncf-int8": ("unet",),
-    "nncf-hybrid": ("unet",),
+# the roles (edgediff.runtime.manifest.ROLES) each precision suits by default
+DEFAULT_ROLES = {
+    "fp16": ("text_encoder", "denoiser", "vae_decoder", "vae_encoder"),
+    "int8": ("text_encoder", "denoiser"),
+    "int8-static": ("denoiser",),
+    "int4": ("text_encoder", "denoiser"),
+    "nncf-int8": ("denoiser",),
+    "nncf-hybrid": ("denoiser",),
 }
 # Kept in fp32 by the fp16 conversion: where activations overflow fp16 or lose
 # the precision normalisation needs (the VAE's group norms, attention softmax).
@@ -228,7 +229,7 @@ def _big(path: Path) -> bool:
 def record_unet_inputs(pipe: Pipeline, settings: GateSettings, max_samples: int = 64) -> list[dict[str, np.ndarray]]:
     """The UNet's actual feeds along real denoising runs (CFG on), evenly subsampled."""
     recorded: list[dict[str, np.ndarray]] = []
-    session = pipe.sessions["unet"]
+    session = pipe.sessions[pipe.manifest.denoiser.name]
     run = session.run
 
     def recording(feeds):
@@ -351,12 +352,12 @@ def quantize_artifact(
 def _quantize(root: Path, precision: str, components: tuple[str, ...] | None, force: bool, gate: Gate,
               settings: GateSettings, conv: bool, progress: Callable[[str], Any]) -> dict[str, dict[str, Any]]:
     manifest = load_manifest(root)  # under the lock: it has every variant added before ours
-    components = components or tuple(c for c in DEFAULT_COMPONENTS[precision] if c in manifest.components)
+    components = components or tuple(c for c in manifest.components if manifest.roles[c] in DEFAULT_ROLES[precision])
     for comp in components:
         if comp not in manifest.components:
             raise ValueError(f"the artifact has no {comp}; it has: {', '.join(manifest.components)}")
-        if precision in CALIBRATED and comp != "unet":
-            raise ValueError(f"{precision} is calibrated on the UNet's inputs: use --components unet")
+        if precision in CALIBRATED and comp != manifest.denoiser.name:
+            raise ValueError(f"{precision} is calibrated on the UNet's inputs: use --components {manifest.denoiser.name}")
     if precision in NNCF_PRECISIONS:
         import importlib.util
 

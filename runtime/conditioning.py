@@ -49,7 +49,7 @@ class Guidance:
 
 
 class Conditioning(Protocol):
-    components: tuple[str, ...]  # the text encoders it runs
+    components: tuple[str, ...]  # the text encoder components it runs, in order
 
     def __call__(self, call: Call, settings: GenerationSettings, cfg: Guidance) -> dict[str, np.ndarray]:
         """The denoiser's conditioning inputs for every image of ``settings`` (both CFG halves when enabled)."""
@@ -62,13 +62,12 @@ def _per_image(a: np.ndarray, settings: GenerationSettings) -> np.ndarray:
 
 
 class TextConditioning:
-    components = ("text_encoder",)
-
-    def __init__(self, tokenizer: PromptTokenizer):
+    def __init__(self, name: str, tokenizer: PromptTokenizer):
+        self.components = (name,)
         self.tokenizer = tokenizer
 
     def encode(self, call: Call, prompts: list[str]) -> np.ndarray:
-        return call("text_encoder", input_ids=self.tokenizer(prompts))["last_hidden_state"]
+        return call(self.components[0], input_ids=self.tokenizer(prompts))["last_hidden_state"]
 
     def __call__(self, call: Call, settings: GenerationSettings, cfg: Guidance) -> dict[str, np.ndarray]:
         cond = _per_image(self.encode(call, list(settings.prompts)), settings)
@@ -79,16 +78,15 @@ class TextConditioning:
 
 
 class XLConditioning:
-    components = ("text_encoder", "text_encoder_2")
-
-    def __init__(self, tokenizer: PromptTokenizer, tokenizer_2: PromptTokenizer, force_zeros_for_empty_prompt: bool):
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+    def __init__(self, names: tuple[str, str], tokenizers: list[PromptTokenizer], force_zeros_for_empty_prompt: bool):
+        self.components = names
+        self.tokenizer, self.tokenizer_2 = tokenizers
         self.force_zeros = force_zeros_for_empty_prompt
 
     def encode(self, call: Call, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Both encoders' penultimate layers side by side, and the pooled projection of the second."""
-        first = call("text_encoder", input_ids=self.tokenizer(prompts))["penultimate_hidden_state"]
-        second = call("text_encoder_2", input_ids=self.tokenizer_2(prompts))
+        first = call(self.components[0], input_ids=self.tokenizer(prompts))["penultimate_hidden_state"]
+        second = call(self.components[1], input_ids=self.tokenizer_2(prompts))
         return np.concatenate([first, second["penultimate_hidden_state"]], axis=-1), second["text_embeds"]
 
     def __call__(self, call: Call, settings: GenerationSettings, cfg: Guidance) -> dict[str, np.ndarray]:
@@ -109,7 +107,8 @@ class XLConditioning:
 
 
 def conditioning_for(manifest: Manifest, tokenizers: list[PromptTokenizer]) -> Any:
-    """The family's conditioner: SDXL when the manifest has a second text encoder, else SD."""
-    if manifest.text_2 is not None:
-        return XLConditioning(tokenizers[0], tokenizers[1], manifest.force_zeros_for_empty_prompt)
-    return TextConditioning(tokenizers[0])
+    """The family's conditioner, from the manifest's text encoders: two is SDXL's, one is SD's."""
+    names = tuple(t.name for t in manifest.text_encoders)
+    if len(names) == 2:
+        return XLConditioning(names, tokenizers, manifest.force_zeros_for_empty_prompt)
+    return TextConditioning(names[0], tokenizers[0])

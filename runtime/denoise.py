@@ -55,6 +55,7 @@ class Job:
     cfg: Guidance
     callback: Callable[[int, int], None] | None = None
     timings: Timings = field(default_factory=Timings)
+    denoiser: str = "unet"  # the manifest's denoiser component
 
     def call(self, component: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """Run ``component``, timed; NaN/Inf in any output is an error naming it."""
@@ -120,11 +121,11 @@ def denoise(job: Job, sched, x: np.ndarray, start: int, inputs: DenoiserInputs) 
     for i in range(start, total):
         x_in = sched.scale_model_input(job.cfg.model_input(x), i).astype(np.float32)
         timestep = np.full((x_in.shape[0],), sched.timesteps[i], dtype=np.float32)
-        out = job.call("unet", **inputs.feeds(x_in, timestep, i))["out_sample"]
+        (out,) = job.call(job.denoiser, **inputs.feeds(x_in, timestep, i)).values()
         x = sched.step(job.cfg.combine(out), i, x, job.noise).astype(np.float32)
         x = inputs.after_step(x, i, sched)
         if not np.isfinite(x).all():
-            raise nan_error("unet", job.sessions["unet"].variant.precision,
+            raise nan_error(job.denoiser, job.sessions[job.denoiser].variant.precision,
                             f" at step {i + 1} of {total} (guidance {job.cfg.scale:g})")
         if job.callback:
             job.callback(i + 1 - start, total - start)

@@ -9,9 +9,16 @@ One canonical name per component, used by export, quantize, runtime and bench::
       text_encoder/model.onnx   unet/model.onnx   vae_decoder/model.onnx   vae_encoder/model.onnx
       tokenizer_2/tokenizer.json  text_encoder_2/model.onnx     (SDXL: its second text encoder)
 
-Each component lists its variants by precision (``fp32`` from export; ``fp16``,
-``int8``... added later by ``edgediff quantize``), each with its file, size,
-input/output signature and measured parity.
+Components are described by their **role** (format version 2): ``text_encoder``
+(in order, each with its tokenizer and sizes), ``denoiser`` (one, with its
+``kind``: ``unet`` now; transformers come with their flow-matching schedulers),
+``vae_decoder``, ``vae_encoder``. A new kind of component (a ControlNet, a tiny
+VAE) is a new role here, not a new branch elsewhere; a role this version does
+not know is refused with the accepted list. Each component lists its variants
+by precision (``fp32`` from export; ``fp16``, ``int8``... added later by
+``edgediff quantize``), each with its file, size, input/output signature and
+measured parity. Version-1 manifests (flat ``text``/``text_2``/``unet_in_channels``
+fields) still load, into the same structures; saving writes version 2.
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ from typing import Any
 from .schedulers import SCHEDULER_NAMES
 
 FORMAT_NAME = "edgediff-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+ROLES = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")
+DENOISER_KINDS = ("unet",)
+MAX_TEXT_ENCODERS = 2  # SD: one; SDXL: two (edgediff.runtime.conditioning)
+V1_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # version 1: closed names
+V1_REQUIRED = ("text_encoder", "unet", "vae_decoder")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Generation settings used when neither the caller nor the artifact's ``defaults`` name them.
 DEFAULT_STEPS = 25
@@ -194,6 +204,33 @@ class Variant:
         )
 
 
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """A text encoder component and the tokenizer that feeds it."""
+
+    name: str  # the component
+    tokenizer: str  # tokenizer.json, relative to the artifact root
+    max_length: int
+    hidden_size: int
+    pad_token_id: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"role": "text_encoder", "tokenizer": self.tokenizer, "max_length": self.max_length,
+                "hidden_size": self.hidden_size, "pad_token_id": self.pad_token_id}
+
+
+@dataclass(frozen=True)
+class DenoiserSpec:
+    """The denoiser component: its kind and how many latent channels it takes (9 = an inpainting UNet)."""
+
+    name: str
+    kind: str  # "unet"
+    in_channels: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"role": "denoiser", "kind": self.kind, "in_channels": self.in_channels}
+
+
 @dataclass
 class Manifest:
     family: str
@@ -201,35 +238,31 @@ class Manifest:
     sample_size: int  # default image side in pixels
     vae_scale_factor: int
     latent_channels: int
-    unet_in_channels: int
     scaling_factor: float
-    text_max_length: int
-    text_hidden_size: int
-    pad_token_id: int
     scheduler: str  # our name of the checkpoint's own scheduler
-    components: dict[str, dict[str, Variant]]
+    components: dict[str, dict[str, Variant]]  # name -> precision -> variant
+    roles: dict[str, str]  # name -> role (ROLES)
+    text_encoders: tuple[TextEncoderSpec, ...]  # in conditioning order
+    denoiser: DenoiserSpec
     provenance: dict[str, Any] = field(default_factory=dict)
     random_weights: bool = False
     shift_factor: float = 0.0
-    # SDXL: the second text encoder's tokenizer and sizes (keys as in ``text``),
-    # and whether an absent negative prompt means zero embeddings
-    text_2: dict[str, Any] | None = None
+    # SDXL: whether an absent negative prompt means zero embeddings
     force_zeros_for_empty_prompt: bool = False
     # the model's recommended steps / guidance (see check_defaults)
     defaults: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    scheduler_file = "scheduler/scheduler_config.json"
 
     def settings(self, steps: int | None = None, guidance: float | None = None) -> tuple[int, float]:
         """The caller's steps and guidance where given, else the model's recommended ones, else 25 and 7.5."""
         return (self.defaults.get("steps", DEFAULT_STEPS) if steps is None else steps,
                 self.defaults.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance)
 
-    @property
-    def is_xl(self) -> bool:
-        return self.text_2 is not None
-
-    tokenizer_file = "tokenizer/tokenizer.json"
-    scheduler_file = "scheduler/scheduler_config.json"
+    def component(self, role: str) -> str | None:
+        """The component playing a one-of role (denoiser, vae_decoder, vae_encoder), or None."""
+        return next((name for name, r in self.roles.items() if r == role), None)
 
     def variant(self, component: str, precision: str = "fp32") -> Variant:
         if component not in self.components:
@@ -242,30 +275,24 @@ class Manifest:
         return variants[precision]
 
     def to_json(self) -> dict[str, Any]:
+        """Format version 2, whatever version was read."""
+        specs = {t.name: t.to_json() for t in self.text_encoders} | {self.denoiser.name: self.denoiser.to_json()}
         return {
             "format": FORMAT_NAME,
-            "format_version": self.format_version,
+            "format_version": FORMAT_VERSION,
             "family": self.family,
             "prediction_type": self.prediction_type,
             "sample_size": self.sample_size,
             "vae_scale_factor": self.vae_scale_factor,
             "latent_channels": self.latent_channels,
-            "unet_in_channels": self.unet_in_channels,
             "scaling_factor": self.scaling_factor,
             "shift_factor": self.shift_factor,
-            "text": {
-                "max_length": self.text_max_length,
-                "hidden_size": self.text_hidden_size,
-                "pad_token_id": self.pad_token_id,
-                "tokenizer": self.tokenizer_file,
-            },
-            **({"text_2": self.text_2, "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt}
-               if self.text_2 is not None else {}),
+            "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
             "scheduler": {"default": self.scheduler, "config": self.scheduler_file},
             **({"defaults": self.defaults} if self.defaults else {}),
             "random_weights": self.random_weights,
             "components": {
-                name: {"variants": {p: v.to_json() for p, v in variants.items()}}
+                name: specs.get(name, {"role": self.roles[name]}) | {"variants": {p: v.to_json() for p, v in variants.items()}}
                 for name, variants in self.components.items()
             },
             "provenance": self.provenance,
@@ -369,16 +396,10 @@ def load_manifest(root: str | Path) -> Manifest:
     prediction = _require(d, "prediction_type", str)
     if prediction not in PREDICTION_TYPES:
         raise ArtifactError(f"{path}: prediction_type {prediction!r:.80} is not one of {', '.join(PREDICTION_TYPES)}")
-    text = _require(d, "text", dict)
     sched = _require(d, "scheduler", dict)
     comps = _require(d, "components", dict)
-    missing = [c for c in REQUIRED_COMPONENTS if c not in comps]
-    if missing:
-        raise ArtifactError(f"{path} lists no {', '.join(missing)}; an artifact needs {', '.join(REQUIRED_COMPONENTS)}")
     components: dict[str, dict[str, Variant]] = {}
     for name, entry in comps.items():
-        if name not in COMPONENTS:
-            raise ArtifactError(f"{path}: unknown component {name!r:.80}; known: {', '.join(COMPONENTS)}")
         if not isinstance(entry, dict):
             raise ArtifactError(f"{path}: components.{name} must be an object with \"variants\", got {entry!r:.80}")
         variants = _require(entry, "variants", dict, f" components.{name}")
@@ -389,58 +410,103 @@ def load_manifest(root: str | Path) -> Manifest:
         if "fp32" not in components[name]:
             raise ArtifactError(f"{path}: components.{name} has no fp32 variant (export writes one; variants "
                                 "are added beside it)")
-        for v in components[name].values():
-            _check_variant_files(root, name, v)
     sample_size = _ranged(d, "sample_size", int, 8, 16384)
     vae_scale_factor = _require(d, "vae_scale_factor", int)
     if vae_scale_factor not in VAE_SCALE_FACTORS or sample_size % vae_scale_factor:
         raise ArtifactError(f"manifest.json: 'vae_scale_factor' must be one of {VAE_SCALE_FACTORS} dividing "
                             f"sample_size {sample_size}, got {vae_scale_factor!r}")
     latent_channels = _ranged(d, "latent_channels", int, 1, 256)
-    unet_in_channels = _require(d, "unet_in_channels", int)
-    if unet_in_channels not in (latent_channels, 2 * latent_channels + 1):
-        raise ArtifactError(f"manifest.json: 'unet_in_channels' must be latent_channels ({latent_channels}, an "
-                            f"ordinary UNet) or {2 * latent_channels + 1} (an inpainting UNet), got {unet_in_channels!r}")
+    roles, text_encoders, denoiser = (_roles_v1 if version == 1 else _roles_v2)(d, comps, path)
+    if denoiser.in_channels not in (latent_channels, 2 * latent_channels + 1):
+        raise ArtifactError(f"manifest.json: the denoiser's input channels must be latent_channels ({latent_channels}, "
+                            f"an ordinary UNet) or {2 * latent_channels + 1} (an inpainting UNet), got {denoiser.in_channels!r}")
     scheduler = _require(sched, "default", str, " scheduler")
     if scheduler not in SCHEDULER_NAMES:
         raise ArtifactError(f"manifest.json scheduler: default {scheduler!r:.80} is not one of {', '.join(SCHEDULER_NAMES)}")
     provenance = d.get("provenance", {})
     if not isinstance(provenance, dict):
         raise ArtifactError(f"manifest.json: 'provenance' must be an object, got {type(provenance).__name__}")
-    m = Manifest(
+    for name, variants in components.items():
+        for v in variants.values():
+            _check_variant_files(root, name, v)
+    for spec in text_encoders:
+        regular_file(artifact_file(root, spec.tokenizer, f"manifest.json {spec.name} tokenizer", (".json",)), "tokenizer")
+    regular_file(artifact_file(root, Manifest.scheduler_file, "manifest.json scheduler config", (".json",)),
+                 "scheduler config")
+    return Manifest(
         family=_require(d, "family", str),
         prediction_type=prediction,
         sample_size=sample_size,
         vae_scale_factor=vae_scale_factor,
         latent_channels=latent_channels,
-        unet_in_channels=unet_in_channels,
         scaling_factor=_ranged(d, "scaling_factor", float, 1e-6, 1e3),
         shift_factor=_ranged({"shift_factor": d.get("shift_factor") or 0.0}, "shift_factor", float, -1e3, 1e3),
-        text_max_length=_ranged(text, "max_length", int, 3, 4096, " text"),
-        text_hidden_size=_ranged(text, "hidden_size", int, 1, 65536, " text"),
-        pad_token_id=_ranged(text, "pad_token_id", int, 0, 10**7, " text"),
         scheduler=scheduler,
         components=components,
+        roles=roles,
+        text_encoders=text_encoders,
+        denoiser=denoiser,
         provenance=dict(provenance),
         random_weights=_require({"random_weights": d.get("random_weights", False)}, "random_weights", bool),
+        force_zeros_for_empty_prompt=_require(
+            {"force_zeros_for_empty_prompt": d.get("force_zeros_for_empty_prompt", False)},
+            "force_zeros_for_empty_prompt", bool),
         defaults=check_defaults(d.get("defaults", {}), f"{path}: defaults"),
         format_version=version,
     )
-    if "text_2" in d or "text_encoder_2" in components:
-        text_2 = _require(d, "text_2", dict)
-        _ranged(text_2, "max_length", int, 3, 4096, " text_2")
-        _ranged(text_2, "hidden_size", int, 1, 65536, " text_2")
-        _ranged(text_2, "pad_token_id", int, 0, 10**7, " text_2")
-        _require(text_2, "tokenizer", str, " text_2")
-        if "text_encoder_2" not in components:
+
+
+def _text_spec(name: str, d: dict[str, Any], where: str) -> TextEncoderSpec:
+    return TextEncoderSpec(name, _require(d, "tokenizer", str, where), _ranged(d, "max_length", int, 3, 4096, where),
+                           _ranged(d, "hidden_size", int, 1, 65536, where),
+                           _ranged(d, "pad_token_id", int, 0, 10**7, where))
+
+
+def _roles_v2(d: dict[str, Any], comps: dict[str, Any], path: Path):
+    """Version 2: every component names its role; the text encoders in the order they appear."""
+    roles, text_encoders, denoisers = {}, [], []
+    for name, entry in comps.items():
+        where = f" components.{name}"
+        role = _require(entry, "role", str, where)
+        if role not in ROLES:
+            raise ArtifactError(f"{path}: components.{name} has the role {role!r:.40}, which this edgediff does not "
+                                f"know; accepted: {', '.join(ROLES)}")
+        if role in ("vae_decoder", "vae_encoder") and name != role:
+            raise ArtifactError(f"{path}: the {role} component must be named {role!r} (one canonical name per "
+                                f"component), got {name!r:.40}")
+        roles[name] = role
+        if role == "text_encoder":
+            text_encoders.append(_text_spec(name, entry, where))
+        elif role == "denoiser":
+            kind = _require(entry, "kind", str, where)
+            if kind not in DENOISER_KINDS:
+                raise ArtifactError(f"{path}: components.{name} is a {kind!r:.40} denoiser; this edgediff runs: "
+                                    f"{', '.join(DENOISER_KINDS)}")
+            denoisers.append(DenoiserSpec(name, kind, _ranged(entry, "in_channels", int, 1, 1024, where)))
+    counts = {role: list(roles.values()).count(role) for role in ROLES}
+    if counts["denoiser"] != 1 or counts["vae_decoder"] != 1 or counts["vae_encoder"] > 1 \
+            or not 1 <= counts["text_encoder"] <= MAX_TEXT_ENCODERS:
+        raise ArtifactError(f"{path}: an artifact has one denoiser, one vae_decoder, at most one vae_encoder and 1 to "
+                            f"{MAX_TEXT_ENCODERS} text encoders; this one has {counts}")
+    return roles, tuple(text_encoders), denoisers[0]
+
+
+def _roles_v1(d: dict[str, Any], comps: dict[str, Any], path: Path):
+    """Version 1: closed component names, the text encoders' sizes in ``text`` / ``text_2``."""
+    missing = [c for c in V1_REQUIRED if c not in comps]
+    if missing:
+        raise ArtifactError(f"{path} lists no {', '.join(missing)}; an artifact needs {', '.join(V1_REQUIRED)}")
+    unknown = [c for c in comps if c not in V1_COMPONENTS]
+    if unknown:
+        raise ArtifactError(f"{path}: unknown component {unknown[0]!r:.80}; known: {', '.join(V1_COMPONENTS)}")
+    text_encoders = [_text_spec("text_encoder", dict(_require(d, "text", dict), tokenizer="tokenizer/tokenizer.json"),
+                                " text")]
+    if "text_2" in d or "text_encoder_2" in comps:
+        if "text_encoder_2" not in comps:
             raise ArtifactError(f"{path} has text_2 but lists no text_encoder_2 component")
-        m.text_2 = dict(text_2)
-        m.force_zeros_for_empty_prompt = _require(
-            {"force_zeros_for_empty_prompt": d.get("force_zeros_for_empty_prompt", False)}, "force_zeros_for_empty_prompt", bool)
-    for where, rel in (("tokenizer", m.tokenizer_file), ("scheduler config", m.scheduler_file)) + (
-            (("text_2.tokenizer", m.text_2["tokenizer"]),) if m.text_2 else ()):
-        regular_file(artifact_file(root, rel, f"manifest.json {where}", (".json",)), where)
-    return m
+        text_encoders.append(_text_spec("text_encoder_2", _require(d, "text_2", dict), " text_2"))
+    roles = {name: {"unet": "denoiser", "text_encoder_2": "text_encoder"}.get(name, name) for name in comps}
+    return roles, tuple(text_encoders), DenoiserSpec("unet", "unet", _require(d, "unet_in_channels", int))
 
 
 def _check_variant_files(root: Path, component: str, v: Variant) -> None:

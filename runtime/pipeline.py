@@ -32,7 +32,7 @@ from .denoise import (DenoiserInputs, GenerationError, InpaintingUNetInputs, Job
                       denoise)
 from .images import extend_canvas, load_image, load_mask, paste_unmasked, to_pil
 from .limits import DEFAULT_MAX_BATCH, pixel_budget
-from .manifest import COMPONENTS, ArtifactError, Manifest, artifact_file, load_manifest, read_manifest_json
+from .manifest import ArtifactError, Manifest, artifact_file, load_manifest, read_manifest_json
 from .result import Result, Timings
 from .rng import ImageNoise
 from .schedulers import make_scheduler
@@ -64,8 +64,8 @@ def parse_precision(spec: str | dict[str, str] | None, available: dict[str, dict
     pairs = dict(p.split("=", 1) for p in spec.split(",") if p.strip()) if isinstance(spec, str) else dict(spec)
     for comp, prec in pairs.items():
         comp = comp.strip()
-        if comp not in COMPONENTS:
-            raise ValueError(f"unknown component {comp!r} in precision; valid: {', '.join(COMPONENTS)}")
+        if comp not in available:
+            raise ValueError(f"unknown component {comp!r:.40} in precision; this artifact has: {', '.join(available)}")
         chosen[comp] = prec.strip()
     return chosen
 
@@ -84,14 +84,11 @@ class Pipeline:
         self._lock = threading.Lock()  # guards the sessions dict: lazy opens and fallbacks
         # the small files first: a broken tokenizer or scheduler config fails before any graph is compiled
         self.scheduler_config = self._scheduler_config()
-        tokenizers = [self._tokenizer(manifest.tokenizer_file, manifest.text_max_length, manifest.pad_token_id)]
-        if manifest.text_2 is not None:
-            t2 = manifest.text_2
-            tokenizers.append(self._tokenizer(t2["tokenizer"], t2["max_length"], t2["pad_token_id"]))
+        tokenizers = [self._tokenizer(t.tokenizer, t.max_length, t.pad_token_id) for t in manifest.text_encoders]
         self.tokenizer = tokenizers[0]
         self.conditioning = conditioning_for(manifest, tokenizers)
         self.sessions = {comp: self._open(comp, precision[comp])
-                         for comp in self.conditioning.components + ("unet", "vae_decoder")}
+                         for comp in self.conditioning.components + (manifest.denoiser.name, "vae_decoder")}
 
     @classmethod
     def load(
@@ -274,9 +271,9 @@ class Pipeline:
         if mask is not None:
             binary = load_mask(mask, pixels.shape[-1], pixels.shape[-2])
             inputs.update(mask_blur=mask_blur, keep_unmasked=keep_unmasked)
-        if task in ("txt2img", "img2img") and m.unet_in_channels != m.latent_channels:
+        if task in ("txt2img", "img2img") and m.denoiser.in_channels != m.latent_channels:
             raise ValueError(
-                f"this artifact's UNet is an inpainting UNet ({m.unet_in_channels} input channels): {task} needs "
+                f"this artifact's UNet is an inpainting UNet ({m.denoiser.in_channels} input channels): {task} needs "
                 "an ordinary checkpoint; use inpaint() / --mask (or outpaint / --extend) with this one")
         strength = settings.strength if settings.strength is not None else {"img2img": 0.6}.get(task, 1.0)
         size = None if pixels is None else (pixels.shape[-1], pixels.shape[-2])
@@ -305,7 +302,8 @@ class Pipeline:
 
     def _run(self, task: str, settings: GenerationSettings, sessions: dict[str, Session], callback: Progress | None,
              timings: Timings, *, latents, pixels, binary, mask_blur, keep_unmasked) -> list[Image.Image]:
-        job = Job(settings, sessions, ImageNoise(settings.rng, settings.seeds), Guidance(settings.guidance), callback)
+        job = Job(settings, sessions, ImageNoise(settings.rng, settings.seeds), Guidance(settings.guidance), callback,
+                  denoiser=self.manifest.denoiser.name)
         conditioning = self.conditioning(job.call, settings, job.cfg)
         sched = self._make_scheduler(settings.scheduler, settings.steps)
         if task == "txt2img":
@@ -340,7 +338,7 @@ class Pipeline:
         m, s = self.manifest, job.settings
         start = start_index(s.steps, s.strength, sched.order)
         full = s.strength >= 1.0
-        dedicated = m.unet_in_channels == m.latent_channels * 2 + 1
+        dedicated = m.denoiser.in_channels == m.latent_channels * 2 + 1
 
         # 1. latents: pure noise at strength 1, else the image noised to the start step
         image_latents = None

@@ -6,7 +6,9 @@ StableDiffusionImg2ImgPipeline's start index, ``set_begin_index(start)`` on diff
 Any further noise (DDIM with eta, Euler a, LCM) comes from the same continuing stream on both sides. The
 diffusers class and the extra config of each of our schedulers come from ``REGISTRY``, as at run time.
 
-This is not a test module, so pytest does not rewrite its asserts: each one carries its own message.
+This is not a test module, so pytest does not rewrite its asserts: each one carries its own message. It imports
+torch and diffusers only inside the diffusers side, so the torch-free tier uses ``run_ours`` against the
+references that ``tests/reference/make_references.py`` saved from ``run_diffusers``.
 """
 
 from __future__ import annotations
@@ -20,11 +22,8 @@ import pytest
 
 from .conftest import SD15_SCHEDULER_CONFIG
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-
-from edgediff.runtime.rng import TorchRandn  # noqa: E402
-from edgediff.runtime.schedulers import REGISTRY, make_scheduler  # noqa: E402
+from edgediff.runtime.rng import TorchRandn
+from edgediff.runtime.schedulers import REGISTRY, make_scheduler
 
 # diffusers 0.42 LMS calls np.array(tensor) the numpy-2 way that torch warns about
 IGNORE_LMS_ARRAY_WARNING = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -63,6 +62,8 @@ def img2img_start(steps: int, strength: float, order: int) -> int:
 def diffusers_scheduler(name: str, config: dict[str, Any], steps: int | None = None):
     """diffusers' counterpart of ``make_scheduler(name, config, steps)``, its timesteps set when ``steps`` is given
     (a pipeline sets them itself)."""
+    import diffusers
+
     entry = REGISTRY[name]
     sched = getattr(diffusers, entry.diffusers_class).from_config(config, **entry.extra)
     if steps is not None:
@@ -94,6 +95,8 @@ def run_diffusers(
     name: str, config: dict[str, Any], steps: int, seed: int, shape: tuple[int, ...], strength: float | None = None
 ) -> Run:
     """diffusers' sampling loop: txt2img, or img2img at ``strength``."""
+    import torch
+
     sched = diffusers_scheduler(name, config, steps)
     gen = torch.Generator().manual_seed(seed)
     if strength is None:

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edgediff.models import default_model_path
 from edgediff.runtime import ArtifactError, GenerationSettings, Pipeline, Result, save_result
 
 from .conftest import run_cli
+
+pytestmark = pytest.mark.fast  # on the embedded model: no torch
 
 PROMPT = "a red circle on a blue background"
 
@@ -23,9 +26,9 @@ def pixels(images) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("rng", ["numpy", "torch"])
-def test_image_k_of_a_batch_is_the_image_of_seed_plus_k(tiny_sd1, rng):
+def test_image_k_of_a_batch_is_the_image_of_seed_plus_k(rng):
     """Euler a draws noise at every step: each image's own stream must serve it, whatever the batch."""
-    pipe = Pipeline.load(tiny_sd1[1], backend="onnxruntime", device="cpu")
+    pipe = Pipeline.load(backend="onnxruntime", device="cpu")
     kw = dict(steps=3, guidance=5.0, width=32, height=32, scheduler="euler_a", rng=rng)
     batch = pipe.txt2img([PROMPT, "a green star"], "blurry", seed=11, num_images=2, **kw)
     assert batch.seeds == (11, 12, 13, 14)
@@ -36,8 +39,8 @@ def test_image_k_of_a_batch_is_the_image_of_seed_plus_k(tiny_sd1, rng):
     assert not np.array_equal(pixels(batch)[0], pixels(batch)[1])  # the seeds differ, so do the images
 
 
-def test_image_k_of_an_img2img_batch_is_alone_too(tiny_sd1):
-    pipe = Pipeline.load(tiny_sd1[1], backend="onnxruntime", device="cpu")
+def test_image_k_of_an_img2img_batch_is_alone_too():
+    pipe = Pipeline.load(backend="onnxruntime", device="cpu")
     source = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     kw = dict(steps=4, strength=0.7, scheduler="euler_a")
     batch = pipe.img2img(PROMPT, source, seed=3, num_images=3, **kw)
@@ -46,8 +49,8 @@ def test_image_k_of_an_img2img_batch_is_alone_too(tiny_sd1):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_one_pipeline_serves_concurrent_calls(tiny_sd1, backend):
-    pipe = Pipeline.load(tiny_sd1[1], backend=backend, device="cpu", ov_precision="f32")
+def test_one_pipeline_serves_concurrent_calls(backend):
+    pipe = Pipeline.load(backend=backend, device="cpu", ov_precision="f32")
     kw = dict(steps=3, guidance=4.0, width=32, height=32, scheduler="dpmpp_2m")
     sequential = [pixels(pipe.txt2img(PROMPT, seed=s, **kw)) for s in range(8)]
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -57,20 +60,20 @@ def test_one_pipeline_serves_concurrent_calls(tiny_sd1, backend):
     assert all(len(r.timings.stages["unet"]) == 3 for r in results)  # each call's own timings, none shared
 
 
-def test_result_records_what_was_used(tiny_sd1):
-    pipe = Pipeline.load(tiny_sd1[1], backend="onnxruntime", device="cpu")
+def test_result_records_what_was_used():
+    pipe = Pipeline.load(backend="onnxruntime", device="cpu")
     result = pipe.txt2img(PROMPT, seed=5, steps=2, num_images=2)
     assert isinstance(result, Result) and len(result) == 2 and result[1] is result.images[1]
     s = result.settings
-    assert (s.steps, s.guidance, s.width, s.height, s.scheduler) == (2, 7.5, 64, 64, pipe.manifest.scheduler)
+    assert (s.steps, s.guidance, s.width, s.height, s.scheduler) == (2, 4.0, 128, 128, pipe.manifest.scheduler)
     assert result.seeds == (5, 6) and result.task == "txt2img"
     assert set(result.timings.stages) == {"text_encoder", "unet", "vae_decoder"}
     assert result.components["unet"]["precision"] == "fp32" and result.components["unet"]["backend"] == "onnxruntime"
-    assert "Seed: 6, Size: 64x64" in result.parameters(1)
+    assert "Seed: 6, Size: 128x128" in result.parameters(1)
 
 
-def test_api_and_cli_write_the_same_files(tiny_sd1, tmp_path):
-    artifact = str(tiny_sd1[1])
+def test_api_and_cli_write_the_same_files(tmp_path):
+    artifact = str(default_model_path())
     r = run_cli("generate", PROMPT, "--model", artifact, "--backend", "onnxruntime", "--steps", "2", "--seed", "9",
                 "--num-images", "2", "--negative", "blurry", "--output", str(tmp_path / "cli.png"))
     assert r.exit_code == 0, r.output
@@ -102,11 +105,12 @@ def test_settings_are_a_frozen_checked_value():
     assert s.images(1, 1).seeds == (1,)
 
 
-def test_a_bare_precision_applies_where_it_exists(tiny_sd1, tmp_path):
+def test_a_bare_precision_applies_where_it_exists(tmp_path):
+    pytest.importorskip("onnxruntime.quantization")
     from edgediff.quantize import GateSettings, quantize_artifact
 
     artifact = tmp_path / "artifact"
-    shutil.copytree(tiny_sd1[1], artifact)
+    shutil.copytree(default_model_path(), artifact)
     quantize_artifact(artifact, "int8", ("text_encoder",), force=True,
                       settings=GateSettings(prompts=("x",), seeds=(0,), steps=2))
     with pytest.warns(UserWarning, match="int8 applies to text_encoder; unet, vae_decoder, vae_encoder have no int8"):

@@ -11,17 +11,17 @@ from edgediff.runtime import ArtifactError, BackendError, Pipeline, load_manifes
 
 from .conftest import run_cli
 
+pytestmark = pytest.mark.fast  # on the embedded model: no torch
+
 
 @pytest.fixture
-def artifact_copy(tiny_sd1, tmp_path):
-    dst = tmp_path / "artifact"
-    shutil.copytree(tiny_sd1[1], dst)
-    return dst
+def artifact_copy(embedded_copy):
+    return embedded_copy
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_sd1):
-    return Pipeline.load(tiny_sd1[1], backend="onnxruntime", device="cpu")
+def pipe():
+    return Pipeline.load(backend="onnxruntime", device="cpu")  # the embedded model
 
 
 def test_missing_folder(tmp_path):
@@ -106,15 +106,15 @@ def test_bad_generation_arguments(pipe, kwargs, message):
         pipe.txt2img("a red circle", **kwargs)
 
 
-def test_unknown_device_and_backend(tiny_sd1):
+def test_unknown_device_and_backend():
     with pytest.raises(BackendError, match="unknown device 'tpu'; valid: auto, cpu, cuda, dml, gpu, npu"):
-        Pipeline.load(tiny_sd1[1], device="tpu")
+        Pipeline.load(device="tpu")
     with pytest.raises(BackendError, match="unknown backend 'tensorrt'"):
-        Pipeline.load(tiny_sd1[1], backend="tensorrt")
+        Pipeline.load(backend="tensorrt")
     with pytest.raises(BackendError, match="onnxruntime runs on devices cpu, cuda, dml"):
-        Pipeline.load(tiny_sd1[1], backend="onnxruntime", device="npu")
+        Pipeline.load(backend="onnxruntime", device="npu")
     with pytest.raises(BackendError, match="no CUDAExecutionProvider"):
-        Pipeline.load(tiny_sd1[1], backend="onnxruntime", device="cuda")
+        Pipeline.load(backend="onnxruntime", device="cuda")
 
 
 def test_session_checks_inputs(pipe):
@@ -122,7 +122,7 @@ def test_session_checks_inputs(pipe):
 
     unet = pipe.sessions["unet"]
     ok = dict(sample=np.zeros((2, 4, 8, 8), np.float32), timestep=np.zeros(2, np.float32),
-              encoder_hidden_states=np.zeros((2, 77, 32), np.float32))
+              encoder_hidden_states=np.zeros((2, 77, 48), np.float32))
     with pytest.raises(BackendError, match="missing \\['timestep'\\]"):
         unet(sample=ok["sample"], encoder_hidden_states=ok["encoder_hidden_states"])
     with pytest.raises(BackendError, match="unet.timestep: expected dtype float32, got int64"):
@@ -141,11 +141,11 @@ def test_long_prompt_warns_and_truncates(pipe):
     assert ids[0, 0] == pipe.tokenizer.bos and ids[0, -1] == pipe.tokenizer.eos
 
 
-def test_cli_reports_errors_without_traceback(tiny_sd1):
-    r = run_cli("generate", "x", "--model", str(tiny_sd1[1]), "--width", "100")
+def test_cli_reports_errors_without_traceback():
+    r = run_cli("generate", "x", "--width", "100")
     assert r.exit_code == 2
     assert "width must be a positive multiple of 8" in r.output
-    r = run_cli("generate", "x", "--model", str(tiny_sd1[1]), "--scheduler", "nope")
+    r = run_cli("generate", "x", "--scheduler", "nope")
     assert r.exit_code == 2 and "valid: ddim" in r.output
     r = run_cli("generate", "x", "--model", "/nonexistent/artifact")
     assert r.exit_code == 2 and "not an artifact folder" in r.output

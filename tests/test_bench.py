@@ -11,12 +11,13 @@ from PIL import Image
 from .conftest import load_script, run_cli
 
 
-def test_bench_rows_and_compare(tiny_sd1, tmp_path):
+@pytest.mark.fast
+def test_bench_rows_and_compare(tmp_path):
     a, b = tmp_path / "ort.jsonl", tmp_path / "ov.jsonl"
-    r = run_cli("bench", str(tiny_sd1[1]), "--backend", "onnxruntime", "--device", "cpu", "--size", "64x48",
+    r = run_cli("bench", "--backend", "onnxruntime", "--device", "cpu", "--size", "64x48",
                 "--steps", "3", "--runs", "2", "--warmup", "1", "--json", str(a))
     assert r.exit_code == 0, r.output
-    r = run_cli("bench", str(tiny_sd1[1]), "--backend", "openvino", "--device", "cpu", "--size", "64x48",
+    r = run_cli("bench", "--backend", "openvino", "--device", "cpu", "--size", "64x48",
                 "--steps", "3", "--runs", "1", "--json", str(b))
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in a.read_text().splitlines()]
@@ -53,8 +54,9 @@ def test_bench_rows_and_compare(tiny_sd1, tmp_path):
     assert ax.get_xlim()[1] > longest * 1.1
 
 
-def test_bench_bad_input(tiny_sd1, tmp_path):
-    r = run_cli("bench", str(tiny_sd1[1]), "--size", "big")
+@pytest.mark.fast
+def test_bench_bad_input(tmp_path):
+    r = run_cli("bench", "--size", "big")
     assert r.exit_code == 2 and "--size must be WIDTHxHEIGHT" in r.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
@@ -63,6 +65,7 @@ def test_bench_bad_input(tiny_sd1, tmp_path):
 
 
 def test_floor_counts_unet_flops_on_the_graph(tiny_sd1):
+    pytest.importorskip("onnx")
     """Convolution FLOPs scale exactly with the pixel count; attention products faster than linearly."""
     unet_flops = load_script("benchmarks/floor.py").unet_flops
     small, big = unet_flops(tiny_sd1[1], 64), unet_flops(tiny_sd1[1], 128)
@@ -71,6 +74,7 @@ def test_floor_counts_unet_flops_on_the_graph(tiny_sd1):
     assert big["MatMul"] / small["MatMul"] > 4.0  # token-by-token attention grows with the square of the tokens
 
 
+@pytest.mark.fast
 def test_results_md_ratios_and_floor():
     """RESULTS.md's table divides each row by edgediff's OpenVINO fp32 row and states the floor."""
     from types import SimpleNamespace
@@ -92,10 +96,13 @@ def test_results_md_ratios_and_floor():
     assert "**1,606 GFLOP**" in md and "12.4 s in fp32 or 6.0 s in int8" in md
 
 
-def test_info_prints_quality_in_words(tiny_sd1):
+@pytest.mark.fast
+def test_info_prints_quality_in_words():
     from edgediff.cli import quality_words
 
-    r = run_cli("info", str(tiny_sd1[1]))
+    from edgediff.models import default_model_path
+
+    r = run_cli("info", str(default_model_path()))
     assert r.exit_code == 0 and "parity vs PyTorch" in " ".join(r.output.split())
     assert quality_words({"parity_vs_torch": {"max_rel_err": 3.71e-06}}) == "parity vs PyTorch 3.7e-06 relative"
     assert quality_words({"psnr_db": 65.43, "ssim": 0.99991, "vs": "fp32", "accuracy": {"color": 0.94},

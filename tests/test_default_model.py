@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,6 +13,8 @@ from edgediff.models.shapes import evaluate
 from edgediff.runtime import Pipeline, load_manifest
 
 from .conftest import psnr, run_cli
+
+pytestmark = pytest.mark.fast  # the shipped artifact needs no export
 
 ARTIFACT = default_model_path()
 DIFFUSERS = ARTIFACT.parent / "diffusers"
@@ -72,6 +76,7 @@ def test_inpainting_a_region_changes_only_that_region(pipe):
 
 
 @pytest.mark.skipif(not DIFFUSERS.exists(), reason="diffusers weights not shipped")
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="re-exporting needs the export extra")
 def test_reexport_from_shipped_diffusers_weights(tmp_path, pipe):
     out = tmp_path / "shapes"
     r = run_cli("export", str(DIFFUSERS), str(out), "--default-steps", "20", "--default-guidance", "4")

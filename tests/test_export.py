@@ -6,11 +6,11 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import pytest
 
+onnx = pytest.importorskip("onnx")  # skipped where the export/quantize extras are not installed
+
 from edgediff.runtime import load_manifest
-from edgediff.runtime.manifest import COMPONENTS
 
 from .conftest import run_cli
 
@@ -18,16 +18,20 @@ from .conftest import run_cli
 def test_manifest_describes_the_model(tiny_sd1, tiny_sd2v):
     m = load_manifest(tiny_sd1[1])
     assert m.prediction_type == "epsilon" and m.scheduler == "pndm"
-    assert (m.vae_scale_factor, m.latent_channels, m.unet_in_channels, m.sample_size) == (8, 4, 4, 64)
+    assert (m.vae_scale_factor, m.latent_channels, m.denoiser.in_channels, m.sample_size) == (8, 4, 4, 64)
+    assert m.format_version == 2 and json.loads((artifact / "manifest.json").read_text())["format_version"] == 2
     assert m.scaling_factor == pytest.approx(0.18215)
-    assert m.text_max_length == 77 and m.text_hidden_size == 32 and m.pad_token_id == 49407
-    assert set(m.components) == set(COMPONENTS) - {"text_encoder_2"}  # SDXL only
+    (text,) = m.text_encoders
+    assert (text.max_length, text.hidden_size, text.pad_token_id, text.tokenizer) == (77, 32, 49407, "tokenizer/tokenizer.json")
+    assert m.roles == {"text_encoder": "text_encoder", "unet": "denoiser", "vae_decoder": "vae_decoder",
+                       "vae_encoder": "vae_encoder"}
+    assert m.denoiser.name == "unet" and m.denoiser.kind == "unet"
     for comp, variants in m.components.items():
         parity = variants["fp32"].quality["parity_vs_torch"]
         assert 0 <= parity["max_rel_err"] < 1e-3, comp
     assert m.provenance["versions"]["torch"].startswith("2.13")
     m2 = load_manifest(tiny_sd2v[1])
-    assert m2.prediction_type == "v_prediction" and m2.scheduler == "ddim" and m2.pad_token_id == 0
+    assert m2.prediction_type == "v_prediction" and m2.scheduler == "ddim" and m2.text_encoders[0].pad_token_id == 0
 
 
 def test_onnx_graphs_are_opset17_with_dynamic_axes(tiny_sd1):

@@ -17,9 +17,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from edgediff.models import default_model_path
 from edgediff.runtime import ArtifactError, BackendError, GenerationError, Pipeline, load_manifest
 
 DOCUMENTED = (ArtifactError, BackendError, GenerationError, ValueError)
+pytestmark = pytest.mark.fast
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])
 
@@ -46,14 +48,14 @@ def _paths(node, prefix=()):
 
 
 @pytest.fixture(scope="module")
-def original(tiny_sd1):
-    return json.loads((tiny_sd1[1] / "manifest.json").read_text())
+def original():
+    return json.loads((default_model_path() / "manifest.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def fuzz_artifact(tiny_sd1, tmp_path_factory):
+def fuzz_artifact(tmp_path_factory):
     dst = tmp_path_factory.mktemp("fuzz") / "artifact"
-    shutil.copytree(tiny_sd1[1], dst)
+    shutil.copytree(default_model_path(), dst)
     return dst
 
 
@@ -89,8 +91,8 @@ def test_mutated_manifests_load_or_fail_cleanly(original, fuzz_artifact, data):
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_sd1):
-    return Pipeline.load(tiny_sd1[1], backend="onnxruntime", device="cpu")
+def pipe():
+    return Pipeline.load(backend="onnxruntime", device="cpu")  # the embedded model
 
 
 def _weird(*good):

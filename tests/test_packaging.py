@@ -3,11 +3,16 @@ evaluation; the training script and the one-off peer/GPU/report scripts stay in 
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 import zipfile
 
 from .conftest import REPO
+
+pytestmark = pytest.mark.fast
+
 
 
 def test_wheel_contents(tmp_path):

@@ -6,9 +6,10 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
+
+onnx = pytest.importorskip("onnx")  # skipped where the export/quantize extras are not installed
+numpy_helper = onnx.numpy_helper
 
 from edgediff.quantize import Gate, GateSettings, QualityGateError, quantize_artifact
 from edgediff.quantize import quantize as q

@@ -7,6 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.fast
+
 BLOCKER = textwrap.dedent(
     """
     import sys
@@ -48,12 +52,11 @@ def test_import_runtime_without_torch():
     assert "heavy: []" in r.stdout
 
 
-def test_generate_cli_without_torch(tiny_sd1, tmp_path):
-    _, artifact = tiny_sd1
+def test_generate_cli_without_torch(tmp_path):
     out = tmp_path / "img.png"
     r = _run(
         f"""
-        sys.argv = ["edgediff", "generate", "a red circle", "--model", {str(artifact)!r}, "--steps", "3",
+        sys.argv = ["edgediff", "generate", "a red circle", "--steps", "3",  # the embedded model
                     "--width", "64", "--height", "64", "--output", {str(out)!r}, "--verbose"]
         from edgediff.cli import main
         try:

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+pytest.importorskip("diffusers")  # each case runs diffusers beside ours
+
 from edgediff.runtime.schedulers import make_scheduler
 
 from .scheduler_harness import (

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")  # each case runs diffusers beside ours
+
 from edgediff.runtime.rng import TorchRandn
 from edgediff.runtime.schedulers import REGISTRY, SCHEDULER_NAMES, make_scheduler
 
@@ -27,12 +30,10 @@ from .scheduler_harness import (
     SD2,
     SD15,
     clean_latents,
-    diffusers,
     diffusers_scheduler,
     relative_error,
     run_diffusers,
     run_ours,
-    torch,
 )
 
 pytestmark = [IGNORE_LMS_ARRAY_WARNING, NO_STRAY_RUNTIME_WARNINGS]

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+pytest.importorskip("diffusers")  # each case runs diffusers beside ours
+
 from edgediff.runtime.rng import TorchRandn
 from edgediff.runtime.schedulers import make_scheduler
 

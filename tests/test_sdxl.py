@@ -6,7 +6,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # diffusers is the reference
 
 from edgediff.runtime import Pipeline, load_manifest
 from edgediff.runtime.manifest import ArtifactError
@@ -34,9 +35,12 @@ def reference(src, scheduler="euler", **kw) -> np.ndarray:
 
 def test_manifest_describes_both_text_encoders(tiny_sdxl):
     m = load_manifest(tiny_sdxl[1])
-    assert m.family == "sdxl" and m.is_xl and m.force_zeros_for_empty_prompt
-    assert m.text_2 == {"max_length": 77, "hidden_size": 32, "pad_token_id": 0, "tokenizer": "tokenizer_2/tokenizer.json"}
-    assert m.pad_token_id == 49407  # <|endoftext|> pads the first tokenizer, "!" the second
+    assert m.family == "sdxl" and len(m.text_encoders) == 2 and m.force_zeros_for_empty_prompt
+    first, second = m.text_encoders
+    assert (second.name, second.max_length, second.hidden_size, second.pad_token_id, second.tokenizer) == \
+        ("text_encoder_2", 77, 32, 0, "tokenizer_2/tokenizer.json")
+    assert first.pad_token_id == 49407  # <|endoftext|> pads the first tokenizer, "!" the second
+    assert m.roles["text_encoder_2"] == "text_encoder"
     te2 = m.variant("text_encoder_2")
     assert [o.name for o in te2.outputs] == ["penultimate_hidden_state", "text_embeds"]
     assert len(te2.quality["parity_vs_torch"]["outputs"]) == 2
@@ -107,19 +111,18 @@ def test_generate_cli_and_quantized_text_encoder_2(tiny_sdxl, tmp_path):
     assert meta["precision"]["text_encoder_2"] == "int8" and Image.open(out).size == (64, 64)
 
 
-def test_manifest_without_text_2_is_refused(tiny_sdxl, tmp_path):
+def test_second_text_encoder_needs_its_tokenizer(tiny_sdxl, tmp_path):
     import shutil
 
     root = tmp_path / "xl"
     shutil.copytree(tiny_sdxl[1], root)
     d = json.loads((root / "manifest.json").read_text())
-    del d["text_2"]
+    del d["components"]["text_encoder_2"]["tokenizer"]
     (root / "manifest.json").write_text(json.dumps(d))
-    with pytest.raises(ArtifactError, match="lacks the required key 'text_2'"):
+    with pytest.raises(ArtifactError, match="components.text_encoder_2 lacks the required key 'tokenizer'"):
         load_manifest(root)
+    shutil.copy(tiny_sdxl[1] / "manifest.json", root / "manifest.json")
     (root / "tokenizer_2" / "tokenizer.json").unlink()
-    d["text_2"] = json.loads((tiny_sdxl[1] / "manifest.json").read_text())["text_2"]
-    (root / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(ArtifactError, match="tokenizer_2/tokenizer.json is missing"):
         load_manifest(root)
 

@@ -11,6 +11,9 @@ from PIL import Image
 from edgediff.models.shapes import dataset, evaluate
 from edgediff.runtime import Manifest
 
+pytestmark = pytest.mark.fast
+
+
 
 def test_classifier_reads_every_drawn_scene():
     rng = np.random.default_rng(123)
