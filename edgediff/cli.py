@@ -197,7 +197,7 @@ def generate(
     output: Path = typer.Option(Path("edgediff.png"), "--output", "-o", help="PNG to write (several images get -1, -2 ...)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing output files (default: refuse)"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="per-image pixel budget (default: max(1024x1024, 4x the model's native size))"),
-    max_batch: int = typer.Option(4, "--max-batch", min=1, help="images per UNet call; more run in chunks (chunk at image r seeded seed+r)"),
+    max_batch: int = typer.Option(4, "--max-batch", min=1, help="images per UNet call; more run in chunks (image k is seeded seed+k either way)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="print per-stage timings"),
 ) -> None:
     """Generate images from a prompt with an exported artifact (no PyTorch needed)."""

@@ -8,8 +8,8 @@
 - **Input images** are decoded only up to ``MAX_INPUT_PIXELS`` (an 8000x8000
   photo); the header is read first, so a decompression bomb costs nothing.
 - **Images per UNet call**: ``DEFAULT_MAX_BATCH``; more images run in chunks
-  of that many (``max_batch`` / ``--max-batch``), the chunk starting at image
-  ``r`` seeded with ``seed + r``.
+  of that many (``max_batch`` / ``--max-batch``). Image ``k`` is seeded
+  ``seed + k`` whatever chunk it is in, so chunking changes no image.
 - **Images per call**: their pixels together at most ``MAX_TOTAL_PIXELS``
   (the returned images live in memory: 256 MP is 768 MB of RGB).
 - **Steps**: at most ``MAX_STEPS`` (the schedules are defined on 1000 training

@@ -19,7 +19,7 @@ def test_manifest_describes_the_model(tiny_sd1, tiny_sd2v):
     m = load_manifest(tiny_sd1[1])
     assert m.prediction_type == "epsilon" and m.scheduler == "pndm"
     assert (m.vae_scale_factor, m.latent_channels, m.denoiser.in_channels, m.sample_size) == (8, 4, 4, 64)
-    assert m.format_version == 2 and json.loads((artifact / "manifest.json").read_text())["format_version"] == 2
+    assert m.format_version == 2 and json.loads((tiny_sd1[1] / "manifest.json").read_text())["format_version"] == 2
     assert m.scaling_factor == pytest.approx(0.18215)
     (text,) = m.text_encoders
     assert (text.max_length, text.hidden_size, text.pad_token_id, text.tokenizer) == (77, 32, 49407, "tokenizer/tokenizer.json")
