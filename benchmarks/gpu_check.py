@@ -21,10 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+from edgediff.runtime.metrics import psnr
 
 
 def parity(tiny: Path, device: str) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgediff.runtime.manifest import disk_bytes
+
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's limit is 2 GiB; leave headroom
 
 
@@ -27,7 +29,7 @@ def save_onnx(model, path: Path) -> int:
         data.unlink()
     big = needs_external_data(model)
     onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True, location=data.name)
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return disk_bytes(path)
 
 
 def consolidate_external_data(path: Path) -> int:
@@ -67,7 +69,7 @@ def consolidate_external_data(path: Path) -> int:
             f.unlink()
     tmp.replace(data)
     onnx.save_model(model, str(path))
-    return path.stat().st_size + data.stat().st_size
+    return disk_bytes(path)
 
 
 def _all_tensors(model):

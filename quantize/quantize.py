@@ -50,8 +50,8 @@ from edgediff.runtime import ArtifactError, Pipeline, PrecisionError
 from edgediff.runtime.locking import folder_lock
 from edgediff.runtime.manifest import MODEL_SUFFIXES, Manifest, Variant, artifact_file, disk_bytes, load_manifest
 from edgediff.runtime.images import from_pil, to_pil
+from edgediff.runtime.metrics import PSNR_CAP, psnr, ssim
 
-from .metrics import psnr, ssim
 
 PRECISIONS = ("fp16", "int8", "int8-static", "int4", "nncf-int8", "nncf-hybrid")
 NNCF_PRECISIONS = ("nncf-int8", "nncf-hybrid")  # OpenVINO IR variants
@@ -280,7 +280,7 @@ def measure(root: Path, manifest: Manifest, component: str, precision: str, sett
         ref_images = settings.images[ref_key]
     result: dict[str, Any] = {
         "vs": "fp32",
-        "psnr_db": round(float(np.mean([psnr(a, b) for a, b in zip(images, ref_images)])), 2),
+        "psnr_db": round(min(PSNR_CAP, float(np.mean([psnr(a, b) for a, b in zip(images, ref_images)]))), 2),
         "ssim": round(float(np.mean([ssim(a, b) for a, b in zip(images, ref_images)])), 4),
         "images": len(images),
         "steps": settings.steps,

@@ -6,7 +6,6 @@ import importlib.util
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from edgediff.export.recipes import PNDM_SD1
@@ -24,12 +23,6 @@ def pytest_configure(config):
 # Stable Diffusion 1.5's scheduler_config.json as diffusers saves it; the scheduler tests vary it.
 SD15_SCHEDULER_CONFIG = {"_class_name": "PNDMScheduler", **PNDM_SD1, "prediction_type": "epsilon",
                          "timestep_spacing": "leading", "trained_betas": None}
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images (inf when identical)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 REPO = Path(__file__).resolve().parents[1]

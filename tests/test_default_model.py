@@ -12,7 +12,9 @@ from edgediff.models import default_model_path
 from edgediff.models.shapes import evaluate
 from edgediff.runtime import Pipeline, load_manifest
 
-from .conftest import psnr, run_cli
+from edgediff.runtime.metrics import psnr
+
+from .conftest import run_cli
 
 pytestmark = pytest.mark.fast  # the shipped artifact needs no export
 

@@ -10,7 +10,9 @@ from PIL import Image
 
 from edgediff.runtime import SCHEDULER_NAMES, Pipeline
 
-from .conftest import psnr, run_cli
+from edgediff.runtime.metrics import psnr
+
+from .conftest import run_cli
 from .scheduler_harness import diffusers_scheduler
 
 PROMPT, NEGATIVE = "a red circle on a blue background", "blurry"

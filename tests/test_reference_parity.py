@@ -10,7 +10,9 @@ import pytest
 
 from edgediff.runtime import Pipeline, SCHEDULER_NAMES
 
-from .conftest import REPO, psnr
+from edgediff.runtime.metrics import psnr
+
+from .conftest import REPO
 from .scheduler_harness import CONFIGS, ODD_SHAPE, relative_error, run_ours
 
 pytestmark = pytest.mark.fast

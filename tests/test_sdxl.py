@@ -12,7 +12,9 @@ torch = pytest.importorskip("torch")  # diffusers is the reference
 from edgediff.runtime import Pipeline, load_manifest
 from edgediff.runtime.manifest import ArtifactError
 
-from .conftest import psnr, run_cli
+from edgediff.runtime.metrics import psnr
+
+from .conftest import run_cli
 from .scheduler_harness import diffusers_scheduler
 from .test_txt2img_parity import generators
 

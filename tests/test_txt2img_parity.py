@@ -9,7 +9,8 @@ torch = pytest.importorskip("torch")  # diffusers is the reference
 
 from edgediff.runtime import Pipeline, SCHEDULER_NAMES
 
-from .conftest import psnr
+from edgediff.runtime.metrics import psnr
+
 from .scheduler_harness import diffusers_scheduler
 
 PROMPT = "a red circle on a blue background"

@@ -1,4 +1,5 @@
-"""Image distances for the quality gate: PSNR and SSIM (numpy)."""
+"""Image distances, the one definition used by the quality gate, the parity tests and the benchmarks:
+PSNR and SSIM of uint8 images (numpy)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import numpy as np
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images (capped at 100 for identical images, so it stays JSON-safe)."""
+    """PSNR in dB of two uint8 images; infinite for identical ones (a JSON record caps it: ``PSNR_CAP``)."""
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return 100.0 if mse == 0 else min(100.0, 10 * np.log10(255.0**2 / mse))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+PSNR_CAP = 100.0  # dB: what the manifest records for identical images (JSON has no Infinity)
 
 
 def _gaussian_filter(x: np.ndarray, sigma: float = 1.5, radius: int = 5) -> np.ndarray:
