@@ -206,8 +206,6 @@ def _open_ort(path: Path, device: str, options: BackendOptions, outputs: list[st
 
 
 def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str]):
-    import openvino as ov
-
     core = _ov_core()
     target = OV_DEVICES[device]
     if target == "AUTO" and [d.split(".")[0] for d in core.available_devices] == ["CPU"]:
