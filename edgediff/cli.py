@@ -174,6 +174,7 @@ def generate(
     negative: str = typer.Option("", "--negative", help="negative prompt"),
     steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's recommended, else 25)"),
     guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale, <= 1 disables it (default: the model's recommended, else 7.5)"),
+    cfg_until: Optional[float] = typer.Option(None, "--cfg-until", help="guidance only for this fraction of the steps, in [0, 1] (the rest run at half the UNet batch; diffusers' SDCFGCutoffCallback)"),
     seed: int = typer.Option(0, help="random seed"),
     rng: str = typer.Option("numpy", help="numpy, or torch to reproduce diffusers' images for a seed"),
     width: Optional[int] = typer.Option(None, help="image width, a multiple of 8 (default: the model's)"),
@@ -217,7 +218,7 @@ def generate(
     try:
         sides = dict(_parse_sides(extend)) if extend is not None else None
         settings = GenerationSettings((prompt,), (negative,) if negative else None, steps, guidance, seed, width,
-                                      height, scheduler, num_images, rng, strength)
+                                      height, scheduler, num_images, rng, strength, cfg_until)
         paths = output_paths(output, settings.batch, overwrite)
     except ValueError as e:
         _fail(str(e))

@@ -17,6 +17,7 @@ same way.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -88,6 +89,12 @@ class DenoiserInputs:
     def after_step(self, x: np.ndarray, i: int, sched) -> np.ndarray:
         return x
 
+    def conditional_only(self) -> DenoiserInputs:
+        """The same inputs without the unconditional half of each guided batch (guidance switched off)."""
+        inputs = copy.copy(self)
+        inputs.conditioning = {k: v[len(v) // 2 :] for k, v in self.conditioning.items()}
+        return inputs
+
 
 class InpaintingUNetInputs(DenoiserInputs):
     """A 9-channel inpainting UNet: the mask and the masked image's latents appended to the latents."""
@@ -98,6 +105,11 @@ class InpaintingUNetInputs(DenoiserInputs):
 
     def feeds(self, x_in: np.ndarray, timestep: np.ndarray, i: int) -> dict[str, np.ndarray]:
         return super().feeds(np.concatenate([x_in, self.channels], axis=1), timestep, i)
+
+    def conditional_only(self) -> DenoiserInputs:
+        inputs = super().conditional_only()
+        inputs.channels = self.channels[len(self.channels) // 2 :]
+        return inputs
 
 
 class KnownRegionBlend(DenoiserInputs):
@@ -116,9 +128,17 @@ class KnownRegionBlend(DenoiserInputs):
 
 
 def denoise(job: Job, sched, x: np.ndarray, start: int, inputs: DenoiserInputs) -> np.ndarray:
-    """The denoising loop from UNet call ``start`` to the end of the schedule."""
+    """The denoising loop from UNet call ``start`` to the end of the schedule.
+
+    With ``cfg_until`` the guidance stops after call ``int(calls run * cfg_until)`` of the run: the rest runs
+    the conditional half only, at half the batch (diffusers' ``SDCFGCutoffCallback(cutoff_step_ratio=...)``).
+    """
     total = len(sched.timesteps)
+    until = job.settings.cfg_until
+    cutoff = start + int((total - start) * until) if until is not None and job.cfg.enabled else total
     for i in range(start, total):
+        if i == cutoff + 1:
+            job.cfg, inputs = Guidance(0.0), inputs.conditional_only()
         x_in = sched.scale_model_input(job.cfg.model_input(x), i).astype(np.float32)
         timestep = np.full((x_in.shape[0],), sched.timesteps[i], dtype=np.float32)
         (out,) = job.call(job.denoiser, **inputs.feeds(x_in, timestep, i)).values()

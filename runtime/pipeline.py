@@ -188,33 +188,36 @@ class Pipeline:
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                 steps: int | None = None, guidance: float | None = None, seed: int = 0, width: int | None = None,
                 height: int | None = None, scheduler: str | None = None, num_images: int = 1, rng: str = "numpy",
-                latents: np.ndarray | None = None, callback: Progress | None = None) -> Result:
+                cfg_until: float | None = None, latents: np.ndarray | None = None,
+                callback: Progress | None = None) -> Result:
         """Generate ``num_images`` images per prompt from noise; ``latents`` overrides the seeded noise.
 
         ``steps`` and ``guidance`` default to the artifact's recommended ones
         (else 25 and 7.5), the size to the model's, the scheduler to the
         checkpoint's. Image ``k`` is seeded ``seed + k``. ``rng="torch"``
-        reproduces diffusers' images for a seed.
+        reproduces diffusers' images for a seed. ``cfg_until`` stops the guidance after that fraction of
+        the steps (the rest run at half the UNet batch).
         """
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, width, height, scheduler,
-                                      num_images, rng)
+                                      num_images, rng, cfg_until=cfg_until)
         return self.generate(settings, latents=latents, callback=callback)
 
     def img2img(self, prompt: str | list[str], image: Image.Image | str | Path,
                 negative_prompt: str | list[str] | None = None, *, strength: float = 0.6, steps: int | None = None,
                 guidance: float | None = None, seed: int = 0, width: int | None = None, height: int | None = None,
                 scheduler: str | None = None, num_images: int = 1, rng: str = "numpy",
-                callback: Progress | None = None) -> Result:
+                cfg_until: float | None = None, callback: Progress | None = None) -> Result:
         """Redraw ``image`` after noising it to ``strength`` (0 < strength <= 1) of the schedule."""
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, width, height, scheduler,
-                                      num_images, rng, strength)
+                                      num_images, rng, strength, cfg_until)
         return self.generate(settings, image=image, callback=callback)
 
     def inpaint(self, prompt: str | list[str], image: Image.Image | str | Path, mask: Image.Image | str | Path,
                 negative_prompt: str | list[str] | None = None, *, strength: float = 1.0, mask_blur: float = 0.0,
                 keep_unmasked: bool = False, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                 width: int | None = None, height: int | None = None, scheduler: str | None = None,
-                num_images: int = 1, rng: str = "numpy", callback: Progress | None = None) -> Result:
+                num_images: int = 1, rng: str = "numpy", cfg_until: float | None = None,
+                callback: Progress | None = None) -> Result:
         """Repaint the white part of ``mask`` in ``image``.
 
         A 9-channel inpainting UNet is conditioned on the mask and the masked
@@ -223,7 +226,7 @@ class Pipeline:
         mask (feathered by ``mask_blur`` pixels).
         """
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, width, height, scheduler,
-                                      num_images, rng, strength)
+                                      num_images, rng, strength, cfg_until)
         return self.generate(settings, image=image, mask=mask, mask_blur=mask_blur, keep_unmasked=keep_unmasked,
                              callback=callback)
 
@@ -231,10 +234,10 @@ class Pipeline:
                  negative_prompt: str | list[str] | None = None, *, fill: str = "edge", mask_blur: float = 0.0,
                  keep_unmasked: bool = True, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                  scheduler: str | None = None, num_images: int = 1, rng: str = "numpy",
-                 callback: Progress | None = None) -> Result:
+                 cfg_until: float | None = None, callback: Progress | None = None) -> Result:
         """Extend the canvas by ``extend`` pixels per side (left/right/top/bottom) and paint the new area."""
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, None, None, scheduler,
-                                      num_images, rng, 1.0)
+                                      num_images, rng, 1.0, cfg_until)
         return self.generate(settings, image=image, extend=extend, fill=fill, mask_blur=mask_blur,
                              keep_unmasked=keep_unmasked, callback=callback)
 

@@ -67,7 +67,8 @@ class Result(Sequence):
         return (f"{prompt}\nNegative prompt: {negative or ''}\n"
                 f"Steps: {s.steps}, Sampler: {s.scheduler}, CFG scale: {s.guidance}, Seed: {s.seeds[k]}, "
                 f"Size: {self.images[k].width}x{self.images[k].height}"
-                + (f", Denoising strength: {s.strength}" if s.strength is not None else ""))
+                + (f", Denoising strength: {s.strength}" if s.strength is not None else "")
+                + (f", CFG until: {s.cfg_until}" if s.cfg_until is not None else ""))
 
     def metadata(self, k: int) -> dict[str, Any]:
         """edgediff's JSON record of image ``k``: enough to regenerate it alone."""
@@ -75,6 +76,7 @@ class Result(Sequence):
         prompt, negative = s.rows()[k]
         return {"task": self.task, "prompt": prompt, "negative": negative, "index": k, "seed": self.seeds[k],
                 "steps": s.steps, "guidance": s.guidance, "width": s.width, "height": s.height,
-                "scheduler": s.scheduler, "rng": s.rng, "strength": s.strength, "model": self.model,
+                "scheduler": s.scheduler, "rng": s.rng, "strength": s.strength, "cfg_until": s.cfg_until,
+                "model": self.model,
                 "backend": next(iter(self.components.values()), {}).get("backend"),
                 "precision": {c: d["precision"] for c, d in self.components.items()}, **self.inputs}

@@ -37,6 +37,7 @@ class GenerationSettings:
     images_per_prompt: int = 1
     rng: str = "numpy"  # "torch" reproduces diffusers' torch.Generator stream
     strength: float | None = None  # image tasks: the fraction of the schedule redone, in (0, 1]
+    cfg_until: float | None = None  # guidance only for this fraction of the steps run, in [0, 1]; None: all
 
     def __post_init__(self) -> None:
         prompts = (self.prompts,) if isinstance(self.prompts, str) else self.prompts
@@ -75,6 +76,9 @@ class GenerationSettings:
             raise ValueError(f"unknown rng {self.rng!r:.40}; valid: {', '.join(RNG_NAMES)}")
         if self.strength is not None and not (_is_number(self.strength) and 0 < self.strength <= 1):
             raise ValueError(f"strength must be in (0, 1], got {self.strength!r:.40}")
+        if self.cfg_until is not None and not (_is_number(self.cfg_until) and 0 <= self.cfg_until <= 1):
+            raise ValueError(f"cfg_until must be a fraction of the steps in [0, 1] (guidance for the first "
+                             f"int(steps * cfg_until) + 1 steps, none after), got {self.cfg_until!r:.40}")
 
     @property
     def batch(self) -> int:
