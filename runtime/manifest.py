@@ -87,18 +87,22 @@ def artifact_file(root: Path, rel: Any, where: str, suffixes: tuple[str, ...]) -
     ``unlink`` sees the path. Existence is the caller's concern.
     """
     if not isinstance(rel, str) or not rel.strip():
-        raise ArtifactError(f"{where}: a file path must be a non-empty string, got {rel!r}")
+        raise ArtifactError(f"{where}: a file path must be a non-empty string, got {rel!r:.120}")
     posix, windows = PurePosixPath(rel), PureWindowsPath(rel)
     if posix.is_absolute() or windows.is_absolute() or windows.drive or "\\" in rel or "\0" in rel:
-        raise ArtifactError(f"{where}: {rel!r} is not a relative path inside the artifact folder "
+        raise ArtifactError(f"{where}: {rel!r:.120} is not a relative path inside the artifact folder "
                             "(paths are relative, with forward slashes, e.g. unet/model.onnx)")
     if ".." in posix.parts:
-        raise ArtifactError(f"{where}: {rel!r} leaves the artifact folder ('..' is not accepted)")
+        raise ArtifactError(f"{where}: {rel!r:.120} leaves the artifact folder ('..' is not accepted)")
     if not rel.endswith(suffixes):
-        raise ArtifactError(f"{where}: {rel!r} must end in {' or '.join(suffixes)}")
+        raise ArtifactError(f"{where}: {rel!r:.120} must end in {' or '.join(suffixes)}")
     path = Path(root) / rel
-    if not path.resolve().is_relative_to(Path(root).resolve()):
-        raise ArtifactError(f"{where}: {rel!r} resolves outside the artifact folder {root} (a symlink leaves it); "
+    try:
+        inside = path.resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name too long
+        raise ArtifactError(f"{where}: {rel!r:.120} cannot be resolved ({e})") from None
+    if not inside:
+        raise ArtifactError(f"{where}: {rel!r:.120} resolves outside the artifact folder {root} (a symlink leaves it); "
                             "an artifact's files must lie inside it")
     return path
 
@@ -259,10 +263,6 @@ class Manifest:
         """The caller's steps and guidance where given, else the model's recommended ones, else 25 and 7.5."""
         return (self.defaults.get("steps", DEFAULT_STEPS) if steps is None else steps,
                 self.defaults.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance)
-
-    def component(self, role: str) -> str | None:
-        """The component playing a one-of role (denoiser, vae_decoder, vae_encoder), or None."""
-        return next((name for name, r in self.roles.items() if r == role), None)
 
     def variant(self, component: str, precision: str = "fp32") -> Variant:
         if component not in self.components:

@@ -438,3 +438,10 @@ def test_model_that_is_a_file(tmp_path):
     png.write_bytes(b"x")
     r = run_cli("generate", "x", "--model", str(png), "--output", str(tmp_path / "o.png"))
     assert r.exit_code == 2 and "is a file, not an artifact folder" in " ".join(r.output.split())
+
+
+def test_a_symlink_loop_is_refused_not_followed(artifact):
+    (artifact / "unet" / "model.onnx").unlink()
+    (artifact / "unet" / "model.onnx").symlink_to(artifact / "unet" / "model.onnx")
+    with pytest.raises(ArtifactError, match="unet/model.onnx' cannot be resolved"):
+        load_manifest(artifact)
