@@ -88,6 +88,8 @@ def artifact_file(root: Path, rel: Any, where: str, suffixes: tuple[str, ...]) -
     """
     if not isinstance(rel, str) or not rel.strip():
         raise ArtifactError(f"{where}: a file path must be a non-empty string, got {rel!r:.120}")
+    if len(rel) > 1024:
+        raise ArtifactError(f"{where}: a file path of {len(rel):,} characters; an artifact's paths are at most 1024")
     posix, windows = PurePosixPath(rel), PureWindowsPath(rel)
     if posix.is_absolute() or windows.is_absolute() or windows.drive or "\\" in rel or "\0" in rel:
         raise ArtifactError(f"{where}: {rel!r:.120} is not a relative path inside the artifact folder "
