@@ -54,6 +54,8 @@ def export(
     seed: int = typer.Option(0, help="seed of --random-weights"),
     default_steps: Optional[int] = typer.Option(None, "--default-steps", help="the model's recommended steps, recorded in the manifest (generate uses them when not given)"),
     default_guidance: Optional[float] = typer.Option(None, "--default-guidance", help="the model's recommended guidance scale, recorded likewise"),
+    tiny_vae: Optional[str] = typer.Option(None, "--tiny-vae", help="a diffusers AutoencoderTiny folder or hub id (TAESD: madebyollin/taesd, taesdxl) added as the 'tiny' VAE (generate --vae tiny), kept if it passes the quality gate; with --random-weights, 'random'"),
+    force_tiny_vae: bool = typer.Option(False, "--force-tiny-vae", help="keep the tiny VAE even when it measures below the quality gate"),
 ) -> None:
     """Export a Stable Diffusion checkpoint to an artifact folder (ONNX + manifest)."""
     try:
@@ -82,38 +84,69 @@ def export(
             _fail(f"unknown recipe {random_weights!r}; valid: {', '.join(RECIPES)}")
     elif source is None or out is None:
         _fail("usage: edgediff export SOURCE OUT (or --random-weights RECIPE OUT)")
+    if tiny_vae == "random" and not random_weights:
+        _fail("--tiny-vae random (a tiny VAE with random weights) goes with --random-weights; otherwise give an "
+              "AutoencoderTiny folder or hub id")
     try:
         check_target(out, force, source)  # before anything loads; again under OUT's lock
+        if tiny_vae not in (None, "random"):
+            from edgediff.export.tiny_vae import check_source
+
+            check_source(tiny_vae)
         if random_weights:
             from edgediff.export.clip_tokenizer import open_clip_vocab_path
 
             open_clip_vocab_path()
     except ExportError as e:
         _fail(str(e))
+    from edgediff.export.tiny_vae import TinyVaeRefused
+    from edgediff.models import default_model_source
+
+    gate = None
+    if tiny_vae is not None:
+        from edgediff.quantize import GateSettings
+
+        # on the embedded model the tiny VAE's gate also checks what it draws (attribute accuracy)
+        gate = GateSettings(evaluate_shapes=source is not None and Path(source).resolve() == default_model_source())
     t0 = time.perf_counter()
     with console.status("exporting") as status:
         try:
             if random_weights:
+                from edgediff.export.recipes import tiny_vae_config
+                from edgediff.export.tiny_vae import build_random_tiny_vae
+
                 with tempfile.TemporaryDirectory() as tmp:
                     status.update(f"building {random_weights} with random weights (seed {seed})")
                     build_pipeline(random_weights, Path(tmp) / "src", seed=seed)
+                    if tiny_vae == "random":
+                        tiny_vae = str(build_random_tiny_vae(Path(tmp) / "tiny_vae", seed, **tiny_vae_config(random_weights)))
                     gc.collect()  # the built modules go before the export loads them again (SDXL: 14 GB)
                     manifest = export_artifact(str(Path(tmp) / "src"), out, force=force, random_weights=True,
                                                source_label=f"random-weights:{random_weights}:seed={seed}",
                                                defaults=RECIPES[random_weights].get("defaults", {}) | defaults,
-                                               progress=status.update)
+                                               tiny_vae=tiny_vae, progress=status.update)
             else:
                 manifest = export_artifact(source, out, force=force, config=config, defaults=defaults,
+                                           tiny_vae=tiny_vae, force_tiny_vae=force_tiny_vae, gate_settings=gate,
                                            progress=status.update)
+        except TinyVaeRefused as e:
+            _print_exported(e.manifest, out, t0)
+            _fail(str(e))
         except (ExportError, OSError, ValueError) as e:
             _fail(str(e))
         except MemoryError:
             _fail("out of memory while exporting; close other programs, or export on a machine with more RAM "
                   "(an SDXL export needs about 20 GB)")
+    _print_exported(manifest, out, t0)
+
+
+def _print_exported(manifest, out: Path, t0: float) -> None:
     for comp, variants in manifest.components.items():
-        v = variants["fp32"]
-        err = v.quality["parity_vs_torch"]["max_rel_err"]
-        console.print(f"  {comp:13s} {v.bytes / 1e6:9.1f} MB   ONNX vs PyTorch relative error {err:.2e}")
+        for name, v in variants.items():
+            err = v.quality["parity_vs_torch"]["max_rel_err"]
+            gated = f"; {quality_words(v.quality)}" if "psnr_db" in v.quality else ""
+            console.print(f"  {comp:13s} {name:5s} {v.bytes / 1e6:9.1f} MB   ONNX vs PyTorch relative error {err:.2e}"
+                          f"{gated}", soft_wrap=True)
     console.print(f"exported {manifest.family} ({manifest.prediction_type}) to [bold]{out}[/] in {time.perf_counter() - t0:.1f} s")
 
 
@@ -183,6 +216,7 @@ def generate(
     backend: str = typer.Option("auto", help="auto, onnxruntime or openvino"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, dml (onnxruntime); cpu, gpu, npu, auto (openvino)"),
     precision: Optional[str] = typer.Option(None, help="component precisions, e.g. fp16 or unet=int8,vae_decoder=fp16"),
+    vae: str = typer.Option("full", "--vae", help="full, or tiny: the artifact's tiny VAE (TAESD, from export --tiny-vae), a fraction of the decode time; its measured quality is in `edgediff info`"),
     num_images: int = typer.Option(1, "--num-images", min=1, help="images to generate (run in UNet batches of at most --max-batch)"),
     image: Optional[Path] = typer.Option(None, "--image", help="input image: img2img, or inpainting with --mask, or outpainting with --extend"),
     strength: Optional[float] = typer.Option(None, help="how much of the schedule to redo, in (0, 1] (default 0.6 for img2img, 1.0 for inpainting)"),
@@ -224,7 +258,7 @@ def generate(
         _fail(str(e))
     try:
         t0 = time.perf_counter()
-        pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, fallback=fallback,
+        pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, vae=vae, fallback=fallback,
                              threads=threads, cache_dir=cache_dir, ov_precision=ov_precision,
                              max_pixels=max_pixels, max_batch=max_batch)
         load_s = time.perf_counter() - t0
@@ -391,10 +425,10 @@ INFO_PROVENANCE_CHARS = 2000
 
 
 def quality_words(quality: dict) -> str:
-    """A variant's measured quality as a reader wants it: "parity vs PyTorch 3.7e-06 relative",
-    "PSNR 65.4 dB, SSIM 1.000 vs fp32, accuracy colour 0.94 ..."."""
+    """A variant's measured quality as a reader wants it: "PSNR 65.4 dB, SSIM 1.000 vs fp32, accuracy colour
+    0.94 ..." where it was gated, else "parity vs PyTorch 3.7e-06 relative"."""
     try:
-        if "parity_vs_torch" in quality:
+        if "psnr_db" not in quality and "parity_vs_torch" in quality:
             return f"parity vs PyTorch {float(quality['parity_vs_torch']['max_rel_err']):.1e} relative"
         if "psnr_db" in quality:
             words = f"PSNR {float(quality['psnr_db']):.1f} dB, SSIM {float(quality['ssim']):.3f} vs {quality.get('vs', 'fp32')}"

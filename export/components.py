@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from edgediff.runtime.manifest import TensorSpec, Variant
+from edgediff.runtime.manifest import TensorSpec, Variant, disk_bytes
 
 from .onnx_io import consolidate_external_data, save_onnx
 
@@ -43,6 +44,13 @@ class Contract:
     outputs: tuple[TensorSpec, ...]
     sample: Callable[[], tuple[torch.Tensor, ...]]
     max_rel_err: float = 1e-3
+    variant: str = "fp32"  # the manifest's variant name: fp32, or "tiny" for a tiny VAE's graphs
+    # a VAE graph in other latent units than the checkpoint's VAE (a tiny VAE: its own scaling factor, 1.0)
+    scaling_factor: float | None = None
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}/model.onnx" if self.variant == "fp32" else f"{self.name}/model.{self.variant}.onnx"
 
 
 class _TextEncoder(torch.nn.Module):
@@ -109,6 +117,17 @@ class _VaeEncoder(torch.nn.Module):
     def forward(self, sample):
         h = self.vae.encoder(sample)
         return self.vae.quant_conv(h) if self.vae.quant_conv is not None else h
+
+
+class _TinyVaeEncoder(torch.nn.Module):
+    """A tiny VAE's (TAESD, diffusers' ``AutoencoderTiny``) encoder: deterministic latents, already scaled."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample, return_dict=False)[0]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -207,6 +226,31 @@ def vae_decoder_contract(vae, latent_size: int) -> Contract:
     )
 
 
+def tiny_vae_decoder_contract(vae, latent_size: int) -> Contract:
+    """A tiny VAE's decoder as the ``tiny`` variant of vae_decoder: the same contract, in its own latent units."""
+    contract = vae_decoder_contract(vae, latent_size)
+    contract.variant, contract.scaling_factor = "tiny", float(vae.config.scaling_factor)
+    return contract
+
+
+def tiny_vae_encoder_contract(vae, image_size: int) -> Contract:
+    """A tiny VAE's encoder as the ``tiny`` variant of vae_encoder: images -> ``latents`` (no distribution)."""
+    ch = vae.config.latent_channels
+
+    def sample():
+        return (torch.rand(1, 3, image_size, image_size + 16, generator=_gen(3)) * 2 - 1,)
+
+    return Contract(
+        "vae_encoder",
+        _TinyVaeEncoder(vae),
+        (TensorSpec("sample", "float32", ("batch", 3, "height", "width")),),
+        (TensorSpec("latents", "float32", ("batch", ch, "latent_height", "latent_width")),),
+        sample,
+        variant="tiny",
+        scaling_factor=float(vae.config.scaling_factor),
+    )
+
+
 def vae_encoder_contract(vae, image_size: int) -> Contract:
     ch = vae.config.latent_channels
 
@@ -228,7 +272,7 @@ def _dynamic_axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:
 
 def export_component(contract: Contract, out_dir: Path, progress: Callable[[str], Any] = lambda s: None,
                      release: Callable[[], None] | None = None) -> Variant:
-    """Export ``contract`` to ``out_dir/<name>/model.onnx``, check parity, return its manifest entry.
+    """Export ``contract`` to ``out_dir/<contract.file>``, check parity, return its manifest entry.
 
     ``release`` drops the caller's references to the PyTorch module once it
     has been traced and run, so the parity check's ONNX Runtime session does
@@ -236,9 +280,13 @@ def export_component(contract: Contract, out_dir: Path, progress: Callable[[str]
     """
     import onnx
 
-    comp_dir = out_dir / contract.name
-    comp_dir.mkdir(parents=True, exist_ok=True)
-    path = comp_dir / "model.onnx"
+    path = out_dir / contract.file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # traced in a folder of its own: the tracer writes a big graph's weights as loose files beside it, and a
+    # component folder may already hold another variant's graph
+    staging = path.parent / f".{path.name}.tracing"
+    staging.mkdir()
+    traced = staging / path.name
     args = contract.sample()
     progress(f"tracing {contract.name}")
     with torch.no_grad(), warnings.catch_warnings():
@@ -246,7 +294,7 @@ def export_component(contract: Contract, out_dir: Path, progress: Callable[[str]
         torch.onnx.export(
             contract.module,
             args,
-            str(path),
+            str(traced),
             dynamo=False,
             opset_version=OPSET,
             input_names=[t.name for t in contract.inputs],
@@ -262,16 +310,21 @@ def export_component(contract: Contract, out_dir: Path, progress: Callable[[str]
         gc.collect()
     # Re-save in one layout: a single file below the protobuf limit, else one
     # external data file beside it (gathered tensor by tensor: no second copy in memory).
-    if any(f != path for f in comp_dir.iterdir()):
-        size = consolidate_external_data(path)
+    if any(f != traced for f in staging.iterdir()):
+        consolidate_external_data(traced)
+        for f in (traced, Path(str(traced) + ".data")):
+            f.replace(path.parent / f.name)
+        size = disk_bytes(path)
     else:
-        model = onnx.load(str(path))
+        model = onnx.load(str(traced))
         size = save_onnx(model, path)
         del model
+    shutil.rmtree(staging)
     gc.collect()
     progress(f"checking {contract.name} against PyTorch")
     quality = check_parity(path, contract, args, [r.numpy() for r in references])
-    return Variant("fp32", f"{contract.name}/model.onnx", size, contract.inputs, contract.outputs, quality)
+    return Variant(contract.variant, contract.file, size, contract.inputs, contract.outputs, quality,
+                   scaling_factor=contract.scaling_factor, shift_factor=None if contract.scaling_factor is None else 0.0)
 
 
 def check_parity(path: Path, contract: Contract, args, references: list[np.ndarray]) -> dict[str, Any]:

@@ -28,6 +28,8 @@ from edgediff.runtime.schedulers import default_scheduler_name
 
 from . import components as C
 from .components import ExportError
+from .tiny_vae import TinyVaeRefused, add_tiny_vae
+from .tiny_vae import check_source as check_tiny_vae_source
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 ROLE_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "denoiser"}  # else: the name
@@ -152,24 +154,35 @@ def export_artifact(
     random_weights: bool = False,
     source_label: str | None = None,
     defaults: dict[str, Any] | None = None,
+    tiny_vae: str | Path | None = None,
+    force_tiny_vae: bool = False,
+    gate_settings: Any = None,
     progress: Callable[[str], Any] = lambda s: None,
 ) -> Manifest:
     """Export ``source`` to the artifact folder ``out``; returns its manifest.
 
     ``defaults``: the model's recommended ``steps`` / ``guidance``, recorded in the manifest.
+    ``tiny_vae``: a diffusers ``AutoencoderTiny`` folder (or hub id) exported as the ``tiny`` variant of
+    vae_decoder and vae_encoder (``edgediff.export.tiny_vae``), kept only if it passes the quality gate
+    against the checkpoint's VAE (or ``force_tiny_vae``); a refused one raises ``TinyVaeRefused`` after the
+    artifact was written without it. ``gate_settings``: the gate's prompts and steps (``GateSettings``).
     """
     out = Path(out)
     defaults = check_defaults(defaults or {})
     check_target(out, force, source)
+    if tiny_vae is not None:
+        check_tiny_vae_source(tiny_vae)
     out.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, progress):
         check_target(out, force, source)  # another export may have finished meanwhile
         _clean_stale(out, progress)
-        return _export(source, out, force, config, random_weights, source_label, defaults, progress)
+        return _export(source, out, force, config, random_weights, source_label, defaults, tiny_vae, force_tiny_vae,
+                       gate_settings, progress)
 
 
 def _export(source: str, out: Path, force: bool, config: str | None, random_weights: bool, source_label: str | None,
-            defaults: dict[str, Any], progress: Callable[[str], Any]) -> Manifest:
+            defaults: dict[str, Any], tiny_vae: str | Path | None, force_tiny_vae: bool, gate_settings: Any,
+            progress: Callable[[str], Any]) -> Manifest:
     progress(f"loading {source}")
     pipe = load_source(str(source), config)
     xl = getattr(pipe, "text_encoder_2", None) is not None
@@ -251,6 +264,10 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
                 "versions": _versions(),
             },
         )
+        refused = None
+        if tiny_vae is not None:
+            manifest, refused = add_tiny_vae(tmp, manifest, tiny_vae, force=force_tiny_vae, settings=gate_settings,
+                                            progress=progress)
         (tmp / PARTIAL_MARKER).unlink()
         manifest.save(tmp)  # written last: a folder without it is never taken for an artifact
         check_target(out, force)  # OUT may have changed during the export
@@ -262,6 +279,9 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
         else:
             tmp.rename(out)
         progress(f"wrote {out / MANIFEST_FILE}")
+        if refused:
+            raise TinyVaeRefused(f"wrote {out} without the tiny VAE, which measured below the quality gate against "
+                                 f"the checkpoint's VAE: {refused}. --force-tiny-vae keeps it anyway", manifest)
         return manifest
     finally:
         if tmp.exists():

@@ -134,6 +134,17 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# A tiny VAE (diffusers' AutoencoderTiny) for each recipe's random-weight export with `--tiny-vae random`: TAESD's own
+# architecture for the real-size recipes, toy widths for the test models.
+TINY_VAE = {"tiny": {"encoder_block_out_channels": (8, 8, 8, 8), "decoder_block_out_channels": (8, 8, 8, 8)}}
+
+
+def tiny_vae_config(recipe: str) -> dict[str, Any]:
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+    return TINY_VAE["tiny"] if recipe.startswith("tiny") else {}
+
+
 def build_pipeline(recipe: str, out_dir: str | Path, seed: int = 0, inpainting: bool = False) -> Path:
     """Build ``recipe`` with seeded random weights and save it as a diffusers folder."""
     import diffusers

@@ -272,8 +272,8 @@ def measure(root: Path, manifest: Manifest, component: str, precision: str, sett
         fp32 = Pipeline.load(root, manifest=manifest, **load)
         refs = settings.images[ref_key]
         batch = np.stack([from_pil(Image.fromarray(r)) for r in refs])
-        images = [np.asarray(to_pil(d)) for d in pipe.decode(pipe.encode(batch)[0])]
-        settings.images["vae_roundtrip"] = [np.asarray(to_pil(d)) for d in fp32.decode(fp32.encode(batch)[0])]
+        images = [np.asarray(to_pil(d)) for d in pipe.decode(pipe.encode(batch))]
+        settings.images["vae_roundtrip"] = [np.asarray(to_pil(d)) for d in fp32.decode(fp32.encode(batch))]
         ref_images = settings.images["vae_roundtrip"]
     else:
         images = _generate(pipe, settings)

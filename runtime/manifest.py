@@ -164,6 +164,10 @@ class Variant:
     # backends that can run the file; empty = all (ONNX). OpenVINO IR variants
     # made with NNCF (``file`` ends in .xml, weights in the .bin beside it) say ("openvino",).
     backends: tuple[str, ...] = ()
+    # A VAE graph that works in other latent units than the manifest's: a tiny VAE (TAESD) decodes and encodes
+    # the scaled latents the denoiser sees, so its scaling factor is 1.0 and its shift 0. None: the manifest's.
+    scaling_factor: float | None = None
+    shift_factor: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = {
@@ -175,6 +179,8 @@ class Variant:
         }
         if self.backends:
             d["backends"] = list(self.backends)
+        if self.scaling_factor is not None:
+            d["scaling_factor"], d["shift_factor"] = self.scaling_factor, self.shift_factor or 0.0
         return d
 
     def files(self) -> list[str]:
@@ -199,6 +205,11 @@ class Variant:
         for key in ("inputs", "outputs"):
             if not isinstance(d[key], list) or not d[key]:
                 raise ValueError(f"{key} must be a non-empty list of tensors, got {d[key]!r:.80}")
+        scaling = {}
+        if "scaling_factor" in d:
+            scaling = {"scaling_factor": _ranged(d, "scaling_factor", float, 1e-6, 1e3),
+                       "shift_factor": _ranged({"shift_factor": d.get("shift_factor") or 0.0}, "shift_factor", float,
+                                               -1e3, 1e3)}
         return cls(
             precision,
             d["file"],
@@ -207,6 +218,7 @@ class Variant:
             tuple(TensorSpec.from_json(t) for t in d["outputs"]),
             dict(quality),
             tuple(backends),
+            **scaling,
         )
 
 
@@ -265,6 +277,13 @@ class Manifest:
         """The caller's steps and guidance where given, else the model's recommended ones, else 25 and 7.5."""
         return (self.defaults.get("steps", DEFAULT_STEPS) if steps is None else steps,
                 self.defaults.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance)
+
+    def latent_units(self, variant: Variant) -> tuple[float, float]:
+        """(scaling, shift) between the denoiser's latents and ``variant``'s VAE graph (``z / scaling + shift`` goes
+        in the decoder): the variant's own (a tiny VAE works on the scaled latents: 1.0, 0.0), else the manifest's."""
+        if variant.scaling_factor is not None:
+            return variant.scaling_factor, variant.shift_factor or 0.0
+        return self.scaling_factor, self.shift_factor
 
     def variant(self, component: str, precision: str = "fp32") -> Variant:
         if component not in self.components:

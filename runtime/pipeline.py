@@ -39,7 +39,7 @@ from .schedulers import make_scheduler
 from .settings import GenerationSettings
 from .text import PromptTokenizer
 
-__all__ = ["GenerationError", "Pipeline", "PrecisionError", "parse_precision", "start_index"]
+__all__ = ["VAES", "GenerationError", "Pipeline", "PrecisionError", "choose_vae", "parse_precision", "start_index"]
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
 
@@ -70,6 +70,23 @@ def parse_precision(spec: str | dict[str, str] | None, available: dict[str, dict
     return chosen
 
 
+VAES = ("full", "tiny")  # the artifact's own VAE, or its tiny one (TAESD: ``export --tiny-vae``)
+TINY = "tiny"  # the variant name of a tiny VAE in vae_decoder / vae_encoder
+
+
+def choose_vae(vae: str, precision: dict[str, str], available: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """``vae="tiny"``: the tiny VAE's decoder, and its encoder where one was exported; ``"full"``: ``precision``."""
+    if vae not in VAES:
+        raise ValueError(f"unknown vae {vae!r:.40}; valid: {', '.join(VAES)}")
+    if vae == "full":
+        return precision
+    if TINY not in available.get("vae_decoder", {}):
+        raise ArtifactError("this artifact has no tiny VAE; add one with `edgediff export --tiny-vae PATH` (a diffusers "
+                            "AutoencoderTiny folder, e.g. madebyollin/taesd for SD 1.x/2.x, taesdxl for SDXL), or use "
+                            "vae='full' (--vae full)")
+    return precision | {c: TINY for c in ("vae_decoder", "vae_encoder") if TINY in available.get(c, {})}
+
+
 class Pipeline:
     def __init__(self, root: Path, manifest: Manifest, backend: str, device: str, options: BackendOptions,
                  precision: dict[str, str], fallback: bool = False, *, max_pixels: int | None = None,
@@ -98,6 +115,7 @@ class Pipeline:
         device: str = "auto",
         *,
         precision: str | dict[str, str] | None = None,
+        vae: str = "full",
         fallback: bool = False,
         threads: int | None = None,
         cache_dir: str | None = None,
@@ -110,7 +128,8 @@ class Pipeline:
 
         ``auto`` picks the fastest installed backend for the device. ``precision``
         picks variants (``"fp16"`` for every component that has it, or
-        ``"unet=int8,vae_decoder=fp16"``); with ``fallback`` a reduced-precision
+        ``"unet=int8,vae_decoder=fp16"``); ``vae="tiny"`` decodes (and encodes) with the
+        artifact's tiny VAE (TAESD, ``export --tiny-vae``); with ``fallback`` a reduced-precision
         component that yields NaN/Inf or a flat image is rerun in fp32 with a
         warning instead of raising ``PrecisionError``. ``manifest`` overrides the
         folder's manifest (used to measure a candidate variant). ``max_pixels``
@@ -128,7 +147,7 @@ class Pipeline:
         manifest = manifest or load_manifest(root)
         backend, device = resolve(backend, device)
         options = BackendOptions(threads=threads, cache_dir=cache_dir, ov_precision=ov_precision)
-        return cls(root, manifest, backend, device, options, parse_precision(precision, manifest.components), fallback,
+        return cls(root, manifest, backend, device, options, choose_vae(vae, parse_precision(precision, manifest.components), manifest.components), fallback,
                    max_pixels=max_pixels, max_batch=max_batch)
 
     # -- loading -----------------------------------------------------------------------
@@ -332,7 +351,7 @@ class Pipeline:
     def _img2img(self, job: Job, sched, conditioning: dict[str, np.ndarray], pixels: np.ndarray):
         start = start_index(job.settings.steps, job.settings.strength, sched.order)
         # diffusers' order of random draws: the VAE's latent sample, then the noise
-        init = self._encode_sample(job, pixels) * np.float32(self.manifest.scaling_factor)
+        init = self._encode_sample(job, pixels)
         x = sched.add_noise(init, job.noise.randn(init.shape), start).astype(np.float32)
         x = denoise(job, sched, x, start, DenoiserInputs(conditioning))
         return self._decode(job, x)
@@ -346,7 +365,7 @@ class Pipeline:
         # 1. latents: pure noise at strength 1, else the image noised to the start step
         image_latents = None
         if not dedicated or not full:
-            image_latents = self._encode_sample(job, pixels) * np.float32(m.scaling_factor)
+            image_latents = self._encode_sample(job, pixels)
         noise = job.noise.randn(self._latent_shape(s))
         if full:
             x = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
@@ -356,7 +375,7 @@ class Pipeline:
         # 2. the mask at latent size (nearest, like F.interpolate) and the masked image's latents
         f = m.vae_scale_factor
         small = np.repeat(binary[None, None, ::f, ::f], s.batch, axis=0).astype(np.float32)
-        masked = self._encode_sample(job, pixels * (binary[None, None] < 0.5)) * np.float32(m.scaling_factor)
+        masked = self._encode_sample(job, pixels * (binary[None, None] < 0.5))
         if dedicated:
             inputs = InpaintingUNetInputs(conditioning, job.cfg.model_input(np.concatenate([small, masked], axis=1)))
         else:
@@ -372,39 +391,55 @@ class Pipeline:
                 settings.width // m.vae_scale_factor)
 
     def _encode_sample(self, job: Job, pixels: np.ndarray) -> np.ndarray:
-        """Sample the VAE's latent distribution, each image with its own stream (diffusers' ``latent_dist.sample``
-        with one generator per image)."""
+        """The denoiser's (scaled) latents of ``pixels``, one row per image: the VAE's latent distribution sampled
+        with each image's own stream (diffusers' ``latent_dist.sample`` with one generator per image); a tiny
+        VAE's encoder is deterministic and draws nothing, as in diffusers."""
         mean, std = self._encode(job, pixels)
         batch = job.settings.batch
-        mean, std = np.repeat(mean, batch, axis=0), np.repeat(std, batch, axis=0)
-        return (mean + std * job.noise.randn(mean.shape)).astype(np.float32)
+        latents = np.repeat(mean, batch, axis=0)
+        if std is not None:
+            latents = latents + np.repeat(std, batch, axis=0) * job.noise.randn(latents.shape)
+        return self._scaled(job, latents)
 
-    def _encode(self, job: Job, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[-1, 1] NCHW float images -> the latent distribution's (mean, std), unscaled."""
-        params = np.concatenate([job.call("vae_encoder", sample=images[k : k + 1].astype(np.float32))["latent_parameters"]
-                                 for k in range(len(images))])
-        mean, logvar = np.split(params, 2, axis=1)
+    def _scaled(self, job: Job, latents: np.ndarray) -> np.ndarray:
+        """The encoder's latents in the denoiser's units."""
+        scaling, shift = self._units(job, "vae_encoder")
+        return ((latents - np.float32(shift)) * np.float32(scaling)).astype(np.float32)
+
+    def _encode(self, job: Job, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """[-1, 1] NCHW float images -> the latent distribution's (mean, std) in the encoder's own units; a tiny
+        VAE's encoder gives its latents, with no spread (std None)."""
+        outputs = [job.call("vae_encoder", sample=images[k : k + 1].astype(np.float32)) for k in range(len(images))]
+        if "latents" in outputs[0]:
+            return np.concatenate([o["latents"] for o in outputs]), None
+        mean, logvar = np.split(np.concatenate([o["latent_parameters"] for o in outputs]), 2, axis=1)
         return mean, np.exp(0.5 * np.clip(logvar, -30.0, 20.0)).astype(np.float32)
+
+    def _units(self, job: Job, component: str) -> tuple[float, float]:
+        return self.manifest.latent_units(job.sessions[component].variant)
 
     def _decode(self, job: Job, x: np.ndarray) -> list[Image.Image]:
         """Scaled latents -> images, one at a time (the VAE's memory peak grows with batch)."""
-        m = self.manifest
-        latents = x / np.float32(m.scaling_factor) + np.float32(m.shift_factor)
-        images = np.concatenate([job.call("vae_decoder", latent_sample=latents[k : k + 1])["sample"]
-                                 for k in range(len(latents))])
+        images = self._decode_arrays(job, x)
         precision = job.sessions["vae_decoder"].variant.precision
         if precision != "fp32" and float(images.std()) < 1e-3:
             raise PrecisionError("vae_decoder", precision, "a flat (all one colour) image")
         return [to_pil(d) for d in images]
 
-    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[-1, 1] NCHW float images -> the VAE latent distribution's (mean, std), unscaled."""
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """[-1, 1] NCHW float images -> the denoiser's (scaled) latents: the mean of the VAE's latent distribution,
+        or a tiny VAE's latents, whichever encoder is loaded."""
         self.session("vae_encoder")
-        return self._encode(self._bare_job(), images)
+        job = self._bare_job()
+        return self._scaled(job, self._encode(job, images)[0])
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Unscaled latents -> [-1, 1] NCHW float images."""
-        job = self._bare_job()
+        """The denoiser's (scaled) latents -> [-1, 1] NCHW float images, with whichever decoder is loaded."""
+        return self._decode_arrays(self._bare_job(), latents)
+
+    def _decode_arrays(self, job: Job, x: np.ndarray) -> np.ndarray:
+        scaling, shift = self._units(job, "vae_decoder")
+        latents = (x / np.float32(scaling) + np.float32(shift)).astype(np.float32)
         return np.concatenate([job.call("vae_decoder", latent_sample=latents[k : k + 1])["sample"]
                                for k in range(len(latents))])
 

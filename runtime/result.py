@@ -68,7 +68,8 @@ class Result(Sequence):
                 f"Steps: {s.steps}, Sampler: {s.scheduler}, CFG scale: {s.guidance}, Seed: {s.seeds[k]}, "
                 f"Size: {self.images[k].width}x{self.images[k].height}"
                 + (f", Denoising strength: {s.strength}" if s.strength is not None else "")
-                + (f", CFG until: {s.cfg_until}" if s.cfg_until is not None else ""))
+                + (f", CFG until: {s.cfg_until}" if s.cfg_until is not None else "")
+                + (", VAE: tiny" if self.components.get("vae_decoder", {}).get("precision") == "tiny" else ""))
 
     def metadata(self, k: int) -> dict[str, Any]:
         """edgediff's JSON record of image ``k``: enough to regenerate it alone."""
