@@ -84,8 +84,14 @@ def run_bench(
     threads: int | None = None,
     ov_precision: str = "auto",
     cache_dir: str | None = None,
+    vae: str = "full",
+    cache_interval: int | None = None,
+    cfg_until: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Benchmark one configuration (default size: the model's); returns one flat row per measured run."""
+    """Benchmark one configuration (default size: the model's); returns one flat row per measured run.
+
+    ``vae``, ``cache_interval`` and ``cfg_until`` are the savings of ``generate`` (tiny VAE, DeepCache, CFG
+    cut-off); each row records them, and the shallow UNet's calls apart from the full ones."""
     for name, value, lo in (("runs", runs, 1), ("warmup", warmup, 0), ("steps", steps, 1)):
         if not isinstance(value, int) or value < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
@@ -95,7 +101,9 @@ def run_bench(
     height = manifest.sample_size if height is None else height
     with tempfile.TemporaryDirectory() as tmp_cache:
         cache = cache_dir or tmp_cache
-        kw = dict(backend=backend, device=device, precision=precision, threads=threads, ov_precision=ov_precision)
+        kw = dict(backend=backend, device=device, precision=precision, vae=vae, threads=threads,
+                  ov_precision=ov_precision)
+        savings = dict(cache_interval=cache_interval, cfg_until=cfg_until)
         t0 = time.perf_counter()
         pipe = Pipeline.load(root, cache_dir=cache, **kw)
         load_cold = time.perf_counter() - t0
@@ -106,7 +114,8 @@ def run_bench(
             pipe = Pipeline.load(root, cache_dir=cache, **kw)
             load_cached = time.perf_counter() - t0
         for _ in range(warmup):
-            pipe.txt2img("warm up", steps=min(2, steps), width=width, height=height, guidance=guidance, scheduler=scheduler)
+            pipe.txt2img("warm up", steps=min(2, steps), width=width, height=height, guidance=guidance, scheduler=scheduler,
+                         **savings)
         desc = pipe.describe()
         disk = sum(disk_bytes(root / s.variant.file) for s in pipe.sessions.values())
         base = {
@@ -117,6 +126,7 @@ def run_bench(
             "precision": {c: d["precision"] for c, d in desc.items()},
             "width": width, "height": height, "steps": steps, "guidance": guidance,
             "scheduler": scheduler or manifest.scheduler, "threads": threads,
+            "savings": {"vae": vae, **savings},
             "load_s": round(load_cold, 3), "load_cached_s": None if load_cached is None else round(load_cached, 3),
             "disk_bytes": disk, "machine": machine(),
         }
@@ -124,7 +134,7 @@ def run_bench(
         for run in range(runs):
             t0 = time.perf_counter()
             result = pipe.txt2img("a photo of an astronaut riding a horse on mars", steps=steps, width=width,
-                                  height=height, guidance=guidance, scheduler=scheduler, seed=run)
+                                  height=height, guidance=guidance, scheduler=scheduler, seed=run, **savings)
             total = time.perf_counter() - t0
             t = result.timings.stages
             unet = t["unet"]
@@ -136,6 +146,8 @@ def run_bench(
                 "unet_rest_median_s": _stats(unet[1:]).get("median", round(unet[0], 5)),
                 "unet_rest_p90_s": _stats(unet[1:]).get("p90", round(unet[0], 5)),
                 "unet_calls": len(unet),
+                "unet_shallow_median_s": _stats(t.get("unet_shallow", [])).get("median"),
+                "unet_shallow_calls": len(t.get("unet_shallow", [])),
                 "vae_decode_s": round(sum(t["vae_decoder"]), 5),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "raw": {k: [round(x, 5) for x in v] for k, v in t.items()},
@@ -191,7 +203,9 @@ def machine_label(machine: dict[str, Any]) -> str:
 
 def label(row: dict[str, Any]) -> str:
     prec = sorted({str(v) for v in row["precision"].values()})
-    return (f"{Path(row['artifact']).name} {row['backend']}/{row['device']} {'+'.join(prec)} "
+    savings = row.get("savings") or {}
+    saved = "".join(f" {k}={v}" for k, v in savings.items() if v not in (None, "full", 1))
+    return (f"{Path(row['artifact']).name} {row['backend']}/{row['device']} {'+'.join(prec)}{saved} "
             f"{row['width']}x{row['height']} on {str(row['machine'].get('cpu', '?'))[:24]}")
 
 

@@ -56,6 +56,8 @@ def export(
     default_guidance: Optional[float] = typer.Option(None, "--default-guidance", help="the model's recommended guidance scale, recorded likewise"),
     tiny_vae: Optional[str] = typer.Option(None, "--tiny-vae", help="a diffusers AutoencoderTiny folder or hub id (TAESD: madebyollin/taesd, taesdxl) added as the 'tiny' VAE (generate --vae tiny), kept if it passes the quality gate; with --random-weights, 'random'"),
     force_tiny_vae: bool = typer.Option(False, "--force-tiny-vae", help="keep the tiny VAE even when it measures below the quality gate"),
+    deepcache_branch: int = typer.Option(0, "--deepcache-branch", min=0, help="DeepCache's cache_branch_id of the shallow UNet graph exported beside the UNet (0: the shallowest, the largest saving; generate --cache-interval uses it)"),
+    no_deepcache: bool = typer.Option(False, "--no-deepcache", help="export the UNet alone, without DeepCache's graph pair"),
 ) -> None:
     """Export a Stable Diffusion checkpoint to an artifact folder (ONNX + manifest)."""
     try:
@@ -108,6 +110,7 @@ def export(
 
         # on the embedded model the tiny VAE's gate also checks what it draws (attribute accuracy)
         gate = GateSettings(evaluate_shapes=source is not None and Path(source).resolve() == default_model_source())
+    branch = None if no_deepcache else deepcache_branch
     t0 = time.perf_counter()
     with console.status("exporting") as status:
         try:
@@ -124,11 +127,11 @@ def export(
                     manifest = export_artifact(str(Path(tmp) / "src"), out, force=force, random_weights=True,
                                                source_label=f"random-weights:{random_weights}:seed={seed}",
                                                defaults=RECIPES[random_weights].get("defaults", {}) | defaults,
-                                               tiny_vae=tiny_vae, progress=status.update)
+                                               tiny_vae=tiny_vae, deepcache_branch=branch, progress=status.update)
             else:
                 manifest = export_artifact(source, out, force=force, config=config, defaults=defaults,
                                            tiny_vae=tiny_vae, force_tiny_vae=force_tiny_vae, gate_settings=gate,
-                                           progress=status.update)
+                                           deepcache_branch=branch, progress=status.update)
         except TinyVaeRefused as e:
             _print_exported(e.manifest, out, t0)
             _fail(str(e))
@@ -208,6 +211,7 @@ def generate(
     steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's recommended, else 25)"),
     guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale, <= 1 disables it (default: the model's recommended, else 7.5)"),
     cfg_until: Optional[float] = typer.Option(None, "--cfg-until", help="guidance only for this fraction of the steps, in [0, 1] (the rest run at half the UNet batch; diffusers' SDCFGCutoffCallback)"),
+    cache_interval: Optional[int] = typer.Option(None, "--cache-interval", help="DeepCache: the full UNet every N steps, only its shallow branch between (N >= 1; 1 = off)"),
     seed: int = typer.Option(0, help="random seed"),
     rng: str = typer.Option("numpy", help="numpy, or torch to reproduce diffusers' images for a seed"),
     width: Optional[int] = typer.Option(None, help="image width, a multiple of 8 (default: the model's)"),
@@ -216,7 +220,8 @@ def generate(
     backend: str = typer.Option("auto", help="auto, onnxruntime or openvino"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, dml (onnxruntime); cpu, gpu, npu, auto (openvino)"),
     precision: Optional[str] = typer.Option(None, help="component precisions, e.g. fp16 or unet=int8,vae_decoder=fp16"),
-    vae: str = typer.Option("full", "--vae", help="full, or tiny: the artifact's tiny VAE (TAESD, from export --tiny-vae), a fraction of the decode time; its measured quality is in `edgediff info`"),
+    vae: Optional[str] = typer.Option(None, "--vae", help="full (default), or tiny: the artifact's tiny VAE (TAESD, from export --tiny-vae), a fraction of the decode time; its measured quality is in `edgediff info`"),
+    fast: bool = typer.Option(False, "--fast", help="the savings `edgediff tune` measured to keep the quality bounds (tiny VAE, DeepCache, CFG cut-off; `edgediff info` shows them); options you give win"),
     num_images: int = typer.Option(1, "--num-images", min=1, help="images to generate (run in UNet batches of at most --max-batch)"),
     image: Optional[Path] = typer.Option(None, "--image", help="input image: img2img, or inpainting with --mask, or outpainting with --extend"),
     strength: Optional[float] = typer.Option(None, help="how much of the schedule to redo, in (0, 1] (default 0.6 for img2img, 1.0 for inpainting)"),
@@ -252,13 +257,13 @@ def generate(
     try:
         sides = dict(_parse_sides(extend)) if extend is not None else None
         settings = GenerationSettings((prompt,), (negative,) if negative else None, steps, guidance, seed, width,
-                                      height, scheduler, num_images, rng, strength, cfg_until)
+                                      height, scheduler, num_images, rng, strength, cfg_until, cache_interval)
         paths = output_paths(output, settings.batch, overwrite)
     except ValueError as e:
         _fail(str(e))
     try:
         t0 = time.perf_counter()
-        pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, vae=vae, fallback=fallback,
+        pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, vae=vae, fast=fast, fallback=fallback,
                              threads=threads, cache_dir=cache_dir, ov_precision=ov_precision,
                              max_pixels=max_pixels, max_batch=max_batch)
         load_s = time.perf_counter() - t0
@@ -324,6 +329,9 @@ def bench(
     guidance: float = typer.Option(7.5, help="guidance scale (> 1: UNet batch 2)"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads"),
     ov_precision: str = typer.Option("auto", "--ov-precision", help="OpenVINO execution precision"),
+    vae: str = typer.Option("full", "--vae", help="full, or tiny (the artifact's tiny VAE)"),
+    cache_interval: Optional[int] = typer.Option(None, "--cache-interval", help="DeepCache: the full UNet every N steps"),
+    cfg_until: Optional[float] = typer.Option(None, "--cfg-until", help="guidance only for this fraction of the steps"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="append one JSON row per run to this .jsonl file"),
     compare: Optional[list[Path]] = typer.Option(None, "--compare", help="print medians and ratios of these .jsonl files instead of running"),
     chart: Optional[Path] = typer.Option(None, "--chart", help="with --compare: also draw per-stage stacked bars as a PNG"),
@@ -376,7 +384,7 @@ def bench(
     try:
         rows = B.run_bench(artifact, backend=backend, device=device, precision=precision, width=width, height=height,
                            steps=steps, runs=runs, warmup=warmup, guidance=guidance, threads=threads,
-                           ov_precision=ov_precision)
+                           ov_precision=ov_precision, vae=vae, cache_interval=cache_interval, cfg_until=cfg_until)
     except (ArtifactError, BackendError, GenerationError, ValueError) as e:
         _fail(str(e))
     except MemoryError:
@@ -391,6 +399,51 @@ def bench(
         with rows_file:
             B.write_rows(rows, rows_file)
         typer.echo(f"appended {len(rows)} rows to {json_out}")
+
+
+@app.command()
+def tune(
+    artifact: Optional[Path] = typer.Argument(None, help="artifact folder (default: the embedded model)"),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime or openvino (what the speed is measured on)"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads"),
+    prompts: Optional[str] = typer.Option(None, help="prompts separated by '|' (default: a fixed set of 4; the embedded model: 48 scenes read back for their attributes)"),
+    seeds: int = typer.Option(2, min=1, help="seeds per prompt"),
+    min_psnr: float = typer.Option(20.0, help="bound: mean PSNR (dB) vs full compute"),
+    min_ssim: float = typer.Option(0.70, help="bound: mean SSIM vs full compute"),
+    max_accuracy_drop: float = typer.Option(0.02, help="bound (embedded model): attribute accuracy drop, absolute"),
+) -> None:
+    """Measure the tiny VAE, DeepCache and the CFG cut-off against full compute; record the fastest settings that
+    keep the quality bounds as the artifact's fast profile (generate --fast)."""
+    from edgediff.runtime import ArtifactError, BackendError, GenerationError
+    from edgediff.tune import DEFAULT_PROMPTS, Bounds, tune as run_tune
+
+    if artifact is None:
+        from edgediff.models import default_model_path
+
+        artifact = default_model_path()
+    if prompts is not None and not any(p.strip() for p in prompts.split("|")):
+        _fail("--prompts needs at least one prompt (separated by '|')")
+    chosen = tuple(p.strip() for p in prompts.split("|") if p.strip()) if prompts is not None else DEFAULT_PROMPTS
+    with console.status("tuning") as status:
+        try:
+            profile = run_tune(artifact, backend=backend, threads=threads, prompts=chosen, seeds=tuple(range(seeds)),
+                               bounds=Bounds(min_psnr, min_ssim, max_accuracy_drop), progress=status.update)
+        except (ArtifactError, BackendError, GenerationError, ValueError) as e:
+            _fail(str(e))
+    table = Table(title=f"{artifact}: each candidate vs full compute ({profile['measured']['images']} images)")
+    for col in ("settings", "s/image", "speed-up", "PSNR dB", "SSIM", "accuracy", "within bounds"):
+        table.add_column(col)
+    full_s = profile["full_seconds_per_image"]
+    for row in profile["candidates"]:
+        acc = " ".join(f"{k[:5]} {v:.2f}" for k, v in row.get("accuracy", {}).items())
+        table.add_row(", ".join(f"{k}={v}" for k, v in row["settings"].items()) or "full compute",
+                      f"{row['seconds_per_image']:.3f}", f"{full_s / row['seconds_per_image']:.2f}x",
+                      f"{row['psnr_db']:.1f}", f"{row['ssim']:.3f}", acc,
+                      "yes" if row["within_bounds"] else "no: " + "; ".join(row.get("outside", [])))
+    Console(width=200).print(table)
+    for name, why in profile["skipped"].items():
+        console.print(f"[yellow]note:[/] {name} not tried: {why}")
+    typer.echo(fast_profile_words(profile))
 
 
 @app.command()
@@ -414,6 +467,7 @@ def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omi
                 only = f" ({', '.join(v.backends)} only)" if v.backends else ""
                 table.add_row(comp, prec + only, f"{v.bytes / 1e6:.1f}", ins, quality_words(v.quality))
         Console().print(table)
+        Console().print(fast_profile_words(m.fast_profile), soft_wrap=True)
         provenance = json.dumps(m.provenance)
         if len(provenance) > INFO_PROVENANCE_CHARS:
             provenance = provenance[:INFO_PROVENANCE_CHARS] + f"... ({len(provenance) - INFO_PROVENANCE_CHARS:,} more characters in manifest.json)"
@@ -422,6 +476,24 @@ def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omi
 
 
 INFO_PROVENANCE_CHARS = 2000
+
+
+def fast_profile_words(profile: dict | None) -> str:
+    """``info``'s line on the tuned fast profile: what --fast uses, its speed-up and quality cost."""
+    if profile is None:
+        return "fast profile: none (run `edgediff tune ARTIFACT` to measure one for generate --fast)"
+    settings = ", ".join(f"{k}={v}" for k, v in profile["settings"].items()) or "full compute (no saving kept the bounds)"
+    try:
+        q = profile.get("quality", {})
+        words = (f"fast profile (generate --fast): {settings}: {float(profile['speedup']):.2f}x faster per image, "
+                 f"PSNR {float(q['psnr_db']):.1f} dB, SSIM {float(q['ssim']):.3f} vs full compute")
+        if isinstance(q.get("accuracy"), dict) and isinstance(profile.get("full_accuracy"), dict):
+            words += ", accuracy " + " ".join(f"{k} {float(v):.2f} (full {float(profile['full_accuracy'][k]):.2f})"
+                                              for k, v in q["accuracy"].items())
+        measured = profile.get("measured", {})
+        return words + f"; measured on {measured.get('machine', '?')}, {measured.get('backend', '?')}"
+    except (KeyError, TypeError, ValueError):
+        return f"fast profile (generate --fast): {settings} (its record is unreadable)"
 
 
 def quality_words(quality: dict) -> str:

@@ -171,7 +171,9 @@ def xl_text_encoder_contract(text_encoder, max_length: int, name: str) -> Contra
     )
 
 
-def unet_contract(unet, latent_size: int) -> Contract:
+def unet_contract(unet, latent_size: int, deepcache_branch: int | None = None) -> Contract:
+    """The UNet; with ``deepcache_branch`` it also outputs DeepCache's ``deep_feature`` for that branch
+    (``edgediff.export.deepcache``), which ``shallow_unet_contract``'s graph takes between full steps."""
     c = unet.config
     in_ch, out_ch, ctx = c.in_channels, c.out_channels, c.cross_attention_dim
     # An odd latent size makes diffusers forward each upsampler's output size
@@ -202,13 +204,32 @@ def unet_contract(unet, latent_size: int) -> Contract:
     )
     if xl:
         inputs += (TensorSpec("text_embeds", "float32", ("batch", pooled)), TensorSpec("time_ids", "float32", ("batch", 6)))
-    return Contract(
-        "unet",
-        _UNetXL(unet) if xl else _UNet(unet),
-        inputs,
-        (TensorSpec("out_sample", "float32", ("batch", out_ch, "height", "width")),),
-        sample,
-    )
+    outputs = (TensorSpec("out_sample", "float32", ("batch", out_ch, "height", "width")),)
+    if deepcache_branch is None:
+        return Contract("unet", _UNetXL(unet) if xl else _UNet(unet), inputs, outputs, sample)
+    from .deepcache import DeepCacheFull
+
+    return Contract("unet", DeepCacheFull(unet, deepcache_branch), inputs, outputs + (DEEP_FEATURE_SPEC,), sample)
+
+
+DEEP_FEATURE_SPEC = TensorSpec("deep_feature", "float32", ("batch", "feature_channels", "feature_height", "feature_width"))
+
+
+def shallow_unet_contract(unet, latent_size: int, deepcache_branch: int) -> Contract:
+    """DeepCache's shallow branch (Ma et al., CVPR 2024): the UNet's inputs and the full graph's ``deep_feature``
+    in, ``out_sample`` out, recomputing only the layers nearest the image."""
+    from .deepcache import DeepCacheFull, DeepCacheShallow
+
+    full = unet_contract(unet, latent_size, deepcache_branch)
+
+    def sample():
+        args = full.sample()
+        with torch.no_grad():
+            _, feature = full.module(*args)
+        return args + (feature,)
+
+    return Contract("unet_shallow", DeepCacheShallow(unet, deepcache_branch), full.inputs + (DEEP_FEATURE_SPEC,),
+                    full.outputs[:1], sample)
 
 
 def vae_decoder_contract(vae, latent_size: int) -> Contract:
@@ -288,6 +309,7 @@ def export_component(contract: Contract, out_dir: Path, progress: Callable[[str]
     staging.mkdir()
     traced = staging / path.name
     args = contract.sample()
+    contract_inputs = contract.inputs
     progress(f"tracing {contract.name}")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python control flow it baked in
@@ -322,6 +344,11 @@ def export_component(contract: Contract, out_dir: Path, progress: Callable[[str]
     shutil.rmtree(staging)
     gc.collect()
     progress(f"checking {contract.name} against PyTorch")
+    # the tracer drops inputs the graph never reads (SDXL's shallow DeepCache branch has no cross-attention, so
+    # no encoder_hidden_states): the manifest lists the graph's own, and callers feed only those
+    taken = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+    contract.inputs = tuple(t for t in contract.inputs if t.name in taken)
+    args = tuple(a for t, a in zip(contract_inputs, args) if t.name in taken)
     quality = check_parity(path, contract, args, [r.numpy() for r in references])
     return Variant(contract.variant, contract.file, size, contract.inputs, contract.outputs, quality,
                    scaling_factor=contract.scaling_factor, shift_factor=None if contract.scaling_factor is None else 0.0)

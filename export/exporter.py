@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 from edgediff import __version__
 from edgediff.runtime.locking import folder_lock
-from edgediff.runtime.manifest import (MANIFEST_FILE, DenoiserSpec, Manifest, TextEncoderSpec, check_defaults,
-                                       current_umask, is_artifact)
+from edgediff.runtime.manifest import (MANIFEST_FILE, DenoiserSpec, Manifest, ShallowDenoiserSpec, TextEncoderSpec,
+                                       check_defaults, current_umask, is_artifact)
 from edgediff.runtime.schedulers import default_scheduler_name
 
 from . import components as C
@@ -32,7 +32,9 @@ from .tiny_vae import TinyVaeRefused, add_tiny_vae
 from .tiny_vae import check_source as check_tiny_vae_source
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-ROLE_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "denoiser"}  # else: the name
+ROLE_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "denoiser",
+           "unet_shallow": "shallow_denoiser"}  # else: the name
+DEEPCACHE_BRANCH = 0  # DeepCache's shallowest branch: its authors' default, the largest saving per skipped step
 PARTIAL_MARKER = ".edgediff-partial"  # inside an export's temporary folder: only such folders are cleaned up
 
 
@@ -157,6 +159,7 @@ def export_artifact(
     tiny_vae: str | Path | None = None,
     force_tiny_vae: bool = False,
     gate_settings: Any = None,
+    deepcache_branch: int | None = DEEPCACHE_BRANCH,
     progress: Callable[[str], Any] = lambda s: None,
 ) -> Manifest:
     """Export ``source`` to the artifact folder ``out``; returns its manifest.
@@ -166,6 +169,8 @@ def export_artifact(
     vae_decoder and vae_encoder (``edgediff.export.tiny_vae``), kept only if it passes the quality gate
     against the checkpoint's VAE (or ``force_tiny_vae``); a refused one raises ``TinyVaeRefused`` after the
     artifact was written without it. ``gate_settings``: the gate's prompts and steps (``GateSettings``).
+    ``deepcache_branch``: DeepCache's ``cache_branch_id`` of the shallow graph exported beside the UNet (which
+    then also outputs the feature it caches; ``edgediff.export.deepcache``); None exports the UNet alone.
     """
     out = Path(out)
     defaults = check_defaults(defaults or {})
@@ -177,12 +182,12 @@ def export_artifact(
         check_target(out, force, source)  # another export may have finished meanwhile
         _clean_stale(out, progress)
         return _export(source, out, force, config, random_weights, source_label, defaults, tiny_vae, force_tiny_vae,
-                       gate_settings, progress)
+                       gate_settings, deepcache_branch, progress)
 
 
 def _export(source: str, out: Path, force: bool, config: str | None, random_weights: bool, source_label: str | None,
             defaults: dict[str, Any], tiny_vae: str | Path | None, force_tiny_vae: bool, gate_settings: Any,
-            progress: Callable[[str], Any]) -> Manifest:
+            deepcache_branch: int | None, progress: Callable[[str], Any]) -> Manifest:
     progress(f"loading {source}")
     pipe = load_source(str(source), config)
     xl = getattr(pipe, "text_encoder_2", None) is not None
@@ -191,6 +196,13 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
             raise ExportError(f"{source} has no {name}; edgediff exports Stable Diffusion 1.x/2.x and SDXL checkpoints")
     if xl and not is_xl(pipe):
         raise ExportError(f"{source} has a second text encoder but its UNet lacks SDXL's text_time conditioning")
+    if deepcache_branch is not None:
+        from .deepcache import branch_of
+
+        try:
+            branch_of(pipe.unet, deepcache_branch)
+        except ValueError as e:
+            raise ExportError(f"--deepcache-branch: {e}") from None
     if xl:
         pipe.text_encoder_2.eval()
     pipe.text_encoder.eval()
@@ -208,15 +220,18 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
             lambda: C.xl_text_encoder_contract(pipe.text_encoder, max_length, "text_encoder"),
             lambda: C.xl_text_encoder_contract(pipe.text_encoder_2, int(pipe.tokenizer_2.model_max_length), "text_encoder_2"),
         ] if xl else [lambda: C.text_encoder_contract(pipe.text_encoder, max_length)]
-        contracts = text_contracts + [
-            lambda: C.unet_contract(pipe.unet, min(latent, 64)),
+        unet_contracts = [lambda: C.unet_contract(pipe.unet, min(latent, 64), deepcache_branch)]
+        if deepcache_branch is not None:
+            unet_contracts.append(lambda: C.shallow_unet_contract(pipe.unet, min(latent, 64), deepcache_branch))
+        contracts = text_contracts + unet_contracts + [
             lambda: C.vae_decoder_contract(pipe.vae, min(latent, 64)),
             lambda: C.vae_encoder_contract(pipe.vae, min(latent, 64) * vae_scale),
         ]
         # what the manifest needs, read before the modules are dropped one by one
         configs = {name: getattr(pipe, name).config for name in ("text_encoder", "unet", "vae") + (("text_encoder_2",) if xl else ())}
         # each PyTorch module is dropped once its last graph is traced (vae_decoder and vae_encoder share the VAE)
-        last_user = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet", "vae_encoder": "vae"}
+        last_user = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "vae_encoder": "vae",
+                     "unet" if deepcache_branch is None else "unet_shallow": "unet"}
         components = {}
         for make in contracts:
             t0 = time.perf_counter()
@@ -255,6 +270,8 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
             roles={name: ROLE_OF.get(name, name) for name in components},
             text_encoders=tuple(text_encoders),
             denoiser=DenoiserSpec("unet", "unet", int(configs["unet"].in_channels)),
+            shallow_denoiser=None if deepcache_branch is None else ShallowDenoiserSpec("unet_shallow", "deepcache",
+                                                                                      deepcache_branch),
             random_weights=random_weights,
             defaults=defaults,
             provenance={

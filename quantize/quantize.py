@@ -58,10 +58,10 @@ NNCF_PRECISIONS = ("nncf-int8", "nncf-hybrid")  # OpenVINO IR variants
 CALIBRATED = ("int8-static",) + NNCF_PRECISIONS  # need recorded UNet inputs
 # the roles (edgediff.runtime.manifest.ROLES) each precision suits by default
 DEFAULT_ROLES = {
-    "fp16": ("text_encoder", "denoiser", "vae_decoder", "vae_encoder"),
-    "int8": ("text_encoder", "denoiser"),
+    "fp16": ("text_encoder", "denoiser", "shallow_denoiser", "vae_decoder", "vae_encoder"),
+    "int8": ("text_encoder", "denoiser", "shallow_denoiser"),
     "int8-static": ("denoiser",),
-    "int4": ("text_encoder", "denoiser"),
+    "int4": ("text_encoder", "denoiser", "shallow_denoiser"),
     "nncf-int8": ("denoiser",),
     "nncf-hybrid": ("denoiser",),
 }

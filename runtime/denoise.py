@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import step_cache
 from .backends import Session
 from .conditioning import Guidance
 from .result import Timings
@@ -57,6 +58,7 @@ class Job:
     callback: Callable[[int, int], None] | None = None
     timings: Timings = field(default_factory=Timings)
     denoiser: str = "unet"  # the manifest's denoiser component
+    shallow_denoiser: str | None = None  # DeepCache's shallow graph, where the artifact has one
 
     def call(self, component: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """Run ``component``, timed; NaN/Inf in any output is an error naming it."""
@@ -132,16 +134,20 @@ def denoise(job: Job, sched, x: np.ndarray, start: int, inputs: DenoiserInputs) 
 
     With ``cfg_until`` the guidance stops after call ``int(calls run * cfg_until)`` of the run: the rest runs
     the conditional half only, at half the batch (diffusers' ``SDCFGCutoffCallback(cutoff_step_ratio=...)``).
+    With ``cache_interval`` the denoiser runs in full every that many calls of the run and DeepCache's
+    shallow branch between (``step_cache``); both count the calls actually run.
     """
     total = len(sched.timesteps)
     until = job.settings.cfg_until
     cutoff = start + int((total - start) * until) if until is not None and job.cfg.enabled else total
+    denoiser = step_cache.for_job(job, start)
     for i in range(start, total):
         if i == cutoff + 1:
             job.cfg, inputs = Guidance(0.0), inputs.conditional_only()
+            denoiser.conditional_only()
         x_in = sched.scale_model_input(job.cfg.model_input(x), i).astype(np.float32)
         timestep = np.full((x_in.shape[0],), sched.timesteps[i], dtype=np.float32)
-        (out,) = job.call(job.denoiser, **inputs.feeds(x_in, timestep, i)).values()
+        out = denoiser(inputs.feeds(x_in, timestep, i), i)
         x = sched.step(job.cfg.combine(out), i, x, job.noise).astype(np.float32)
         x = inputs.after_step(x, i, sched)
         if not np.isfinite(x).all():

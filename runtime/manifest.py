@@ -12,9 +12,13 @@ One canonical name per component, used by export, quantize, runtime and bench::
 Components are described by their **role** (format version 2): ``text_encoder``
 (in order, each with its tokenizer and sizes), ``denoiser`` (one, with its
 ``kind``: ``unet`` now; transformers come with their flow-matching schedulers),
-``vae_decoder``, ``vae_encoder``. A new kind of component (a ControlNet, a tiny
-VAE) is a new role here, not a new branch elsewhere; a role this version does
-not know is refused with the accepted list. Each component lists its variants
+``shallow_denoiser`` (DeepCache's shallow branch, at most one: it takes the
+``deep_feature`` the denoiser graph also outputs), ``vae_decoder``,
+``vae_encoder``. A new kind of component (a ControlNet) is a new role here,
+not a new branch elsewhere; a role this version does not know is refused with
+the accepted list. A tiny VAE is a variant (``tiny``) of the VAE components,
+with its own latent units (``Variant.scaling_factor``). ``fast_profile`` holds
+what ``edgediff tune`` measured and chose for ``generate --fast``. Each component lists its variants
 by precision (``fp32`` from export; ``fp16``, ``int8``... added later by
 ``edgediff quantize``), each with its file, size, input/output signature and
 measured parity. Version-1 manifests (flat ``text``/``text_2``/``unet_in_channels``
@@ -37,7 +41,9 @@ from .schedulers import SCHEDULER_NAMES
 FORMAT_NAME = "edgediff-artifact"
 FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
-ROLES = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")
+ROLES = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder", "shallow_denoiser")
+STEP_CACHE_METHODS = ("deepcache",)
+DEEP_FEATURE = "deep_feature"  # the denoiser output a shallow denoiser takes (DeepCache)
 DENOISER_KINDS = ("unet",)
 MAX_TEXT_ENCODERS = 2  # SD: one; SDXL: two (edgediff.runtime.conditioning)
 V1_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # version 1: closed names
@@ -72,6 +78,36 @@ def check_defaults(defaults: dict[str, Any], where: str = "defaults") -> dict[st
                                  or not (math.isfinite(guidance) and guidance >= 0)):
         raise ArtifactError(f"{where}.guidance must be a finite number >= 0, got {guidance!r:.40}")
     return {k: v for k, v in (("steps", steps), ("guidance", None if guidance is None else float(guidance))) if v is not None}
+
+
+FAST_SETTINGS = {"vae": ("full", "tiny"), "cache_interval": (1, 1000), "cfg_until": (0.0, 1.0)}
+
+
+def check_fast_profile(profile: Any, where: str = "fast_profile") -> dict[str, Any]:
+    """The settings ``edgediff tune`` measured to keep the quality bounds (``generate --fast``), with its figures.
+
+    ``settings`` may name ``vae`` (full/tiny), ``cache_interval`` (an int in [1, 1000]) and ``cfg_until`` (in
+    [0, 1]); everything else in the profile is the record of how it was measured.
+    """
+    if not isinstance(profile, dict) or not isinstance(profile.get("settings"), dict):
+        raise ArtifactError(f"{where} must be an object with a \"settings\" object, got {profile!r:.80}")
+    settings = profile["settings"]
+    unknown = set(settings) - set(FAST_SETTINGS)
+    if unknown:
+        raise ArtifactError(f"{where}.settings has unknown keys {sorted(str(k)[:40] for k in unknown)}; accepted: "
+                            f"{', '.join(FAST_SETTINGS)}")
+    for key, value in settings.items():
+        accepted = FAST_SETTINGS[key]
+        if key == "vae":
+            ok = value in accepted
+        elif key == "cache_interval":
+            ok = isinstance(value, int) and not isinstance(value, bool) and accepted[0] <= value <= accepted[1]
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and accepted[0] <= value <= accepted[1]
+        if not ok:
+            raise ArtifactError(f"{where}.settings.{key} must be {' or '.join(accepted) if key == 'vae' else accepted}, "
+                                f"got {value!r:.40}")
+    return profile
 
 
 class ArtifactError(ValueError):
@@ -249,6 +285,19 @@ class DenoiserSpec:
         return {"role": "denoiser", "kind": self.kind, "in_channels": self.in_channels}
 
 
+@dataclass(frozen=True)
+class ShallowDenoiserSpec:
+    """DeepCache's (Ma et al., CVPR 2024) shallow branch: run between full denoiser steps, it takes the
+    ``deep_feature`` the full denoiser graph also outputs and recomputes only the layers nearest the image."""
+
+    name: str
+    method: str  # "deepcache"
+    branch: int  # DeepCache's cache_branch_id: block * 3 + layer, counted from the output end
+
+    def to_json(self) -> dict[str, Any]:
+        return {"role": "shallow_denoiser", "method": self.method, "branch": self.branch}
+
+
 @dataclass
 class Manifest:
     family: str
@@ -269,6 +318,8 @@ class Manifest:
     force_zeros_for_empty_prompt: bool = False
     # the model's recommended steps / guidance (see check_defaults)
     defaults: dict[str, Any] = field(default_factory=dict)
+    shallow_denoiser: ShallowDenoiserSpec | None = None  # DeepCache's shallow graph, where exported
+    fast_profile: dict[str, Any] | None = None  # what `edgediff tune` measured and chose (check_fast_profile)
     format_version: int = FORMAT_VERSION
 
     scheduler_file = "scheduler/scheduler_config.json"
@@ -298,6 +349,8 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         """Format version 2, whatever version was read."""
         specs = {t.name: t.to_json() for t in self.text_encoders} | {self.denoiser.name: self.denoiser.to_json()}
+        if self.shallow_denoiser is not None:
+            specs[self.shallow_denoiser.name] = self.shallow_denoiser.to_json()
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -311,6 +364,7 @@ class Manifest:
             "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
             "scheduler": {"default": self.scheduler, "config": self.scheduler_file},
             **({"defaults": self.defaults} if self.defaults else {}),
+            **({"fast_profile": self.fast_profile} if self.fast_profile is not None else {}),
             "random_weights": self.random_weights,
             "components": {
                 name: specs.get(name, {"role": self.roles[name]}) | {"variants": {p: v.to_json() for p, v in variants.items()}}
@@ -437,7 +491,7 @@ def load_manifest(root: str | Path) -> Manifest:
         raise ArtifactError(f"manifest.json: 'vae_scale_factor' must be one of {VAE_SCALE_FACTORS} dividing "
                             f"sample_size {sample_size}, got {vae_scale_factor!r}")
     latent_channels = _ranged(d, "latent_channels", int, 1, 256)
-    roles, text_encoders, denoiser = (_roles_v1 if version == 1 else _roles_v2)(d, comps, path)
+    roles, text_encoders, denoiser, shallow = (_roles_v1 if version == 1 else _roles_v2)(d, comps, path)
     if denoiser.in_channels not in (latent_channels, 2 * latent_channels + 1):
         raise ArtifactError(f"manifest.json: the denoiser's input channels must be latent_channels ({latent_channels}, "
                             f"an ordinary UNet) or {2 * latent_channels + 1} (an inpainting UNet), got {denoiser.in_channels!r}")
@@ -467,12 +521,15 @@ def load_manifest(root: str | Path) -> Manifest:
         roles=roles,
         text_encoders=text_encoders,
         denoiser=denoiser,
+        shallow_denoiser=shallow,
         provenance=dict(provenance),
         random_weights=_require({"random_weights": d.get("random_weights", False)}, "random_weights", bool),
         force_zeros_for_empty_prompt=_require(
             {"force_zeros_for_empty_prompt": d.get("force_zeros_for_empty_prompt", False)},
             "force_zeros_for_empty_prompt", bool),
         defaults=check_defaults(d.get("defaults", {}), f"{path}: defaults"),
+        fast_profile=None if d.get("fast_profile") is None else check_fast_profile(d["fast_profile"],
+                                                                                   f"{path}: fast_profile"),
         format_version=version,
     )
 
@@ -485,7 +542,7 @@ def _text_spec(name: str, d: dict[str, Any], where: str) -> TextEncoderSpec:
 
 def _roles_v2(d: dict[str, Any], comps: dict[str, Any], path: Path):
     """Version 2: every component names its role; the text encoders in the order they appear."""
-    roles, text_encoders, denoisers = {}, [], []
+    roles, text_encoders, denoisers, shallow = {}, [], [], []
     for name, entry in comps.items():
         where = f" components.{name}"
         role = _require(entry, "role", str, where)
@@ -504,12 +561,18 @@ def _roles_v2(d: dict[str, Any], comps: dict[str, Any], path: Path):
                 raise ArtifactError(f"{path}: components.{name} is a {kind!r:.40} denoiser; this edgediff runs: "
                                     f"{', '.join(DENOISER_KINDS)}")
             denoisers.append(DenoiserSpec(name, kind, _ranged(entry, "in_channels", int, 1, 1024, where)))
+        elif role == "shallow_denoiser":
+            method = _require(entry, "method", str, where)
+            if method not in STEP_CACHE_METHODS:
+                raise ArtifactError(f"{path}: components.{name} is a {method!r:.40} shallow denoiser; this edgediff "
+                                    f"runs: {', '.join(STEP_CACHE_METHODS)}")
+            shallow.append(ShallowDenoiserSpec(name, method, _ranged(entry, "branch", int, 0, 1000, where)))
     counts = {role: list(roles.values()).count(role) for role in ROLES}
     if counts["denoiser"] != 1 or counts["vae_decoder"] != 1 or counts["vae_encoder"] > 1 \
-            or not 1 <= counts["text_encoder"] <= MAX_TEXT_ENCODERS:
-        raise ArtifactError(f"{path}: an artifact has one denoiser, one vae_decoder, at most one vae_encoder and 1 to "
-                            f"{MAX_TEXT_ENCODERS} text encoders; this one has {counts}")
-    return roles, tuple(text_encoders), denoisers[0]
+            or counts["shallow_denoiser"] > 1 or not 1 <= counts["text_encoder"] <= MAX_TEXT_ENCODERS:
+        raise ArtifactError(f"{path}: an artifact has one denoiser, one vae_decoder, at most one vae_encoder, at most "
+                            f"one shallow_denoiser and 1 to {MAX_TEXT_ENCODERS} text encoders; this one has {counts}")
+    return roles, tuple(text_encoders), denoisers[0], shallow[0] if shallow else None
 
 
 def _roles_v1(d: dict[str, Any], comps: dict[str, Any], path: Path):
@@ -527,7 +590,7 @@ def _roles_v1(d: dict[str, Any], comps: dict[str, Any], path: Path):
             raise ArtifactError(f"{path} has text_2 but lists no text_encoder_2 component")
         text_encoders.append(_text_spec("text_encoder_2", _require(d, "text_2", dict), " text_2"))
     roles = {name: {"unet": "denoiser", "text_encoder_2": "text_encoder"}.get(name, name) for name in comps}
-    return roles, tuple(text_encoders), DenoiserSpec("unet", "unet", _require(d, "unet_in_channels", int))
+    return roles, tuple(text_encoders), DenoiserSpec("unet", "unet", _require(d, "unet_in_channels", int)), None
 
 
 def _check_variant_files(root: Path, component: str, v: Variant) -> None:

@@ -32,7 +32,7 @@ from .denoise import (DenoiserInputs, GenerationError, InpaintingUNetInputs, Job
                       denoise)
 from .images import extend_canvas, load_image, load_mask, paste_unmasked, to_pil
 from .limits import DEFAULT_MAX_BATCH, pixel_budget
-from .manifest import ArtifactError, Manifest, artifact_file, load_manifest, read_manifest_json
+from .manifest import DEEP_FEATURE, ArtifactError, Manifest, artifact_file, load_manifest, read_manifest_json
 from .result import Result, Timings
 from .rng import ImageNoise
 from .schedulers import make_scheduler
@@ -74,6 +74,16 @@ VAES = ("full", "tiny")  # the artifact's own VAE, or its tiny one (TAESD: ``exp
 TINY = "tiny"  # the variant name of a tiny VAE in vae_decoder / vae_encoder
 
 
+def fast_profile(manifest: Manifest) -> dict[str, Any]:
+    """The settings ``edgediff tune`` recorded for ``--fast``; an artifact without them says how to measure them."""
+    if manifest.fast_profile is None:
+        raise ArtifactError("this artifact has no tuned fast profile: run `edgediff tune ARTIFACT` once (it measures "
+                            "the tiny VAE, DeepCache and the CFG cut-off against full compute and records the fastest "
+                            "settings that keep the quality bounds), or name the savings yourself (--vae tiny, "
+                            "--cache-interval N, --cfg-until F)")
+    return dict(manifest.fast_profile["settings"])
+
+
 def choose_vae(vae: str, precision: dict[str, str], available: dict[str, dict[str, Any]]) -> dict[str, str]:
     """``vae="tiny"``: the tiny VAE's decoder, and its encoder where one was exported; ``"full"``: ``precision``."""
     if vae not in VAES:
@@ -90,8 +100,9 @@ def choose_vae(vae: str, precision: dict[str, str], available: dict[str, dict[st
 class Pipeline:
     def __init__(self, root: Path, manifest: Manifest, backend: str, device: str, options: BackendOptions,
                  precision: dict[str, str], fallback: bool = False, *, max_pixels: int | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH):
+                 max_batch: int = DEFAULT_MAX_BATCH, fast: dict[str, Any] | None = None):
         self.root = root
+        self.fast = fast or {}  # the fast profile's per-call savings, used where a call names none
         self.manifest = manifest
         self.backend, self.device, self.options = backend, device, options
         self.fallback = fallback
@@ -115,7 +126,8 @@ class Pipeline:
         device: str = "auto",
         *,
         precision: str | dict[str, str] | None = None,
-        vae: str = "full",
+        vae: str | None = None,
+        fast: bool = False,
         fallback: bool = False,
         threads: int | None = None,
         cache_dir: str | None = None,
@@ -129,7 +141,9 @@ class Pipeline:
         ``auto`` picks the fastest installed backend for the device. ``precision``
         picks variants (``"fp16"`` for every component that has it, or
         ``"unet=int8,vae_decoder=fp16"``); ``vae="tiny"`` decodes (and encodes) with the
-        artifact's tiny VAE (TAESD, ``export --tiny-vae``); with ``fallback`` a reduced-precision
+        artifact's tiny VAE (TAESD, ``export --tiny-vae``; default ``"full"``); ``fast`` uses the
+        settings ``edgediff tune`` measured and recorded (its VAE unless ``vae`` is given, its DeepCache interval
+        and CFG cut-off where a call names none); with ``fallback`` a reduced-precision
         component that yields NaN/Inf or a flat image is rerun in fp32 with a
         warning instead of raising ``PrecisionError``. ``manifest`` overrides the
         folder's manifest (used to measure a candidate variant). ``max_pixels``
@@ -147,8 +161,12 @@ class Pipeline:
         manifest = manifest or load_manifest(root)
         backend, device = resolve(backend, device)
         options = BackendOptions(threads=threads, cache_dir=cache_dir, ov_precision=ov_precision)
-        return cls(root, manifest, backend, device, options, choose_vae(vae, parse_precision(precision, manifest.components), manifest.components), fallback,
-                   max_pixels=max_pixels, max_batch=max_batch)
+        profile = fast_profile(manifest) if fast else {}
+        profile_vae = profile.pop("vae", "full")
+        vae = profile_vae if vae is None else vae
+        chosen = choose_vae(vae, parse_precision(precision, manifest.components), manifest.components)
+        return cls(root, manifest, backend, device, options, chosen, fallback, max_pixels=max_pixels,
+                   max_batch=max_batch, fast=profile)
 
     # -- loading -----------------------------------------------------------------------
 
@@ -195,6 +213,18 @@ class Pipeline:
                 self.sessions[component] = self._open(component, self.precision.get(component, "fp32"))
             return self.sessions[component]
 
+    def _check_step_cache(self) -> None:
+        """DeepCache needs the shallow graph and a denoiser variant that outputs the feature it takes."""
+        m = self.manifest
+        if m.shallow_denoiser is None:
+            raise ArtifactError("this artifact has no DeepCache graphs (it was exported before edgediff made them, "
+                                "or with --no-deepcache); re-export it to use cache_interval (--cache-interval)")
+        variant = self.session(m.denoiser.name).variant
+        if DEEP_FEATURE not in [o.name for o in variant.outputs]:
+            raise ArtifactError(f"{m.denoiser.name} {variant.precision} ({variant.file}) gives no {DEEP_FEATURE} for "
+                                "DeepCache (it was made from a graph without it); re-quantize it, or use fp32")
+        self.session(m.shallow_denoiser.name)
+
     def describe(self) -> dict[str, Any]:
         return {
             comp: {"precision": s.variant.precision, "backend": s.backend, "device": s.device,
@@ -207,7 +237,8 @@ class Pipeline:
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                 steps: int | None = None, guidance: float | None = None, seed: int = 0, width: int | None = None,
                 height: int | None = None, scheduler: str | None = None, num_images: int = 1, rng: str = "numpy",
-                cfg_until: float | None = None, latents: np.ndarray | None = None,
+                cfg_until: float | None = None, cache_interval: int | None = None,
+                latents: np.ndarray | None = None,
                 callback: Progress | None = None) -> Result:
         """Generate ``num_images`` images per prompt from noise; ``latents`` overrides the seeded noise.
 
@@ -215,20 +246,23 @@ class Pipeline:
         (else 25 and 7.5), the size to the model's, the scheduler to the
         checkpoint's. Image ``k`` is seeded ``seed + k``. ``rng="torch"``
         reproduces diffusers' images for a seed. ``cfg_until`` stops the guidance after that fraction of
-        the steps (the rest run at half the UNet batch).
+        the steps (the rest run at half the UNet batch); ``cache_interval`` N runs the full UNet every N steps and
+        DeepCache's shallow branch between.
         """
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, width, height, scheduler,
-                                      num_images, rng, cfg_until=cfg_until)
+                                      num_images, rng, cfg_until=cfg_until,
+                                      cache_interval=cache_interval)
         return self.generate(settings, latents=latents, callback=callback)
 
     def img2img(self, prompt: str | list[str], image: Image.Image | str | Path,
                 negative_prompt: str | list[str] | None = None, *, strength: float = 0.6, steps: int | None = None,
                 guidance: float | None = None, seed: int = 0, width: int | None = None, height: int | None = None,
                 scheduler: str | None = None, num_images: int = 1, rng: str = "numpy",
-                cfg_until: float | None = None, callback: Progress | None = None) -> Result:
+                cfg_until: float | None = None, cache_interval: int | None = None,
+                callback: Progress | None = None) -> Result:
         """Redraw ``image`` after noising it to ``strength`` (0 < strength <= 1) of the schedule."""
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, width, height, scheduler,
-                                      num_images, rng, strength, cfg_until)
+                                      num_images, rng, strength, cfg_until, cache_interval)
         return self.generate(settings, image=image, callback=callback)
 
     def inpaint(self, prompt: str | list[str], image: Image.Image | str | Path, mask: Image.Image | str | Path,
@@ -236,6 +270,7 @@ class Pipeline:
                 keep_unmasked: bool = False, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                 width: int | None = None, height: int | None = None, scheduler: str | None = None,
                 num_images: int = 1, rng: str = "numpy", cfg_until: float | None = None,
+                cache_interval: int | None = None,
                 callback: Progress | None = None) -> Result:
         """Repaint the white part of ``mask`` in ``image``.
 
@@ -245,7 +280,7 @@ class Pipeline:
         mask (feathered by ``mask_blur`` pixels).
         """
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, width, height, scheduler,
-                                      num_images, rng, strength, cfg_until)
+                                      num_images, rng, strength, cfg_until, cache_interval)
         return self.generate(settings, image=image, mask=mask, mask_blur=mask_blur, keep_unmasked=keep_unmasked,
                              callback=callback)
 
@@ -253,10 +288,11 @@ class Pipeline:
                  negative_prompt: str | list[str] | None = None, *, fill: str = "edge", mask_blur: float = 0.0,
                  keep_unmasked: bool = True, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                  scheduler: str | None = None, num_images: int = 1, rng: str = "numpy",
-                 cfg_until: float | None = None, callback: Progress | None = None) -> Result:
+                 cfg_until: float | None = None, cache_interval: int | None = None,
+                callback: Progress | None = None) -> Result:
         """Extend the canvas by ``extend`` pixels per side (left/right/top/bottom) and paint the new area."""
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, None, None, scheduler,
-                                      num_images, rng, 1.0, cfg_until)
+                                      num_images, rng, 1.0, cfg_until, cache_interval)
         return self.generate(settings, image=image, extend=extend, fill=fill, mask_blur=mask_blur,
                              keep_unmasked=keep_unmasked, callback=callback)
 
@@ -269,6 +305,7 @@ class Pipeline:
         the UNet at once (image ``k`` is the same whatever batch it is in)."""
         task = "outpaint" if extend is not None else "inpaint" if mask is not None else "img2img" if image is not None \
             else "txt2img"
+        settings = dataclasses.replace(settings, **{k: v for k, v in self.fast.items() if getattr(settings, k) is None})
         if image is None and (mask is not None or settings.strength is not None):
             raise ValueError("a mask and a strength need an input image")
         if mask is not None and extend is not None:
@@ -306,6 +343,8 @@ class Pipeline:
                              f"got {getattr(latents, 'shape', type(latents).__name__)}")
         if pixels is not None:
             self.session("vae_encoder")
+        if settings.cache_interval not in (None, 1):
+            self._check_step_cache()
 
         timings = Timings()
         images: list[Image.Image] = []
@@ -324,8 +363,9 @@ class Pipeline:
 
     def _run(self, task: str, settings: GenerationSettings, sessions: dict[str, Session], callback: Progress | None,
              timings: Timings, *, latents, pixels, binary, mask_blur, keep_unmasked) -> list[Image.Image]:
+        shallow = self.manifest.shallow_denoiser
         job = Job(settings, sessions, ImageNoise(settings.rng, settings.seeds), Guidance(settings.guidance), callback,
-                  denoiser=self.manifest.denoiser.name)
+                  denoiser=self.manifest.denoiser.name, shallow_denoiser=shallow and shallow.name)
         conditioning = self.conditioning(job.call, settings, job.cfg)
         sched = self._make_scheduler(settings.scheduler, settings.steps)
         if task == "txt2img":

@@ -69,6 +69,7 @@ class Result(Sequence):
                 f"Size: {self.images[k].width}x{self.images[k].height}"
                 + (f", Denoising strength: {s.strength}" if s.strength is not None else "")
                 + (f", CFG until: {s.cfg_until}" if s.cfg_until is not None else "")
+                + (f", DeepCache interval: {s.cache_interval}" if s.cache_interval not in (None, 1) else "")
                 + (", VAE: tiny" if self.components.get("vae_decoder", {}).get("precision") == "tiny" else ""))
 
     def metadata(self, k: int) -> dict[str, Any]:
@@ -78,6 +79,7 @@ class Result(Sequence):
         return {"task": self.task, "prompt": prompt, "negative": negative, "index": k, "seed": self.seeds[k],
                 "steps": s.steps, "guidance": s.guidance, "width": s.width, "height": s.height,
                 "scheduler": s.scheduler, "rng": s.rng, "strength": s.strength, "cfg_until": s.cfg_until,
+                "cache_interval": s.cache_interval,
                 "model": self.model,
                 "backend": next(iter(self.components.values()), {}).get("backend"),
                 "precision": {c: d["precision"] for c, d in self.components.items()}, **self.inputs}

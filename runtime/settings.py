@@ -38,6 +38,7 @@ class GenerationSettings:
     rng: str = "numpy"  # "torch" reproduces diffusers' torch.Generator stream
     strength: float | None = None  # image tasks: the fraction of the schedule redone, in (0, 1]
     cfg_until: float | None = None  # guidance only for this fraction of the steps run, in [0, 1]; None: all
+    cache_interval: int | None = None  # DeepCache: the full denoiser every N steps run, its shallow branch between
 
     def __post_init__(self) -> None:
         prompts = (self.prompts,) if isinstance(self.prompts, str) else self.prompts
@@ -79,6 +80,9 @@ class GenerationSettings:
         if self.cfg_until is not None and not (_is_number(self.cfg_until) and 0 <= self.cfg_until <= 1):
             raise ValueError(f"cfg_until must be a fraction of the steps in [0, 1] (guidance for the first "
                              f"int(steps * cfg_until) + 1 steps, none after), got {self.cfg_until!r:.40}")
+        if self.cache_interval is not None and not _is_int(self.cache_interval, 1, MAX_STEPS):
+            raise ValueError(f"cache_interval must be an integer in [1, {MAX_STEPS}] (the full UNet every N steps, "
+                             f"DeepCache's shallow branch between; 1 = every step full), got {self.cache_interval!r:.40}")
 
     @property
     def batch(self) -> int:

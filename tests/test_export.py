@@ -23,9 +23,10 @@ def test_manifest_describes_the_model(tiny_sd1, tiny_sd2v):
     assert m.scaling_factor == pytest.approx(0.18215)
     (text,) = m.text_encoders
     assert (text.max_length, text.hidden_size, text.pad_token_id, text.tokenizer) == (77, 32, 49407, "tokenizer/tokenizer.json")
-    assert m.roles == {"text_encoder": "text_encoder", "unet": "denoiser", "vae_decoder": "vae_decoder",
-                       "vae_encoder": "vae_encoder"}
+    assert m.roles == {"text_encoder": "text_encoder", "unet": "denoiser", "unet_shallow": "shallow_denoiser",
+                       "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"}
     assert m.denoiser.name == "unet" and m.denoiser.kind == "unet"
+    assert (m.shallow_denoiser.name, m.shallow_denoiser.method, m.shallow_denoiser.branch) == ("unet_shallow", "deepcache", 0)
     for comp, variants in m.components.items():
         parity = variants["fp32"].quality["parity_vs_torch"]
         assert 0 <= parity["max_rel_err"] < 1e-3, comp
