@@ -199,12 +199,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="default: the model's recommended")
     p.add_argument("--guidance", type=float, default=None, help="default: the model's recommended")
     p.add_argument("--scheduler", default=None)
+    p.add_argument("--fast", action="store_true", help="with the artifact's tuned fast profile (`edgediff tune`)")
     p.add_argument("--json", default=None, help="write the report here (models/shapes/evaluation.json for the README)")
     args = p.parse_args()
     from edgediff.models import default_model_path
 
-    pipe = Pipeline.load(args.model or default_model_path(), backend=args.backend)
+    pipe = Pipeline.load(args.model or default_model_path(), backend=args.backend, fast=args.fast)
     result = report(pipe, args.seeds, args.scenes, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler)
+    if args.fast:
+        result["fast_profile"] = pipe.manifest.fast_profile["settings"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
