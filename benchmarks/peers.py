@@ -397,8 +397,9 @@ def results_md(rows: list[dict], machine: dict, args, floors: dict[str, dict] | 
                   f"{r.get('fp32_matmul_openvino', '?')}) and {r['int8_matmulinteger']} GOP/s in int8 (MatMulInteger) "
                   f"with {floor['threads']} threads: a UNet step cannot take less than about "
                   f"{min(v for k, v in f.items() if k.startswith('fp32')):.1f} s in fp32 or "
-                  f"{f['int8_matmulinteger']:.1f} s in int8 here. Every fp32 tool above sits on the fp32 floor; "
-                  "only int8 goes below it, by at most the int8/fp32 rate ratio; the savings do less work instead.", ""]
+                  f"{f['int8_matmulinteger']:.1f} s in int8 here. A row that executes in bf16 (the precision in its "
+                  "tool column; OpenVINO's default on BF16 CPUs) can go below the fp32 floor, int8 below both, by at "
+                  "most their rate ratio; the savings do less work instead.", ""]
     return "\n".join(lines)
 
 

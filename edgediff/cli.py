@@ -406,7 +406,7 @@ def tune(
     artifact: Optional[Path] = typer.Argument(None, help="artifact folder (default: the embedded model)"),
     backend: str = typer.Option("onnxruntime", help="onnxruntime or openvino (what the speed is measured on)"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads"),
-    prompts: Optional[str] = typer.Option(None, help="prompts separated by '|' (default: a fixed set of 4; the embedded model: 48 scenes read back for their attributes)"),
+    prompts: Optional[str] = typer.Option(None, help="prompts separated by '|' (default: a fixed set of 4; the embedded model: 48 scenes x --seeds, read back for their attributes)"),
     seeds: int = typer.Option(2, min=1, help="seeds per prompt"),
     min_psnr: float = typer.Option(20.0, help="bound: mean PSNR (dB) vs full compute"),
     min_ssim: float = typer.Option(0.70, help="bound: mean SSIM vs full compute"),
@@ -505,7 +505,8 @@ def quality_words(quality: dict) -> str:
         if "psnr_db" in quality:
             words = f"PSNR {float(quality['psnr_db']):.1f} dB, SSIM {float(quality['ssim']):.3f} vs {quality.get('vs', 'fp32')}"
             if isinstance(quality.get("accuracy"), dict):
-                words += ", accuracy " + " ".join(f"{k} {float(v):.2f}" for k, v in quality["accuracy"].items())
+                words += ", accuracy " + " ".join(f"{k} {float(v):.2f}" for k, v in quality["accuracy"].items()
+                                                  if k != "n")
             if isinstance(quality.get("gate"), dict) and quality["gate"].get("forced"):
                 words += " (below the gate, added with --force)"
             return words

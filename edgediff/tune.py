@@ -37,7 +37,9 @@ from edgediff.runtime.metrics import PSNR_CAP, psnr, ssim
 LEVELS: dict[str, tuple[Any, ...]] = {"vae": ("tiny",), "cache_interval": (2, 3, 4, 5), "cfg_until": (0.6, 0.4, 0.25)}
 DEFAULT_PROMPTS = ("a photo of a mountain lake at sunrise", "a red circle on a blue background",
                    "a watercolor fox in the snow", "a city street at night, neon signs")
-SHAPES_SCENES = 48  # the embedded model: scenes drawn from its vocabulary, each read back for its attributes
+# The embedded model: scenes drawn from its vocabulary, each image read back for its attributes. 48 scenes x the
+# 2 seeds: one image is 1.04 points of accuracy, so the 2-point bound tolerates one image read otherwise.
+SHAPES_SCENES = 48
 
 
 @dataclass
@@ -140,7 +142,7 @@ def tune(root: str | Path, *, backend: str = "onnxruntime", threads: int | None 
         from edgediff.models.shapes import evaluate
 
         scenes = evaluate.prompt_set(SHAPES_SCENES, seed=1)
-        prompts, seeds = tuple(s.plain_prompt(True) for s in scenes), (0,)
+        prompts = tuple(s.plain_prompt(True) for s in scenes)
     measure = Measure(root, backend, threads, list(prompts), tuple(seeds), steps, guidance, scenes)
     levels, skipped = applicable(measure.pipe("full"), steps, guidance)
     progress("full compute")

@@ -113,8 +113,7 @@ def test_side_files_cannot_be_symlinks_out(artifact, marker, what):
 
 def test_second_tokenizer_path_is_confined(artifact, marker):
     def add_text_2(d):
-        d["components"]["text_encoder_2"] = d["components"]["text_encoder"]
-        d["text_2"] = {"max_length": 77, "hidden_size": 32, "pad_token_id": 0, "tokenizer": "../outside/secret.json"}
+        d["components"]["text_encoder_2"] = dict(d["components"]["text_encoder"], tokenizer="../outside/secret.json")
     marker.with_suffix(".json").write_text(SECRET)
     edit_manifest(artifact, add_text_2)
     with pytest.raises(ArtifactError, match="text_encoder_2 tokenizer: '../outside/secret.json' leaves the artifact folder"):
@@ -213,7 +212,7 @@ def test_unet_batches_are_capped():
 
 
 def test_manifest_sizes_are_range_checked(artifact):
-    edit_manifest(artifact, lambda d: d["text"].update(max_length=10**9))
+    edit_manifest(artifact, lambda d: d["components"]["text_encoder"].update(max_length=10**9))
     with pytest.raises(ArtifactError, match="'max_length' must be in \\[3, 4096\\], got 1000000000"):
         load_manifest(artifact)
 
@@ -224,14 +223,17 @@ def test_manifest_sizes_are_range_checked(artifact):
     (("vae_scale_factor",), 0, "'vae_scale_factor' must be one of"),
     (("vae_scale_factor",), 3, "'vae_scale_factor' must be one of"),
     (("latent_channels",), 10**6, "'latent_channels' must be in \\[1, 256\\]"),
-    (("unet_in_channels",), 7, "the denoiser's input channels must be latent_channels"),
+    (("components", "unet", "in_channels"), 7, "the denoiser's input channels must be latent_channels"),
     (("scaling_factor",), float("nan"), "'scaling_factor' must be in"),
     (("scaling_factor",), 0, "'scaling_factor' must be in"),
     (("scaling_factor",), -0.18, "'scaling_factor' must be in"),
     (("shift_factor",), float("inf"), "'shift_factor' must be in"),
-    (("text", "hidden_size"), 0, "'hidden_size' must be in"),
-    (("text", "pad_token_id"), -1, "'pad_token_id' must be in"),
-    (("text", "pad_token_id"), 10**8, "'pad_token_id' must be in"),
+    (("components", "text_encoder", "hidden_size"), 0, "'hidden_size' must be in"),
+    (("components", "text_encoder", "pad_token_id"), -1, "'pad_token_id' must be in"),
+    (("components", "text_encoder", "pad_token_id"), 10**8, "'pad_token_id' must be in"),
+    (("components", "unet_shallow", "method"), "taylorseer", "is a 'taylorseer' shallow denoiser; this edgediff runs: deepcache"),
+    (("components", "vae_decoder", "variants", "tiny", "scaling_factor"), 0, "'scaling_factor' must be in"),
+    (("fast_profile", "settings", "cache_interval"), 0, "fast_profile.settings.cache_interval must be"),
     (("random_weights",), "yes", "'random_weights' must be bool"),
     (("provenance",), [1], "'provenance' must be an object"),
     (("scheduler", "default"), "karras9", "default 'karras9' is not one of"),

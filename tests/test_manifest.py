@@ -18,9 +18,23 @@ def v2(root):
     return json.loads((root / "manifest.json").read_text())
 
 
+def as_version_1(root):
+    """Rewrite ``root``'s manifest as version 1 wrote it: closed component names, the text encoder's sizes in
+    ``text``, ``unet_in_channels``, no roles (and none of what came after: DeepCache, tiny VAE, fast profile)."""
+    d = json.loads((root / "manifest.json").read_text())
+    text = d["components"]["text_encoder"]
+    d.update(format_version=1, text={k: text[k] for k in ("max_length", "hidden_size", "pad_token_id")},
+             unet_in_channels=d["components"]["unet"]["in_channels"])
+    d.pop("fast_profile", None)
+    d["components"] = {name: {"variants": {"fp32": c["variants"]["fp32"]}} for name, c in d["components"].items()
+                       if name in ("text_encoder", "unet", "vae_decoder", "vae_encoder")}
+    (root / "manifest.json").write_text(json.dumps(d))
+
+
 def test_version_1_reads_into_roles_and_saves_as_version_2(embedded_copy):
+    as_version_1(embedded_copy)
     old = load_manifest(embedded_copy)
-    assert old.format_version == 1  # the shipped artifact: version 1 still loads
+    assert old.format_version == 1  # artifacts written before roles still load
     d = v2(embedded_copy)
     assert d["format_version"] == 2 and "text" not in d and "unet_in_channels" not in d
     assert d["components"]["unet"] | {"variants": None} == {"role": "denoiser", "kind": "unet", "in_channels": 4,
