@@ -256,20 +256,12 @@ def tiny_vae_decoder_contract(vae, latent_size: int) -> Contract:
 
 def tiny_vae_encoder_contract(vae, image_size: int) -> Contract:
     """A tiny VAE's encoder as the ``tiny`` variant of vae_encoder: images -> ``latents`` (no distribution)."""
-    ch = vae.config.latent_channels
-
-    def sample():
-        return (torch.rand(1, 3, image_size, image_size + 16, generator=_gen(3)) * 2 - 1,)
-
-    return Contract(
-        "vae_encoder",
-        _TinyVaeEncoder(vae),
-        (TensorSpec("sample", "float32", ("batch", 3, "height", "width")),),
-        (TensorSpec("latents", "float32", ("batch", ch, "latent_height", "latent_width")),),
-        sample,
-        variant="tiny",
-        scaling_factor=float(vae.config.scaling_factor),
-    )
+    contract = vae_encoder_contract(vae, image_size)
+    contract.module = _TinyVaeEncoder(vae)
+    contract.outputs = (TensorSpec("latents", "float32", ("batch", vae.config.latent_channels, "latent_height",
+                                                           "latent_width")),)
+    contract.variant, contract.scaling_factor = "tiny", float(vae.config.scaling_factor)
+    return contract
 
 
 def vae_encoder_contract(vae, image_size: int) -> Contract:
