@@ -8,7 +8,7 @@ The savings, each a setting of ``generate``:
 - ``cfg_until`` F: classifier-free guidance for the first ``int(steps x F) + 1`` steps only.
 
 Full compute (the full VAE, every step in full, guidance at every step) draws the reference images. Every
-candidate draws the same prompts and seeds at the model's recommended steps and guidance and is compared with
+candidate draws the same prompts (the quantize gate's, by default) and seeds at the model's recommended steps and guidance and is compared with
 them: mean PSNR and SSIM (the quantize gate's measures and thresholds) and, on the embedded shapes model, the
 attribute accuracy read back from the images (within 2 points of full compute). Speed is the median seconds
 per image on this machine, measured in the same run.
@@ -29,14 +29,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgediff.quantize.quantize import DEFAULT_PROMPTS  # the quantize gate's prompt set (numpy only, no onnx)
 from edgediff.runtime import Pipeline, load_manifest
 from edgediff.runtime.locking import folder_lock
 from edgediff.runtime.metrics import PSNR_CAP, psnr, ssim
 
 # each saving's levels, mildest first
 LEVELS: dict[str, tuple[Any, ...]] = {"vae": ("tiny",), "cache_interval": (2, 3, 4, 5), "cfg_until": (0.6, 0.4, 0.25)}
-DEFAULT_PROMPTS = ("a photo of a mountain lake at sunrise", "a red circle on a blue background",
-                   "a watercolor fox in the snow", "a city street at night, neon signs")
 # The embedded model: scenes drawn from its vocabulary, each image read back for its attributes. 48 scenes x the
 # 2 seeds: one image is 1.04 points of accuracy, so the 2-point bound tolerates one image read otherwise.
 SHAPES_SCENES = 48
