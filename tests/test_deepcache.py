@@ -16,7 +16,7 @@ from edgediff.runtime.metrics import psnr  # noqa: E402
 
 from .conftest import run_cli  # noqa: E402
 from .scheduler_harness import diffusers_scheduler  # noqa: E402
-from .test_img2img_inpaint import photo  # noqa: E402
+from .test_img2img_inpaint import photo, tiny_inpaint  # noqa: E402,F401 (tiny_inpaint: a fixture)
 
 PROMPT, NEGATIVE, STEPS, SEED, W, H = "a red circle on a blue background", "blurry", 10, 7, 64, 48
 
@@ -172,3 +172,44 @@ def test_reduced_precision_variants_keep_the_feature(tiny_sd1, tmp_path):
                                             scheduler="euler", cache_interval=3)
         assert len(rows["unet_shallow"]) == 6 and pipe.describe()["unet_shallow"]["precision"] == precision
     assert psnr(np.asarray(images["fp16"]), np.asarray(images["fp32"])) >= 35
+
+
+@pytest.mark.parametrize("unet", ["inpainting-unet", "ordinary-unet"])
+def test_inpainting_matches_the_authors_helper(tiny_sd1, tiny_inpaint, unet, parity_log):
+    """The shallow graph takes what the inpainting path feeds (a 9-channel UNet's mask and masked image, or the
+    known region blended back after each step)."""
+    from .test_img2img_inpaint import mask_image
+
+    src, artifact = tiny_inpaint if unet == "inpainting-unet" else tiny_sd1
+    pipe = Pipeline.load(artifact, backend="onnxruntime", device="cpu")
+    rows = calls(pipe)
+    (ours,) = pipe.inpaint(PROMPT, photo(), mask_image(), strength=1.0, steps=STEPS, guidance=7.5, seed=SEED,
+                           scheduler="euler", rng="torch", cache_interval=3)
+    assert len(rows["unet_shallow"]) == 6
+    want = reference(diffusers.StableDiffusionInpaintPipeline, src, "euler", 3, 0, image=photo(),
+                     mask_image=mask_image(), strength=1.0, height=H, width=W)
+    score = psnr(np.asarray(ours), want)
+    parity_log((f"deepcache inpaint-{unet[:4]}", "onnxruntime", "euler N=3", score))
+    assert score >= 35
+
+
+def test_an_int8_static_unet_keeps_the_feature(tiny_sd1, tmp_path):
+    """int8-static is calibrated from the graph with the feature output and keeps it: DeepCache runs on it."""
+    import shutil
+
+    from edgediff.quantize import GateSettings, quantize_artifact
+
+    artifact = tmp_path / "artifact"
+    shutil.copytree(tiny_sd1[1], artifact)
+    quantize_artifact(artifact, "int8-static", ("unet",), force=True,
+                      settings=GateSettings(prompts=(PROMPT,), seeds=(0,), steps=4))
+    m = json.loads((artifact / "manifest.json").read_text())
+    assert [t["name"] for t in m["components"]["unet"]["variants"]["int8-static"]["outputs"]] == ["out_sample",
+                                                                                                  "deep_feature"]
+    for backend in ("onnxruntime", "openvino"):
+        pipe = Pipeline.load(artifact, backend=backend, device="cpu", precision="unet=int8-static")
+        rows = calls(pipe)
+        (image,) = pipe.txt2img(PROMPT, steps=STEPS, guidance=7.5, seed=SEED, width=W, height=H, scheduler="euler",
+                                cache_interval=3)
+        assert rows == {"unet": [2] * 4, "unet_shallow": [2] * 6}
+        assert np.asarray(image).std() > 1  # an image, not a flat field
