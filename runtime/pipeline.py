@@ -289,7 +289,7 @@ class Pipeline:
                  keep_unmasked: bool = True, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                  scheduler: str | None = None, num_images: int = 1, rng: str = "numpy",
                  cfg_until: float | None = None, cache_interval: int | None = None,
-                callback: Progress | None = None) -> Result:
+                 callback: Progress | None = None) -> Result:
         """Extend the canvas by ``extend`` pixels per side (left/right/top/bottom) and paint the new area."""
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, None, None, scheduler,
                                       num_images, rng, 1.0, cfg_until, cache_interval)
