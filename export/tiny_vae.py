@@ -15,7 +15,6 @@ variant is dropped unless forced. A random-weight artifact is not gated (it draw
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,7 +98,7 @@ def add_tiny_vae(root: Path, manifest: Manifest, source: str | Path, *, force: b
             variant.quality["gate"] = {"passed": None, "not_measured": "random weights draw noise"}
         return trial, None
     gate, settings = gate or Gate(), settings or GateSettings()
-    refused = []
+    refused: dict[str, str] = {}
     for name, variant in variants.items():
         progress(f"{name} tiny: measuring against the checkpoint's VAE")
         quality = measure(root, trial, name, TINY, settings)
@@ -108,11 +107,11 @@ def add_tiny_vae(root: Path, manifest: Manifest, source: str | Path, *, force: b
                                gate={"min_psnr": gate.min_psnr, "min_ssim": gate.min_ssim, "passed": not failures,
                                      "forced": bool(failures and force)})
         if failures and not force:
-            refused.append(f"{name}: " + "; ".join(failures))
+            refused[name] = "; ".join(failures)
             for f in variant.files():
                 (root / f).unlink(missing_ok=True)
-            variants = {k: v for k, v in variants.items() if k != name}
-    return _with(manifest, variants), " | ".join(refused) or None
+    kept = {name: variant for name, variant in variants.items() if name not in refused}
+    return _with(manifest, kept), " | ".join(f"{name}: {why}" for name, why in refused.items()) or None
 
 
 def _with(manifest: Manifest, variants: dict[str, Variant]) -> Manifest:
@@ -130,7 +129,7 @@ def build_random_tiny_vae(out: Path, seed: int = 0, **config: Any) -> Path:
     torch.manual_seed(seed)
     vae = diffusers.AutoencoderTiny(**config).eval()
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not empty; the random tiny VAE is written to a new folder")
     vae.save_pretrained(str(out))
     return out
