@@ -232,7 +232,8 @@ def generate(
     fill: str = typer.Option("edge", help="outpaint: how the new area starts: edge, reflect, mean or noise"),
     fallback: bool = typer.Option(False, "--fallback", help="rerun a reduced-precision component in fp32 if it yields NaN/Inf or a flat image"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads (default: the backend's)"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache folder"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="compile cache folder: each graph's optimized (ONNX Runtime) or compiled (OpenVINO) form, kept for the next load (default: $EDGEDIFF_CACHE_DIR, else ~/.cache/edgediff)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="load without the compile cache (neither read nor written)"),
     ov_precision: str = typer.Option("auto", "--ov-precision", help="OpenVINO execution precision: auto (bf16 where the CPU has it), f32, bf16, f16"),
     output: Path = typer.Option(Path("edgediff.png"), "--output", "-o", help="PNG to write (several images get -1, -2 ...)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing output files (default: refuse)"),
@@ -264,8 +265,8 @@ def generate(
     try:
         t0 = time.perf_counter()
         pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, vae=vae, fast=fast, fallback=fallback,
-                             threads=threads, cache_dir=cache_dir, ov_precision=ov_precision,
-                             max_pixels=max_pixels, max_batch=max_batch)
+                             threads=threads, cache=not no_cache, cache_dir=cache_dir,
+                             ov_precision=ov_precision, max_pixels=max_pixels, max_batch=max_batch)
         load_s = time.perf_counter() - t0
         if pipe.manifest.random_weights:
             console.print("[yellow]note:[/] this artifact has random weights (for latency measurement); it draws noise")
@@ -393,7 +394,7 @@ def bench(
         typer.echo(f"run {row['run']}: total {row['end_to_end_s']:.3f} s, unet first {row['unet_first_s']:.3f} s, "
                    f"rest median {row['unet_rest_median_s']:.3f} s, vae {row['vae_decode_s']:.3f} s, "
                    f"peak {row['peak_rss_mb']:.0f} MB")
-    typer.echo(f"load {rows[0]['load_s']:.2f} s" + (f" (cached {rows[0]['load_cached_s']:.2f} s)" if rows[0]["load_cached_s"] else "")
+    typer.echo(f"load {rows[0]['load_s']:.2f} s" + (f" (warm compile cache {rows[0]['load_cached_s']:.2f} s)" if rows[0]["load_cached_s"] else "")
                + f" on {rows[0]['backend']} {rows[0]['execution']['unet']} ({rows[0]['execution_precision']['unet']})")
     if rows_file is not None:
         with rows_file:

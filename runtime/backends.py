@@ -14,12 +14,14 @@ import importlib.util
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from . import compile_cache
 from .manifest import MODEL_SUFFIXES, ArtifactError, TensorSpec, Variant, artifact_file
 
 BACKENDS = ("onnxruntime", "openvino")
@@ -36,7 +38,7 @@ class BackendError(RuntimeError):
 @dataclass
 class BackendOptions:
     threads: int | None = None  # intra-op threads; None = the backend's default
-    cache_dir: str | None = None  # OpenVINO compiled-model cache
+    cache_dir: Path | None = None  # the compile cache's root (edgediff.runtime.compile_cache); None: off
     ov_precision: str = "auto"  # OpenVINO inference precision hint: auto = the device's default (bf16 on AMX/AVX512-BF16 CPUs)
 
 
@@ -56,6 +58,7 @@ class Session:
     device: str  # what actually executes (provider / OpenVINO device), for reports
     execution_precision: str = "f32"
     load_seconds: float = 0.0
+    compile_cache: str = "off"  # "hit": loaded from the compile cache, "written": filled it, "off": neither
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         feeds = check_inputs(self.component, self.variant.inputs, inputs)
@@ -158,7 +161,7 @@ def open_session(root: Path, component: str, variant: Variant, backend: str, dev
     outputs = [spec.name for spec in variant.outputs]
     t0 = time.perf_counter()
     opener = _open_ort if backend == "onnxruntime" else _open_ov
-    run, actual, precision, graph_inputs, graph_outputs = opener(path, device, options, outputs)
+    run, actual, precision, graph_inputs, graph_outputs, cached = opener(path, device, options, outputs)
     # one graph input per manifest input (OpenVINO may give a port several names), every manifest output present
     want_inputs = [spec.name for spec in variant.inputs]
     if len(graph_inputs) != len(want_inputs) or not all(any(n in names for names in graph_inputs) for n in want_inputs) \
@@ -168,7 +171,7 @@ def open_session(root: Path, component: str, variant: Variant, backend: str, dev
             f"{_names(graph_inputs)} and gives {_names(graph_outputs)}, the manifest says {want_inputs} -> "
             f"{outputs}. Was the file replaced by another component's? Re-export the artifact"
         )
-    return Session(component, variant, run, backend, actual, precision, time.perf_counter() - t0)
+    return Session(component, variant, run, backend, actual, precision, time.perf_counter() - t0, cached)
 
 
 def _names(ports: list[set[str]]) -> list[str]:
@@ -193,16 +196,51 @@ def _open_ort(path: Path, device: str, options: BackendOptions, outputs: list[st
         so.intra_op_num_threads = options.threads
     so.log_severity_level = 4  # errors reach the user once, as our BackendError, not also as ONNX Runtime's log line
     providers = [provider] if device == "cpu" else [provider, "CPUExecutionProvider"]
-    try:
-        sess = ort.InferenceSession(str(path), so, providers=providers)
-    except Exception as e:  # onnxruntime raises its own exception types per failure
-        raise BackendError(f"ONNX Runtime could not load {path}: {e}") from e
+    sess, cached = _ort_session(ort, path, so, providers, _cache_entry(options, "onnxruntime", path, {"device": device})
+                                if device == "cpu" else None)  # CUDA/DirectML graphs are not saved: EP-specific fusions
     used = sess.get_providers()[0]
     if used != provider:
         raise BackendError(f"ONNX Runtime fell back to {used} for {path.parent.name} although {provider} was asked for")
     graph_inputs = [{i.name} for i in sess.get_inputs()]
     graph_outputs = [{o.name} for o in sess.get_outputs()]
-    return (lambda feeds: sess.run(outputs, feeds)), used, "f32", graph_inputs, graph_outputs
+    return (lambda feeds: sess.run(outputs, feeds)), used, "f32", graph_inputs, graph_outputs, cached
+
+
+def _cache_entry(options: BackendOptions, backend: str, path: Path, settings: dict[str, Any]):
+    if options.cache_dir is None:
+        return None
+    weights = path.with_suffix(".bin") if path.suffix == ".xml" else path.with_name(path.name + ".data")
+    return compile_cache.entry(options.cache_dir, backend, path, [path, weights], settings)
+
+
+def _ort_session(ort, path: Path, so, providers: list[str], cache):
+    """The session and how the cache served it: from the cache's optimized graph when it has one ("hit"), else
+    optimized here and saved there ("written"; "off" when there is no cache or it cannot be written)."""
+    if cache is not None and cache.ready:
+        cached = ort.SessionOptions()
+        for name in ("intra_op_num_threads", "log_severity_level"):
+            setattr(cached, name, getattr(so, name))
+        cached.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # it is optimized already
+        try:
+            return ort.InferenceSession(str(cache.folder / "model.onnx"), cached, providers=providers), "hit"
+        except Exception as e:  # a damaged entry: rebuilt below from the artifact's graph
+            warnings.warn(f"the compile cache's copy of {path} ({cache.folder}) does not load ({str(e)[:200]}); "
+                          "rebuilding it", stacklevel=5)
+            cache.discard(cache.folder)
+    staging = cache.staging() if cache is not None else None
+    if staging is not None:
+        so.optimized_model_filepath = str(staging / "model.onnx")
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types per failure
+        if staging is not None:
+            cache.discard(staging)
+        raise BackendError(f"ONNX Runtime could not load {path}: {e}") from e
+    if staging is None:
+        return sess, "off"
+    return sess, "written" if cache.commit(staging) else "off"
 
 
 def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str]):
@@ -217,16 +255,22 @@ def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str
     if options.ov_precision not in OV_PRECISIONS:
         raise BackendError(f"unknown OpenVINO precision {options.ov_precision!r}; valid: {', '.join(OV_PRECISIONS)}")
     config: dict[str, Any] = {}
-    if options.cache_dir:
-        config["CACHE_DIR"] = str(options.cache_dir)
     if options.threads and target == "CPU":
         config["INFERENCE_NUM_THREADS"] = int(options.threads)
     if options.ov_precision != "auto":
         config["INFERENCE_PRECISION_HINT"] = options.ov_precision
+    cache = _cache_entry(options, "openvino", path, {"device": target, "config": config})
+    hit = cache is not None and cache.ready
+    staging = None if cache is None or hit else cache.staging()
+    if cache is not None and (cache.ready or staging is not None):
+        config["CACHE_DIR"] = str(cache.folder if staging is None else staging)  # OpenVINO's own model cache
     try:
         compiled = core.compile_model(str(path), target, config)
     except Exception as e:  # OpenVINO raises RuntimeError subclasses with its own messages
+        if staging is not None:
+            cache.discard(staging)
         raise BackendError(f"OpenVINO could not compile {path} for {target}: {e}") from e
+    cached = "hit" if hit else "written" if staging is not None and cache.commit(staging) else "off"
     idle = [compiled.create_infer_request()]  # a pool: one request per concurrent call ("Infer Request is busy")
     pool_lock = threading.Lock()
     graph_inputs = [set(port.get_names()) for port in compiled.inputs]
@@ -252,7 +296,7 @@ def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str
                 idle.append(request)
 
     precision = {"<Type: 'float32'>": "f32", "<Type: 'bfloat16'>": "bf16", "<Type: 'float16'>": "f16"}.get(precision, precision)
-    return run, actual, precision, graph_inputs, graph_outputs
+    return run, actual, precision, graph_inputs, graph_outputs, cached
 
 
 _CORE = None

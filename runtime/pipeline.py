@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from . import compile_cache
 from .backends import BackendOptions, Session, open_session, resolve
 from .conditioning import Guidance, conditioning_for
 from .denoise import (DenoiserInputs, GenerationError, InpaintingUNetInputs, Job, KnownRegionBlend, PrecisionError,
@@ -130,7 +131,8 @@ class Pipeline:
         fast: bool = False,
         fallback: bool = False,
         threads: int | None = None,
-        cache_dir: str | None = None,
+        cache: bool = True,
+        cache_dir: str | Path | None = None,
         ov_precision: str = "auto",
         manifest: Manifest | None = None,
         max_pixels: int | None = None,
@@ -148,7 +150,10 @@ class Pipeline:
         warning instead of raising ``PrecisionError``. ``manifest`` overrides the
         folder's manifest (used to measure a candidate variant). ``max_pixels``
         raises the per-image pixel budget; ``max_batch`` caps the images per UNet
-        call (see ``edgediff.runtime.limits``).
+        call (see ``edgediff.runtime.limits``). Each graph's compiled form is kept in the compile cache
+        (``edgediff.runtime.compile_cache``: ``cache_dir``, else ``$EDGEDIFF_CACHE_DIR``, else
+        ``~/.cache/edgediff``) so the next load of the same files skips the backend's optimization;
+        ``cache=False`` loads without it.
         """
         for name, value in (("max_pixels", max_pixels), ("max_batch", max_batch)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -160,7 +165,8 @@ class Pipeline:
         root = Path(path)
         manifest = manifest or load_manifest(root)
         backend, device = resolve(backend, device)
-        options = BackendOptions(threads=threads, cache_dir=cache_dir, ov_precision=ov_precision)
+        cache_root = (Path(cache_dir) if cache_dir else compile_cache.default_root()) if cache else None
+        options = BackendOptions(threads=threads, cache_dir=cache_root, ov_precision=ov_precision)
         profile = fast_profile(manifest) if fast else {}
         profile_vae = profile.pop("vae", "full")
         vae = profile_vae if vae is None else vae
@@ -228,7 +234,8 @@ class Pipeline:
     def describe(self) -> dict[str, Any]:
         return {
             comp: {"precision": s.variant.precision, "backend": s.backend, "device": s.device,
-                   "execution_precision": s.execution_precision, "load_s": round(s.load_seconds, 3)}
+                   "execution_precision": s.execution_precision, "load_s": round(s.load_seconds, 3),
+                   "compile_cache": s.compile_cache}
             for comp, s in dict(self.sessions).items()
         }
 

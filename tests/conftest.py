@@ -14,6 +14,19 @@ warnings.filterwarnings("ignore", module="torch.onnx")
 
 
 def pytest_configure(config):
+    # the compile cache (edgediff.runtime.compile_cache) of the whole run in one fresh folder, never the
+    # user's ~/.cache; tests of the cache itself give their own folders
+    import os
+    import tempfile
+
+    config._edgediff_cache = os.environ["EDGEDIFF_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgediff-test-cache-")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if getattr(config, "_edgediff_cache", None):
+        shutil.rmtree(config._edgediff_cache, ignore_errors=True)
     # the tracer's notes on Python control flow it baked in; named only where torch is installed (the fast
     # tier runs without it)
     if importlib.util.find_spec("torch") is not None:
