@@ -165,6 +165,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("artifact", type=Path)
     p.add_argument("--precisions", default="fp32,int8-static", help="UNet variants, comma-separated")
+    p.add_argument("--graph", action="append", default=[], metavar="LABEL=PATH",
+                   help="also profile a UNet graph outside the artifact (a candidate quantization), named LABEL")
     p.add_argument("--backends", default="onnxruntime,openvino")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--calls", type=int, default=2, help="profiled calls after one warm-up")
@@ -177,11 +179,19 @@ def main() -> None:
     unet = manifest.denoiser.name
     feeds = unet_feeds(manifest, args.size)
     results = []
-    for precision in args.precisions.split(","):
+    graphs = []
+    for precision in [p for p in args.precisions.split(",") if p]:
         variant = manifest.variant(unet, precision)
-        path = artifact_file(args.artifact, variant.file, f"{unet} {precision}", MODEL_SUFFIXES)
+        graphs.append((precision, artifact_file(args.artifact, variant.file, f"{unet} {precision}", MODEL_SUFFIXES),
+                       variant.backends))
+    for entry in args.graph:
+        label, sep, path = entry.partition("=")
+        if not sep or not Path(path).is_file():
+            p.error(f"--graph {entry!r}: expected LABEL=PATH of an existing .onnx or .xml file")
+        graphs.append((label, Path(path), ("openvino",) if path.endswith(".xml") else ()))
+    for precision, path, backends in graphs:
         for backend in args.backends.split(","):
-            if variant.backends and backend not in variant.backends:
+            if backends and backend not in backends:
                 continue
             print(f"profiling {precision} on {backend} ...", flush=True)
             if backend == "onnxruntime":

@@ -156,7 +156,7 @@ def _print_exported(manifest, out: Path, t0: float) -> None:
 @app.command()
 def quantize(
     artifact: Path = typer.Argument(..., help="artifact folder (variants are added into it)"),
-    precision: str = typer.Option(..., "--precision", "-p", help="fp16, int8, int8-static, int4, or (OpenVINO IR, needs nncf) nncf-int8, nncf-hybrid"),
+    precision: str = typer.Option(..., "--precision", "-p", help="fp16, int8, int8-static, int8-static-attn (attention products too: OpenVINO's int8 attention), int4, or (OpenVINO IR, needs nncf) nncf-int8, nncf-hybrid"),
     components: Optional[str] = typer.Option(None, help="comma-separated, e.g. unet,text_encoder (default: the ones the precision suits)"),
     force: bool = typer.Option(False, "--force", help="add a variant even when it measures below the quality gate"),
     min_psnr: float = typer.Option(20.0, help="gate: mean PSNR (dB) of the prompt set's images vs fp32"),
@@ -438,7 +438,8 @@ def tune(
     for row in profile["candidates"]:
         acc = " ".join(f"{k[:5]} {v:.2f}" for k, v in row.get("accuracy", {}).items())
         table.add_row(", ".join(f"{k}={v}" for k, v in row["settings"].items()) or "full compute",
-                      f"{row['seconds_per_image']:.3f}", f"{full_s / row['seconds_per_image']:.2f}x",
+                      *((f"{row['seconds_per_image']:.3f}", f"{full_s / row['seconds_per_image']:.2f}x")
+                        if row["seconds_per_image"] else ("–", "–")),
                       f"{row['psnr_db']:.1f}", f"{row['ssim']:.3f}", acc,
                       "yes" if row["within_bounds"] else "no: " + "; ".join(row.get("outside", [])))
     Console(width=200).print(table)
@@ -466,7 +467,9 @@ def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omi
             for prec, v in variants.items():
                 ins = ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in v.inputs)
                 only = f" ({', '.join(v.backends)} only)" if v.backends else ""
-                table.add_row(comp, prec + only, f"{v.bytes / 1e6:.1f}", ins, quality_words(v.quality))
+                speed = speed_words(m.fast_profile, comp, prec) if comp == m.denoiser.name else ""
+                table.add_row(comp, prec + only, f"{v.bytes / 1e6:.1f}", ins,
+                              quality_words(v.quality) + (f"; {speed}" if speed else ""))
         Console().print(table)
         Console().print(fast_profile_words(m.fast_profile), soft_wrap=True)
         provenance = json.dumps(m.provenance)
@@ -495,6 +498,25 @@ def fast_profile_words(profile: dict | None) -> str:
         return words + f"; measured on {measured.get('machine', '?')}, {measured.get('backend', '?')}"
     except (KeyError, TypeError, ValueError):
         return f"fast profile (generate --fast): {settings} (its record is unreadable)"
+
+
+def speed_words(profile: dict | None, component: str, precision: str) -> str:
+    """What ``tune`` measured of a UNet variant alone against full compute on its machine, and whether that makes
+    it recommended: a variant no faster than fp32 there is not ("" where tune did not measure it)."""
+    if precision == "fp32" or not isinstance(profile, dict):
+        return ""
+    try:
+        full = float(profile["full_seconds_per_image"])
+        row = next((r for r in profile.get("candidates", []) if r.get("settings") == {component: precision}), None)
+        if row is None:
+            return ""
+        ratio = float(row["seconds_per_image"]) / full
+        where = f"on {profile.get('measured', {}).get('machine', '?')}, {profile.get('measured', {}).get('backend', '?')}"
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return ""
+    if ratio >= 1:
+        return f"not recommended: no faster than fp32 {where} ({ratio:.2f}x its time per image, edgediff tune)"
+    return f"{1 / ratio:.2f}x faster per image than fp32 {where} (edgediff tune)"
 
 
 def quality_words(quality: dict) -> str:

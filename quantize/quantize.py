@@ -8,9 +8,17 @@ Each method is ONNX Runtime's own tooling, not a hand-written converter:
 - ``int8``: ``quantize_dynamic``: int8 weights, activations quantized on the
   fly, for MatMul/Gemm (and Conv with ``conv=True``).
 - ``int8-static``: ``quantize_static`` in QDQ format, calibrated on the UNet's
-  real inputs recorded along denoising runs over a prompt set (CFG on).
+  real inputs recorded along denoising runs over a prompt set (CFG on):
+  uint8 activations x int8 per-channel weights (x86's native int8 pair).
   Attention score MatMuls (both inputs activations), the first and the last
-  convolution stay in float.
+  convolution stay in float: quantized, the attention products made ONNX
+  Runtime's step 1.6x slower and OpenVINO's only 1-5% faster
+  (``benchmarks/results/unet_profile_sd15_cpu.md``).
+- ``int8-static-attn``: the same with the attention products quantized too,
+  every activation symmetric int8: the form OpenVINO's CPU plugin fuses into
+  its int8 attention kernel (0.61x its bf16 step at 512x512 on a Zen 5, where
+  int8-static is 0.73x; with uint8 activations there it fell off that kernel,
+  3.5x slower). ONNX Runtime runs it, slowly (1.8x int8-static).
 - ``int4``: ``MatMulNBitsQuantizer`` (block-wise int4 weights for MatMul).
 - ``nncf-int8`` and ``nncf-hybrid`` (OpenVINO only, saved as OpenVINO IR): NNCF
   post-training quantization calibrated on the same recorded UNet inputs.
@@ -53,14 +61,15 @@ from edgediff.runtime.images import from_pil, to_pil
 from edgediff.runtime.metrics import PSNR_CAP, psnr, ssim
 
 
-PRECISIONS = ("fp16", "int8", "int8-static", "int4", "nncf-int8", "nncf-hybrid")
+PRECISIONS = ("fp16", "int8", "int8-static", "int8-static-attn", "int4", "nncf-int8", "nncf-hybrid")
 NNCF_PRECISIONS = ("nncf-int8", "nncf-hybrid")  # OpenVINO IR variants
-CALIBRATED = ("int8-static",) + NNCF_PRECISIONS  # need recorded UNet inputs
+CALIBRATED = ("int8-static", "int8-static-attn") + NNCF_PRECISIONS  # need recorded UNet inputs
 # the roles (edgediff.runtime.manifest.ROLES) each precision suits by default
 DEFAULT_ROLES = {
     "fp16": ("text_encoder", "denoiser", "shallow_denoiser", "vae_decoder", "vae_encoder"),
     "int8": ("text_encoder", "denoiser", "shallow_denoiser"),
     "int8-static": ("denoiser",),
+    "int8-static-attn": ("denoiser",),
     "int4": ("text_encoder", "denoiser", "shallow_denoiser"),
     "nncf-int8": ("denoiser",),
     "nncf-hybrid": ("denoiser",),
@@ -156,7 +165,8 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> dict[str, Any]:
             "ops": ["MatMul"]}
 
 
-def quantize_int8_static(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+def quantize_int8_static(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]],
+                         quantize_attention: bool = False) -> dict[str, Any]:
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -167,7 +177,7 @@ def quantize_int8_static(src: Path, dst: Path, calibration: list[dict[str, np.nd
     # attention scores (Q K^T) and their product with V: both inputs are activations
     attention = [n.name for n in model.graph.node
                  if n.op_type == "MatMul" and not any(i in inits or i in consts for i in n.input)]
-    exclude = sorted(set(convs[:1] + convs[-1:] + attention))
+    exclude = sorted(set(convs[:1] + convs[-1:] + ([] if quantize_attention else attention)))
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -176,17 +186,39 @@ def quantize_int8_static(src: Path, dst: Path, calibration: list[dict[str, np.nd
         def get_next(self):
             return next(self._it, None)
 
+    # uint8 activations (asymmetric) x int8 weights: the pair x86's int8 kernels multiply natively (VNNI's
+    # vpdpbusd, AVX2's vpmaddubsw). Symmetric int8 activations cost ONNX Runtime a conversion per product: its
+    # step was 1.29x slower at 512x512 on a Zen 5 with VNNI (benchmarks/results/unet_profile_sd15_cpu.md).
+    # Without VNNI, AVX2's vpmaddubsw adds pairs of products in int16 and can saturate: ONNX Runtime's guide
+    # then asks for 7-bit weights (reduce_range).
+    # With the attention products quantized (quantize_attention) every activation is symmetric int8 instead: what
+    # OpenVINO's int8 attention kernel takes (with uint8 ones it fell back to a path 3.5x slower).
+    vnni = cpu_has_vnni()
+    activations = QuantType.QInt8 if quantize_attention else QuantType.QUInt8
     quantize_static(
         str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+        activation_type=activations, weight_type=QuantType.QInt8, per_channel=True, reduce_range=not vnni,
         nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax, use_external_data_format=_big(src),
         calibration_providers=["CPUExecutionProvider"],
-        extra_options={"ActivationSymmetric": True, "CalibMovingAverage": True},
+        extra_options={"ActivationSymmetric": quantize_attention, "CalibMovingAverage": True},
     )
-    return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "weights": "int8 per-channel",
-            "activations": "int8 symmetric, MinMax with moving average", "calibration_samples": len(calibration),
-            "kept_float": {"first_and_last_conv": convs[:1] + convs[-1:], "attention_matmuls": len(attention),
+    return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+            "weights": "int8 per-channel" + ("" if vnni else ", 7-bit (reduce_range: no VNNI here)"),
+            "activations": ("int8 symmetric" if quantize_attention else "uint8 asymmetric") + ", MinMax with moving average",
+            "calibration_samples": len(calibration),
+            "kept_float": {"first_and_last_conv": convs[:1] + convs[-1:],
+                           "attention_matmuls": 0 if quantize_attention else len(attention),
                            "ops_not_quantized": "Softmax, normalisations, activations (only Conv/MatMul/Gemm are)"}}
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU multiplies int8 with VNNI (AVX-512 VNNI or AVX-VNNI); False where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def quantize_nncf(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], hybrid: bool) -> dict[str, Any]:
@@ -430,8 +462,8 @@ def _convert(root: Path, manifest: Manifest, src: Path, partial: Path, precision
     fp32 = Pipeline.load(root, manifest=manifest, backend="onnxruntime", device="cpu", threads=settings.threads)
     calibration = record_unet_inputs(fp32, settings)
     del fp32
-    if precision == "int8-static":
-        return quantize_int8_static(src, partial, calibration)
+    if precision in ("int8-static", "int8-static-attn"):
+        return quantize_int8_static(src, partial, calibration, quantize_attention=precision == "int8-static-attn")
     return quantize_nncf(src, partial, calibration, hybrid=precision == "nncf-hybrid")
 
 

@@ -25,7 +25,7 @@ def quantized(tiny_sd1, tmp_path_factory):
     """A copy of the tiny artifact with every precision added through the CLI."""
     root = tmp_path_factory.mktemp("quantized") / "artifact"
     shutil.copytree(tiny_sd1[1], root)
-    for precision in ("fp16", "int8", "int8-static", "int4", "nncf-int8", "nncf-hybrid"):
+    for precision in ("fp16", "int8", "int8-static", "int8-static-attn", "int4", "nncf-int8", "nncf-hybrid"):
         r = run_cli("quantize", str(root), "--precision", precision, "--steps", "4", "--seeds", "1",
                     "--prompts", "a red circle on a blue background|a small green star")
         assert r.exit_code == 0, r.output
@@ -36,7 +36,7 @@ def quantized(tiny_sd1, tmp_path_factory):
 def test_manifest_records_every_variant(quantized):
     m = load_manifest(quantized)
     expected = {"fp16": {"text_encoder", "unet", "vae_decoder", "vae_encoder"}, "int8": {"text_encoder", "unet"},
-                "int8-static": {"unet"}, "int4": {"text_encoder", "unet"}}
+                "int8-static": {"unet"}, "int8-static-attn": {"unet"}, "int4": {"text_encoder", "unet"}}
     for precision, comps in expected.items():
         for comp in comps:
             v = m.variant(comp, precision)
@@ -59,6 +59,37 @@ def test_manifest_records_every_variant(quantized):
         assert not list(quantized.glob("unet/*partial*"))
 
 
+def test_int8_static_multiplies_uint8_activations_by_int8_weights(quantized):
+    """The pair x86's int8 kernels take natively (VNNI vpdpbusd, AVX2 vpmaddubsw): every activation quantized to
+    uint8 with its own zero point, every Conv/MatMul weight to int8 per channel; attention products stay float."""
+    graph = onnx.load(str(quantized / "unet" / "model.int8-static.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    activations = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert activations and {inits[n.input[2]].dtype for n in activations} == {np.dtype(np.uint8)}
+    weights = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+               and inits[n.input[0]].dtype == np.int8]
+    assert weights and all(inits[n.input[1]].size > 1 for n in weights if inits[n.input[0]].ndim > 1)  # per channel
+    producers = {o: n for n in graph.node for o in n.output}
+    attention = [n for n in graph.node if n.op_type == "MatMul"
+                 and not any(i in inits or producers.get(i, n).op_type == "DequantizeLinear" for i in n.input)]
+    assert attention  # both inputs activations, neither dequantized: the float products
+    method = load_manifest(quantized).variant("unet", "int8-static").quality["method"]
+    assert method["activations"].startswith("uint8 asymmetric") and method["kept_float"]["attention_matmuls"] == len(attention)
+
+
+def test_int8_static_attn_quantizes_the_attention_products_with_symmetric_int8(quantized):
+    """Every MatMul's inputs dequantized (none left in float), every activation int8 with zero point 0: the form
+    OpenVINO fuses into its int8 attention kernel."""
+    graph = onnx.load(str(quantized / "unet" / "model.int8-static-attn.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert matmuls and all(producers[i].op_type == "DequantizeLinear" for n in matmuls for i in n.input)
+    zero_points = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    assert load_manifest(quantized).variant("unet", "int8-static-attn").quality["method"]["kept_float"]["attention_matmuls"] == 0
+
+
 @pytest.mark.parametrize("precision", ["nncf-int8", "nncf-hybrid"])
 def test_openvino_only_variants(quantized, precision):
     ref = Pipeline.load(quantized, backend="openvino", device="cpu", ov_precision="f32")
@@ -72,7 +103,7 @@ def test_openvino_only_variants(quantized, precision):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-static", "int4"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-static", "int8-static-attn", "int4"])
 def test_every_precision_runs_on_both_backends(quantized, backend, precision):
     ref = Pipeline.load(quantized, backend=backend, device="cpu", ov_precision="f32")
     pipe = Pipeline.load(quantized, backend=backend, device="cpu", precision={"unet": precision}, ov_precision="f32")
@@ -166,7 +197,7 @@ def test_fp16_guard_and_fallback(overflowing):
 
 
 def test_bad_precision_and_component(tiny_sd1):
-    with pytest.raises(ValueError, match="unknown precision 'int2'; valid: fp16, int8, int8-static, int4"):
+    with pytest.raises(ValueError, match="unknown precision 'int2'; valid: fp16, int8, int8-static, int8-static-attn, int4"):
         quantize_artifact(tiny_sd1[1], "int2")
     with pytest.raises(ValueError, match="int8-static is calibrated on the UNet"):
         quantize_artifact(tiny_sd1[1], "int8-static", ("text_encoder",))
