@@ -5,7 +5,10 @@ The savings, each a setting of ``generate``:
 
 - ``vae="tiny"``: the artifact's tiny VAE (TAESD, ``export --tiny-vae``);
 - ``cache_interval`` N: DeepCache, the full UNet every N steps, its shallow branch between;
-- ``cfg_until`` F: classifier-free guidance for the first ``int(steps x F) + 1`` steps only.
+- ``cfg_until`` F: classifier-free guidance for the first ``int(steps x F) + 1`` steps only;
+- ``unet`` P: the UNet's reduced-precision variant P (``edgediff quantize``: int8-static, nncf-int8...) that runs
+  on the backend. Being fastest within the bounds is the only way in: a variant that is not faster than fp32 on
+  this machine is never the profile.
 
 Full compute (the full VAE, every step in full, guidance at every step) draws the reference images. Every
 candidate draws the same prompts (the quantize gate's, by default) and seeds at the model's recommended steps and guidance and is compared with
@@ -30,12 +33,13 @@ from typing import Any, Callable
 import numpy as np
 
 from edgediff.quantize.quantize import DEFAULT_PROMPTS  # the quantize gate's prompt set (numpy only, no onnx)
-from edgediff.runtime import Pipeline, load_manifest
+from edgediff.runtime import ArtifactError, Pipeline, PrecisionError, load_manifest
 from edgediff.runtime.locking import folder_lock
 from edgediff.runtime.metrics import PSNR_CAP, psnr, ssim
 
 # each saving's levels, mildest first
-LEVELS: dict[str, tuple[Any, ...]] = {"vae": ("tiny",), "cache_interval": (2, 3, 4, 5), "cfg_until": (0.6, 0.4, 0.25)}
+LEVELS: dict[str, tuple[Any, ...]] = {"vae": ("tiny",), "cache_interval": (2, 3, 4, 5), "cfg_until": (0.6, 0.4, 0.25),
+                                      "unet": ()}  # unet: the artifact's reduced-precision UNet variants
 # The embedded model: scenes drawn from its vocabulary, each image read back for its attributes. 48 scenes x the
 # 2 seeds: one image is 1.04 points of accuracy, so the 2-point bound tolerates one image read otherwise.
 SHAPES_SCENES = 48
@@ -63,6 +67,12 @@ def applicable(pipe: Pipeline, steps: int, guidance: float) -> tuple[dict[str, t
         skipped["cache_interval"] = f"{steps} step: nothing to cache between full steps"
     else:
         levels["cache_interval"] = tuple(n for n in LEVELS["cache_interval"] if n < steps)
+    unet = m.denoiser.name
+    variants = tuple(p for p, v in m.components[unet].items() if p != "fp32" and (not v.backends or pipe.backend in v.backends))
+    if variants:
+        levels["unet"] = variants
+    else:
+        skipped["unet"] = f"no reduced-precision {unet} that runs on {pipe.backend} (edgediff quantize)"
     if guidance <= 1.0:
         skipped["cfg_until"] = f"guidance {guidance:g}: no classifier-free guidance to cut"
     else:
@@ -80,15 +90,18 @@ class Measure:
         self.pipes: dict[str, Pipeline] = {}
         self.reference: list[np.ndarray] = []
 
-    def pipe(self, vae: str) -> Pipeline:
-        if vae not in self.pipes:
-            self.pipes[vae] = Pipeline.load(self.root, backend=self.backend, device="cpu", threads=self.threads, vae=vae)
-            self.pipes[vae].txt2img("warm up", steps=2)
-        return self.pipes[vae]
+    def pipe(self, vae: str, unet: str | None = None) -> Pipeline:
+        key = f"{vae}:{unet}"
+        if key not in self.pipes:
+            precision = None if unet is None else {load_manifest(self.root).denoiser.name: unet}
+            self.pipes[key] = Pipeline.load(self.root, backend=self.backend, device="cpu", threads=self.threads, vae=vae,
+                                            precision=precision)
+            self.pipes[key].txt2img("warm up", steps=2)
+        return self.pipes[key]
 
     def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
-        pipe = self.pipe(config.get("vae", "full"))
-        extra = {k: v for k, v in config.items() if k != "vae"}
+        pipe = self.pipe(config.get("vae", "full"), config.get("unet"))
+        extra = {k: v for k, v in config.items() if k not in ("vae", "unet")}
         images, seconds = [], []
         for prompt in self.prompts:
             for seed in self.seeds:
@@ -150,7 +163,12 @@ def tune(root: str | Path, *, backend: str = "onnxruntime", threads: int | None 
 
     def trial(config: dict[str, Any]) -> dict[str, Any]:
         progress(", ".join(f"{k}={v}" for k, v in config.items()))
-        row = measure(config)
+        try:
+            row = measure(config)
+        except (PrecisionError, ArtifactError) as e:  # e.g. a UNet variant that draws NaN: out, with its reason
+            rows.append({"settings": config, "seconds_per_image": None, "psnr_db": 0.0, "ssim": 0.0,
+                         "within_bounds": False, "outside": [str(e)[:300]]})
+            return rows[-1]
         reasons = failures(row, full, bounds)
         rows.append(row | {"within_bounds": not reasons, **({"outside": reasons} if reasons else {})})
         return rows[-1]
@@ -176,7 +194,7 @@ def tune(root: str | Path, *, backend: str = "onnxruntime", threads: int | None 
         "skipped": skipped, "candidates": rows,
     }
     if not best["settings"]:
-        profile["note"] = "no saving kept the bounds: --fast runs at full compute"
+        profile["note"] = "no saving kept the bounds and ran faster: --fast runs at full compute"
     with folder_lock(root, progress):
         latest = load_manifest(root)  # under the lock: what another writer added meanwhile stays
         latest.fast_profile = profile

@@ -80,14 +80,16 @@ def check_defaults(defaults: dict[str, Any], where: str = "defaults") -> dict[st
     return {k: v for k, v in (("steps", steps), ("guidance", None if guidance is None else float(guidance))) if v is not None}
 
 
-FAST_SETTINGS = {"vae": ("full", "tiny"), "cache_interval": (1, 1000), "cfg_until": (0.0, 1.0)}
+FAST_SETTINGS = {"vae": ("full", "tiny"), "cache_interval": (1, 1000), "cfg_until": (0.0, 1.0),
+                 "unet": ("a reduced-precision variant of the UNet",)}
 
 
 def check_fast_profile(profile: Any, where: str = "fast_profile") -> dict[str, Any]:
     """The settings ``edgediff tune`` measured to keep the quality bounds (``generate --fast``), with its figures.
 
-    ``settings`` may name ``vae`` (full/tiny), ``cache_interval`` (an int in [1, 1000]) and ``cfg_until`` (in
-    [0, 1]); everything else in the profile is the record of how it was measured.
+    ``settings`` may name ``vae`` (full/tiny), ``cache_interval`` (an int in [1, 1000]), ``cfg_until`` (in
+    [0, 1]) and ``unet`` (the UNet variant, e.g. int8-static: only ever recorded where it measured faster than
+    fp32); everything else in the profile is the record of how it was measured.
     """
     if not isinstance(profile, dict) or not isinstance(profile.get("settings"), dict):
         raise ArtifactError(f"{where} must be an object with a \"settings\" object, got {profile!r:.80}")
@@ -100,6 +102,8 @@ def check_fast_profile(profile: Any, where: str = "fast_profile") -> dict[str, A
         accepted = FAST_SETTINGS[key]
         if key == "vae":
             ok = value in accepted
+        elif key == "unet":
+            ok = isinstance(value, str) and 0 < len(value) <= 40  # that the variant exists is checked at load
         elif key == "cache_interval":
             ok = isinstance(value, int) and not isinstance(value, bool) and accepted[0] <= value <= accepted[1]
         else:

@@ -144,8 +144,8 @@ class Pipeline:
         picks variants (``"fp16"`` for every component that has it, or
         ``"unet=int8,vae_decoder=fp16"``); ``vae="tiny"`` decodes (and encodes) with the
         artifact's tiny VAE (TAESD, ``export --tiny-vae``; default ``"full"``); ``fast`` uses the
-        settings ``edgediff tune`` measured and recorded (its VAE unless ``vae`` is given, its DeepCache interval
-        and CFG cut-off where a call names none); with ``fallback`` a reduced-precision
+        settings ``edgediff tune`` measured and recorded (its VAE unless ``vae`` is given, its UNet variant unless
+        ``precision`` is given, its DeepCache interval and CFG cut-off where a call names none); with ``fallback`` a reduced-precision
         component that yields NaN/Inf or a flat image is rerun in fp32 with a
         warning instead of raising ``PrecisionError``. ``manifest`` overrides the
         folder's manifest (used to measure a candidate variant). ``max_pixels``
@@ -170,7 +170,12 @@ class Pipeline:
         profile = fast_profile(manifest) if fast else {}
         profile_vae = profile.pop("vae", "full")
         vae = profile_vae if vae is None else vae
-        chosen = choose_vae(vae, parse_precision(precision, manifest.components), manifest.components)
+        chosen = parse_precision(precision, manifest.components)
+        profile_unet = profile.pop("unet", None)
+        if profile_unet is not None and not precision:  # precisions named by the caller win
+            manifest.variant(manifest.denoiser.name, profile_unet)  # the profile's variant must still be there
+            chosen = chosen | {manifest.denoiser.name: profile_unet}
+        chosen = choose_vae(vae, chosen, manifest.components)
         return cls(root, manifest, backend, device, options, chosen, fallback, max_pixels=max_pixels,
                    max_batch=max_batch, fast=profile)
 

@@ -80,6 +80,45 @@ def test_a_profile_outside_the_bounds_is_never_recorded(embedded_copy):
     assert result.settings.cache_interval is None and result.components["vae_decoder"]["precision"] == "fp32"
 
 
+@pytest.mark.parametrize("slow", ["fp32", "int8"])
+def test_a_unet_variant_is_the_profile_only_where_it_runs_faster(embedded_copy, monkeypatch, slow):
+    """A UNet variant drawing fp32's images (a copy of its graph) with one of the two made slower for real (a
+    sleep in each of its calls): tune measures both and records the variant only when it is the faster."""
+    import shutil
+    import time
+
+    import edgediff.runtime.pipeline as pipeline_module
+
+    manifest = json.loads((embedded_copy / "manifest.json").read_text())
+    variants = manifest["components"]["unet"]["variants"]
+    shutil.copyfile(embedded_copy / variants["fp32"]["file"], embedded_copy / "unet" / "model.int8.onnx")
+    variants["int8"] = variants["fp32"] | {"file": "unet/model.int8.onnx", "quality": {}}
+    (embedded_copy / "manifest.json").write_text(json.dumps(manifest))
+    real = pipeline_module.open_session
+
+    def open_session(root, component, variant, *args):
+        session = real(root, component, variant, *args)
+        if component == "unet" and variant.precision == slow:
+            run = session.run
+            session.run = lambda feeds: (time.sleep(0.03), run(feeds))[1]
+        return session
+
+    monkeypatch.setattr(pipeline_module, "open_session", open_session)
+    # only images equal to full compute's keep these bounds: the variant's, none of the other savings'
+    profile = tune(embedded_copy, prompts=PROMPTS[:1], seeds=(0,), bounds=Bounds(min_psnr=99.0), threads=2)
+    row = next(r for r in profile["candidates"] if r["settings"] == {"unet": "int8"})
+    assert row["within_bounds"] and row["psnr_db"] == 100.0
+    assert profile["settings"] == ({"unet": "int8"} if slow == "fp32" else {})
+    from edgediff.cli import speed_words  # info's words on the variant
+
+    words = speed_words(load_manifest(embedded_copy).fast_profile, "unet", "int8")
+    assert words.startswith("not recommended: no faster than fp32" if slow == "int8" else "") and "faster" in words
+    pipe = Pipeline.load(embedded_copy, backend="onnxruntime", device="cpu", fast=True)
+    assert pipe.describe()["unet"]["precision"] == ("int8" if slow == "fp32" else "fp32")
+    given = Pipeline.load(embedded_copy, backend="onnxruntime", device="cpu", fast=True, precision="unet=fp32")
+    assert given.describe()["unet"]["precision"] == "fp32"  # a precision the caller names wins
+
+
 def test_fast_without_a_profile_says_how_to_make_one(embedded_copy, tmp_path):
     manifest = json.loads((embedded_copy / "manifest.json").read_text())
     manifest.pop("fast_profile", None)
