@@ -1,4 +1,4 @@
-"""The ``edgediff`` command line: export, quantize, generate, bench, info.
+"""The ``edgediff`` command line: export, quantize, generate, bench, tune, cache, info.
 
 ``generate``, ``bench`` and ``info`` import only the runtime (no torch);
 ``export`` and ``quantize`` import their side lazily.
@@ -446,6 +446,28 @@ def tune(
     for name, why in profile["skipped"].items():
         console.print(f"[yellow]note:[/] {name} not tried: {why}")
     typer.echo(fast_profile_words(profile))
+
+
+@app.command()
+def cache(
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="the compile cache's folder (default: $EDGEDIFF_CACHE_DIR, else ~/.cache/edgediff)"),
+    clear: bool = typer.Option(False, "--clear", help="delete every entry (only the cache's own folders)"),
+) -> None:
+    """List the compile cache's entries (each graph's optimized or compiled form) and their size, or clear them."""
+    from edgediff.runtime import compile_cache
+
+    root = cache_dir or compile_cache.default_root()
+    if clear:
+        count, size = compile_cache.clear(root)
+        typer.echo(f"removed {count} entries ({size / 1e9:.2f} GB) from {root}")
+        return
+    found = compile_cache.entries(root)
+    table = Table(title=f"compile cache {root}: {len(found)} entries, {sum(e['bytes'] for e in found) / 1e9:.2f} GB")
+    for col in ("backend", "graph", "MB", "graph still there"):
+        table.add_column(col)
+    for e in found:
+        table.add_row(e["backend"], e["graph"], f"{e['bytes'] / 1e6:.1f}", "yes" if e["graph_exists"] else "no (stale)")
+    Console().print(table)
 
 
 @app.command()

@@ -113,6 +113,38 @@ def entry(root: Path, backend: str, graph: Path, files: list[Path], settings: di
     return Entry(Path(root) / backend / f"{graph_id}-{stamp}", graph_id, record)
 
 
+def entries(root: Path) -> list[dict[str, Any]]:
+    """The complete entries under ``root`` (what ``edgediff cache`` lists): backend, folder, graph, bytes."""
+    found = []
+    for backend in ("onnxruntime", "openvino"):
+        for folder in sorted((Path(root) / backend).glob("*")) if (Path(root) / backend).is_dir() else []:
+            marker = folder / MARKER
+            if folder.is_symlink() or not marker.is_file():
+                continue
+            try:
+                record = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                record = {}
+            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+            graph = str(record.get("graph", "?"))
+            found.append({"backend": backend, "folder": folder, "graph": graph, "bytes": size,
+                          "graph_exists": Path(graph).is_file()})
+    return found
+
+
+def clear(root: Path) -> tuple[int, int]:
+    """Delete every entry (and staging folder) under ``root``; nothing else there is touched. (count, bytes)."""
+    count = size = 0
+    for e in entries(root):
+        shutil.rmtree(e["folder"], ignore_errors=True)
+        count, size = count + 1, size + e["bytes"]
+    for backend in ("onnxruntime", "openvino"):
+        for staging in (Path(root) / backend).glob(f"*{STAGING}*") if (Path(root) / backend).is_dir() else []:
+            if staging.is_dir() and not staging.is_symlink():
+                shutil.rmtree(staging, ignore_errors=True)
+    return count, size
+
+
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -113,3 +113,22 @@ def test_a_damaged_or_half_written_entry_is_not_used(artifact, tmp_path):
         warnings.simplefilter("error")
         again = load(artifact, "onnxruntime", cache_dir=cache)
     assert {d["compile_cache"] for d in again.describe().values()} == {"hit"}
+
+
+@pytest.mark.fast
+def test_the_cache_command_lists_and_clears_only_its_entries(artifact, tmp_path):
+    from .conftest import run_cli
+
+    cache = tmp_path / "cache"
+    pipe = load(artifact, "onnxruntime", cache_dir=cache)
+    load(artifact, "openvino", cache_dir=cache)
+    (cache / "onnxruntime" / "notes.txt").write_text("mine")  # not the cache's: never touched
+    r = run_cli("cache", "--cache-dir", str(cache))
+    assert r.exit_code == 0, r.output
+    words = " ".join(r.output.split())
+    assert f"{2 * len(pipe.sessions)} entries" in words and "onnxruntime" in words and "openvino" in words
+    r = run_cli("cache", "--cache-dir", str(cache), "--clear")
+    assert r.exit_code == 0 and f"removed {2 * len(pipe.sessions)} entries" in r.output
+    assert not entries(cache, "onnxruntime") and not entries(cache, "openvino")
+    assert (cache / "onnxruntime" / "notes.txt").read_text() == "mine"
+    assert load(artifact, "onnxruntime", cache_dir=cache).describe()["unet"]["compile_cache"] == "written"
