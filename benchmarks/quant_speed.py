@@ -28,14 +28,14 @@ from edgediff.runtime import load_manifest
 
 CONFIGS = (
     ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("onnxruntime", "int8-static"), ("onnxruntime", "int4"),
-    ("openvino", "fp32"), ("openvino", "int8"), ("openvino", "int8-static"), ("openvino", "nncf-int8"),
-    ("openvino", "nncf-hybrid"),
+    ("openvino", "fp32"), ("openvino", "int8"), ("openvino", "int8-static"), ("openvino", "int8-static-attn"),
+    ("openvino", "nncf-int8"), ("openvino", "nncf-hybrid"),
 )
 
 
 def ensure_variants(root: Path, precisions: set[str], calib_size: int, steps: int, threads: int) -> dict[str, float]:
     seconds = {}
-    for precision in ("int8", "int4", "int8-static", "nncf-int8", "nncf-hybrid"):
+    for precision in ("int8", "int4", "int8-static", "int8-static-attn", "nncf-int8", "nncf-hybrid"):
         if precision not in precisions or precision in load_manifest(root).components["unet"]:
             continue
         settings = GateSettings(prompts=("a photo of an astronaut riding a horse on mars",), seeds=(0,), steps=steps,

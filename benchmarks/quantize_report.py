@@ -45,7 +45,7 @@ def main() -> None:
         root = Path(tmp) / "artifact"
         shutil.copytree(args.artifact, root)
         size = load_manifest(root).sample_size
-        for precision in ("fp16", "int8", "int8-static", "int4", "nncf-int8", "nncf-hybrid"):
+        for precision in ("fp16", "int8", "int8-static", "int8-static-attn", "int4", "nncf-int8", "nncf-hybrid"):
             settings = GateSettings(evaluate_shapes=shapes, size=size)
             try:
                 quantize_artifact(root, precision, force=True, settings=settings)

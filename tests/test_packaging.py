@@ -22,13 +22,14 @@ def test_wheel_contents(tmp_path):
     (wheel,) = tmp_path.glob("edgediff-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for present in ("edgediff/__init__.py", "edgediff/cli.py", "edgediff/bench.py", "edgediff/runtime/pipeline.py",
-                    "edgediff/runtime/schedulers/euler.py", "edgediff/export/exporter.py",
+                    "edgediff/runtime/compile_cache.py", "edgediff/runtime/schedulers/euler.py", "edgediff/export/exporter.py",
                     "edgediff/quantize/quantize.py", "edgediff/models/shapes/evaluate.py",
                     "edgediff/models/shapes/dataset.py", "edgediff/models/shapes/evaluation.json",
                     "edgediff/models/shapes/artifact/manifest.json", "edgediff/models/shapes/artifact/unet/model.onnx"):
         assert present in names, present
     modules = {n for n in names if n.endswith(".py")}
-    for absent in ("train.py", "peers.py", "gpu_check.py", "quant_speed.py", "quantize_report.py", "floor.py"):
+    for absent in ("train.py", "peers.py", "gpu_check.py", "quant_speed.py", "quantize_report.py", "floor.py",
+                   "unet_profile.py", "unet_step_ratio.py"):
         assert not any(m.endswith("/" + absent) for m in modules), absent
     assert not any(n.startswith(("edgediff/benchmarks/", "tests/", "cli/")) for n in names)
     assert not any("/diffusers/" in n for n in names)  # the embedded model's PyTorch weights stay in the repository
