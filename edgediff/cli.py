@@ -452,13 +452,14 @@ def tune(
 def cache(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="the compile cache's folder (default: $EDGEDIFF_CACHE_DIR, else ~/.cache/edgediff)"),
     clear: bool = typer.Option(False, "--clear", help="delete every entry (only the cache's own folders)"),
+    stale: bool = typer.Option(False, "--stale", help="delete the entries whose graph file is gone"),
 ) -> None:
     """List the compile cache's entries (each graph's optimized or compiled form) and their size, or clear them."""
     from edgediff.runtime import compile_cache
 
     root = cache_dir or compile_cache.default_root()
-    if clear:
-        count, size = compile_cache.clear(root)
+    if clear or stale:
+        count, size = compile_cache.clear(root, stale_only=stale and not clear)
         typer.echo(f"removed {count} entries ({size / 1e9:.2f} GB) from {root}")
         return
     found = compile_cache.entries(root)

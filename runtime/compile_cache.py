@@ -132,13 +132,16 @@ def entries(root: Path) -> list[dict[str, Any]]:
     return found
 
 
-def clear(root: Path) -> tuple[int, int]:
-    """Delete every entry (and staging folder) under ``root``; nothing else there is touched. (count, bytes)."""
+def clear(root: Path, stale_only: bool = False) -> tuple[int, int]:
+    """Delete every entry (and staging folder) under ``root``, or with ``stale_only`` the entries whose graph file
+    is gone; nothing else there is touched. Returns (entries removed, bytes)."""
     count = size = 0
     for e in entries(root):
+        if stale_only and e["graph_exists"]:
+            continue
         shutil.rmtree(e["folder"], ignore_errors=True)
         count, size = count + 1, size + e["bytes"]
-    for backend in ("onnxruntime", "openvino"):
+    for backend in ("onnxruntime", "openvino") if not stale_only else ():
         for staging in (Path(root) / backend).glob(f"*{STAGING}*") if (Path(root) / backend).is_dir() else []:
             if staging.is_dir() and not staging.is_symlink():
                 shutil.rmtree(staging, ignore_errors=True)

@@ -127,6 +127,13 @@ def test_the_cache_command_lists_and_clears_only_its_entries(artifact, tmp_path)
     assert r.exit_code == 0, r.output
     words = " ".join(r.output.split())
     assert f"{2 * len(pipe.sessions)} entries" in words and "onnxruntime" in words and "openvino" in words
+    gone = tmp_path / "gone"
+    shutil.copytree(artifact, gone)
+    load(gone, "onnxruntime", cache_dir=cache)
+    shutil.rmtree(gone)  # its entries are stale now: --stale drops them and only them
+    r = run_cli("cache", "--cache-dir", str(cache), "--stale")
+    assert r.exit_code == 0 and f"removed {len(pipe.sessions)} entries" in r.output
+    assert len(entries(cache, "onnxruntime")) == len(entries(cache, "openvino")) == len(pipe.sessions)
     r = run_cli("cache", "--cache-dir", str(cache), "--clear")
     assert r.exit_code == 0 and f"removed {2 * len(pipe.sessions)} entries" in r.output
     assert not entries(cache, "onnxruntime") and not entries(cache, "openvino")
