@@ -28,6 +28,7 @@ from edgediff import __version__
 from edgediff.runtime import Pipeline, load_manifest
 from edgediff.runtime.manifest import disk_bytes
 from edgediff.runtime.backends import available_devices
+from edgediff.runtime.cpu import cpu
 
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
              "neon", "asimd")
@@ -41,17 +42,15 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "edgediff": __version__,
     }
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
-        flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
-                          if line.startswith(("flags", "Features"))), []))
-        info["cpu"] = model or platform.processor()
+    model, flags = cpu()
+    info["cpu"] = model
+    if flags:
         info["cpu_flags"] = [f for f in CPU_FLAGS if f in flags]
+    try:
         mem = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
         info["ram_gb"] = round(int(mem.split()[1]) / 1024**2, 1)
     except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
+        pass
     try:
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=10)

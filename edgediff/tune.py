@@ -87,13 +87,14 @@ class Measure:
                  steps: int, guidance: float, scenes: list | None):
         self.root, self.backend, self.threads = root, backend, threads
         self.prompts, self.seeds, self.steps, self.guidance, self.scenes = prompts, seeds, steps, guidance, scenes
+        self.unet = load_manifest(root).denoiser.name
         self.pipes: dict[str, Pipeline] = {}
         self.reference: list[np.ndarray] = []
 
     def pipe(self, vae: str, unet: str | None = None) -> Pipeline:
         key = f"{vae}:{unet}"
         if key not in self.pipes:
-            precision = None if unet is None else {load_manifest(self.root).denoiser.name: unet}
+            precision = None if unet is None else {self.unet: unet}
             self.pipes[key] = Pipeline.load(self.root, backend=self.backend, device="cpu", threads=self.threads, vae=vae,
                                             precision=precision)
             self.pipes[key].txt2img("warm up", steps=2)

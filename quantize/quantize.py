@@ -55,6 +55,7 @@ from edgediff.export.onnx_io import save_onnx
 from PIL import Image
 
 from edgediff.runtime import ArtifactError, Pipeline, PrecisionError
+from edgediff.runtime.cpu import has_vnni
 from edgediff.runtime.locking import folder_lock
 from edgediff.runtime.manifest import MODEL_SUFFIXES, Manifest, Variant, artifact_file, disk_bytes, load_manifest
 from edgediff.runtime.images import from_pil, to_pil
@@ -193,7 +194,7 @@ def quantize_int8_static(src: Path, dst: Path, calibration: list[dict[str, np.nd
     # then asks for 7-bit weights (reduce_range).
     # With the attention products quantized (quantize_attention) every activation is symmetric int8 instead: what
     # OpenVINO's int8 attention kernel takes (with uint8 ones it fell back to a path 3.5x slower).
-    vnni = cpu_has_vnni()
+    vnni = has_vnni()
     activations = QuantType.QInt8 if quantize_attention else QuantType.QUInt8
     quantize_static(
         str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
@@ -209,16 +210,6 @@ def quantize_int8_static(src: Path, dst: Path, calibration: list[dict[str, np.nd
             "kept_float": {"first_and_last_conv": convs[:1] + convs[-1:],
                            "attention_matmuls": 0 if quantize_attention else len(attention),
                            "ops_not_quantized": "Softmax, normalisations, activations (only Conv/MatMul/Gemm are)"}}
-
-
-def cpu_has_vnni() -> bool:
-    """Whether this CPU multiplies int8 with VNNI (AVX-512 VNNI or AVX-VNNI); False where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def quantize_nncf(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], hybrid: bool) -> dict[str, Any]:

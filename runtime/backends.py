@@ -262,8 +262,8 @@ def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str
     cache = _cache_entry(options, "openvino", path, {"device": target, "config": config})
     hit = cache is not None and cache.ready
     staging = None if cache is None or hit else cache.staging()
-    if cache is not None and (cache.ready or staging is not None):
-        config["CACHE_DIR"] = str(cache.folder if staging is None else staging)  # OpenVINO's own model cache
+    if hit or staging is not None:
+        config["CACHE_DIR"] = str(cache.folder if hit else staging)  # OpenVINO's own model cache
     try:
         compiled = core.compile_model(str(path), target, config)
     except Exception as e:  # OpenVINO raises RuntimeError subclasses with its own messages

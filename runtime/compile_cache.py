@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cpu import cpu
+
 MARKER = "edgediff-cache.json"  # in every entry: what it caches; only folders holding it are ever removed
 STAGING = ".staging-"
 STALE_STAGING_SECONDS = 3600  # a staging folder this old belongs to a load that died
@@ -167,19 +169,7 @@ def _backend_version(backend: str) -> str:
     return openvino.__version__
 
 
-_CPU: str | None = None
-
-
 def _cpu_signature() -> str:
     """The CPU's model and flags: ONNX Runtime's saved layout and OpenVINO's kernels depend on them."""
-    global _CPU
-    if _CPU is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
-        except OSError:
-            import platform
-
-            lines = [platform.machine(), platform.processor()]
-        _CPU = _digest(lines)
-    return _CPU
+    model, flags = cpu()
+    return _digest([model, sorted(flags)])

@@ -109,7 +109,7 @@ def check_fast_profile(profile: Any, where: str = "fast_profile") -> dict[str, A
         else:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and accepted[0] <= value <= accepted[1]
         if not ok:
-            raise ArtifactError(f"{where}.settings.{key} must be {' or '.join(accepted) if key == 'vae' else accepted}, "
+            raise ArtifactError(f"{where}.settings.{key} must be {' or '.join(accepted) if key in ('vae', 'unet') else accepted}, "
                                 f"got {value!r:.40}")
     return profile
 

@@ -134,6 +134,7 @@ def test_fast_without_a_profile_says_how_to_make_one(embedded_copy, tmp_path):
     ({"cfg_until": 1.5}, "cfg_until must be"),
     ({"vae": "huge"}, "vae must be full or tiny"),
     ({"steps": 3}, "unknown keys"),
+    ({"unet": 8}, "unet must be a reduced-precision variant of the UNet"),
 ])
 def test_a_damaged_profile_is_refused_on_load(embedded_copy, settings, words):
     manifest = json.loads((embedded_copy / "manifest.json").read_text())
