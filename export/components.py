@@ -28,6 +28,8 @@ import torch
 from edgediff.runtime.manifest import TensorSpec, Variant, disk_bytes
 
 from .onnx_io import consolidate_external_data, save_onnx
+from .weight_map import FILE as WEIGHT_MAP_FILE
+from .weight_map import Fingerprints, unread_parameters, write_weight_map
 
 OPSET = 17
 
@@ -284,12 +286,15 @@ def _dynamic_axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:
 
 
 def export_component(contract: Contract, out_dir: Path, progress: Callable[[str], Any] = lambda s: None,
-                     release: Callable[[], None] | None = None) -> Variant:
+                     release: Callable[[], None] | None = None,
+                     weight_prints: tuple[str, Fingerprints] | None = None) -> Variant:
     """Export ``contract`` to ``out_dir/<contract.file>``, check parity, return its manifest entry.
 
     ``release`` drops the caller's references to the PyTorch module once it
     has been traced and run, so the parity check's ONNX Runtime session does
     not sit beside it in memory (an SDXL UNet is 10 GB in fp32).
+    ``weight_prints``: (diffusers model name, its ``weight_map.fingerprints``), taken before the module is
+    released; the graph's weight map is written beside it (``edgediff.export.weight_map``).
     """
     import onnx
 
@@ -318,6 +323,8 @@ def export_component(contract: Contract, out_dir: Path, progress: Callable[[str]
         )
         reference = contract.module(*args)
     references = reference if isinstance(reference, tuple) else (reference,)
+    # a text encoder's weights its outputs never read (SDXL's first: its last layer), for the LoRA weight map
+    unread = unread_parameters(contract.module, args) if weight_prints and contract.name.startswith("text_") else []
     if release is not None:
         contract.module = None
         release()
@@ -342,8 +349,14 @@ def export_component(contract: Contract, out_dir: Path, progress: Callable[[str]
     contract.inputs = tuple(t for t in contract.inputs if t.name in taken)
     args = tuple(a for t, a in zip(contract_inputs, args) if t.name in taken)
     quality = check_parity(path, contract, args, [r.numpy() for r in references])
+    weights = None
+    if weight_prints is not None:
+        progress(f"mapping {contract.name}'s weights to {weight_prints[0]}'s parameters")
+        quality["weight_map"] = write_weight_map(path, *weight_prints, unread=unread, prefix="text_encoder.")
+        weights = f"{contract.name}/{WEIGHT_MAP_FILE}"
     return Variant(contract.variant, contract.file, size, contract.inputs, contract.outputs, quality,
-                   scaling_factor=contract.scaling_factor, shift_factor=None if contract.scaling_factor is None else 0.0)
+                   scaling_factor=contract.scaling_factor, shift_factor=None if contract.scaling_factor is None else 0.0,
+                   weights=weights)
 
 
 def check_parity(path: Path, contract: Contract, args, references: list[np.ndarray]) -> dict[str, Any]:

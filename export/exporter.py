@@ -17,6 +17,7 @@ import platform
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,12 +30,15 @@ from edgediff.runtime.schedulers import default_scheduler_name
 from . import components as C
 from .components import ExportError
 from .tiny_vae import TinyVaeRefused, add_tiny_vae
+from .weight_map import fingerprints
 from .tiny_vae import check_source as check_tiny_vae_source
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 ROLE_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "denoiser",
            "unet_shallow": "shallow_denoiser"}  # else: the name
 DEEPCACHE_BRANCH = 0  # DeepCache's shallowest branch: its authors' default, the largest saving per skipped step
+# the diffusers model whose parameters each graph holds (LoRA's targets; edgediff.export.weight_map)
+WEIGHTS_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet", "unet_shallow": "unet"}
 PARTIAL_MARKER = ".edgediff-partial"  # inside an export's temporary folder: only such folders are cleaned up
 
 
@@ -215,11 +219,7 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
     try:
         vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         latent = int(pipe.unet.config.sample_size)
-        max_length = int(pipe.tokenizer.model_max_length)
-        text_contracts = [
-            lambda: C.xl_text_encoder_contract(pipe.text_encoder, max_length, "text_encoder"),
-            lambda: C.xl_text_encoder_contract(pipe.text_encoder_2, int(pipe.tokenizer_2.model_max_length), "text_encoder_2"),
-        ] if xl else [lambda: C.text_encoder_contract(pipe.text_encoder, max_length)]
+        text_contracts = _text_contracts(pipe)
         unet_contracts = [lambda: C.unet_contract(pipe.unet, min(latent, 64), deepcache_branch)]
         if deepcache_branch is not None:
             unet_contracts.append(lambda: C.shallow_unet_contract(pipe.unet, min(latent, 64), deepcache_branch))
@@ -233,12 +233,17 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
         last_user = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "vae_encoder": "vae",
                      "unet" if deepcache_branch is None else "unet_shallow": "unet"}
         components = {}
+        prints: dict[str, Any] = {}  # diffusers model -> its weights' fingerprints (the LoRA weight map)
         for make in contracts:
             t0 = time.perf_counter()
             contract = make()
             owner = last_user.get(contract.name)
             release = (lambda o=owner: setattr(pipe, o, None)) if owner else None
-            variant = C.export_component(contract, tmp, progress, release=release)
+            model = WEIGHTS_OF.get(contract.name)
+            if model is not None and model not in prints:
+                prints[model] = fingerprints(getattr(pipe, model))
+            variant = C.export_component(contract, tmp, progress, release=release,
+                                         weight_prints=(model, prints[model]) if model else None)
             variant.quality["export_seconds"] = round(time.perf_counter() - t0, 2)
             components[contract.name] = {"fp32": variant}
             del contract
@@ -303,6 +308,48 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _text_contracts(pipe) -> list[Callable[[], C.Contract]]:
+    max_length = int(pipe.tokenizer.model_max_length)
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return [lambda: C.text_encoder_contract(pipe.text_encoder, max_length)]
+    return [lambda: C.xl_text_encoder_contract(pipe.text_encoder, max_length, "text_encoder"),
+            lambda: C.xl_text_encoder_contract(pipe.text_encoder_2, int(pipe.tokenizer_2.model_max_length),
+                                               "text_encoder_2")]
+
+
+def add_weight_maps(artifact: str | Path, source: str, progress: Callable[[str], Any] = lambda s: None) -> Manifest:
+    """Write the LoRA weight maps (``edgediff.export.weight_map``) of an artifact exported before edgediff made
+    them, from the checkpoint it was exported from; its graphs are left as they are. A graph none of whose
+    weights match the source's is refused: it was exported from another checkpoint."""
+    from edgediff.runtime.manifest import load_manifest
+
+    from .weight_map import FILE, unread_parameters, write_weight_map
+
+    artifact = Path(artifact)
+    manifest = load_manifest(artifact)
+    pipe = load_source(str(source))
+    texts = {c.name: c for c in (make() for make in _text_contracts(pipe))}
+    comps = {name: dict(variants) for name, variants in manifest.components.items()}
+    prints: dict[str, Any] = {}
+    for component, model in WEIGHTS_OF.items():
+        if component not in comps or getattr(pipe, model, None) is None:
+            continue
+        progress(f"mapping {component}'s weights to {model}'s parameters")
+        prints.setdefault(model, fingerprints(getattr(pipe, model)))
+        fp32 = comps[component]["fp32"]
+        unread = []
+        if component in texts:
+            unread = unread_parameters(texts[component].module, texts[component].sample())
+        figures = write_weight_map(artifact / fp32.file, model, prints[model], unread=unread, prefix="text_encoder.")
+        if figures["mapped"] == 0:
+            raise ExportError(f"none of {artifact / fp32.file}'s weights are {source}'s {model}: the artifact was "
+                              "exported from another checkpoint")
+        comps[component]["fp32"] = replace(fp32, weights=f"{component}/{FILE}", quality=fp32.quality | {"weight_map": figures})
+    manifest = replace(manifest, components=comps)
+    manifest.save(artifact)
+    return manifest
 
 
 def _mkdir(p: Path) -> Path:

@@ -208,6 +208,9 @@ class Variant:
     # the scaled latents the denoiser sees, so its scaling factor is 1.0 and its shift 0. None: the manifest's.
     scaling_factor: float | None = None
     shift_factor: float | None = None
+    # the map of this graph's initializers to its diffusers model's parameters (``edgediff.export.weight_map``),
+    # relative to the root: what LoRA merging needs. None: exported before edgediff made it, or a quantized graph
+    weights: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = {
@@ -221,6 +224,8 @@ class Variant:
             d["backends"] = list(self.backends)
         if self.scaling_factor is not None:
             d["scaling_factor"], d["shift_factor"] = self.scaling_factor, self.shift_factor or 0.0
+        if self.weights is not None:
+            d["weights"] = self.weights
         return d
 
     def files(self) -> list[str]:
@@ -245,6 +250,9 @@ class Variant:
         for key in ("inputs", "outputs"):
             if not isinstance(d[key], list) or not d[key]:
                 raise ValueError(f"{key} must be a non-empty list of tensors, got {d[key]!r:.80}")
+        weights = d.get("weights")
+        if weights is not None and not (isinstance(weights, str) and weights.endswith(".json")):
+            raise ValueError(f"weights must be the path of a .json weight map, got {weights!r:.80}")
         scaling = {}
         if "scaling_factor" in d:
             scaling = {"scaling_factor": _ranged(d, "scaling_factor", float, 1e-6, 1e3),
@@ -258,6 +266,7 @@ class Variant:
             tuple(TensorSpec.from_json(t) for t in d["outputs"]),
             dict(quality),
             tuple(backends),
+            weights=weights,
             **scaling,
         )
 
