@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import compile_cache
+from .lora import WeightPatch
 from .manifest import MODEL_SUFFIXES, ArtifactError, TensorSpec, Variant, artifact_file
 
 BACKENDS = ("onnxruntime", "openvino")
@@ -155,13 +156,15 @@ def _ort_accelerator() -> str | None:
     return None
 
 
-def open_session(root: Path, component: str, variant: Variant, backend: str, device: str, options: BackendOptions) -> Session:
-    """Load ``variant``'s graph; its input and output names must be the manifest's (else ArtifactError)."""
+def open_session(root: Path, component: str, variant: Variant, backend: str, device: str, options: BackendOptions,
+                 patch: WeightPatch | None = None) -> Session:
+    """Load ``variant``'s graph, with ``patch``'s weights in place of the file's (LoRAs merged at load:
+    ``edgediff.runtime.lora``); its input and output names must be the manifest's (else ArtifactError)."""
     path = artifact_file(root, variant.file, f"{component} {variant.precision}", MODEL_SUFFIXES)
     outputs = [spec.name for spec in variant.outputs]
     t0 = time.perf_counter()
     opener = _open_ort if backend == "onnxruntime" else _open_ov
-    run, actual, precision, graph_inputs, graph_outputs, cached = opener(path, device, options, outputs)
+    run, actual, precision, graph_inputs, graph_outputs, cached = opener(path, device, options, outputs, patch)
     # one graph input per manifest input (OpenVINO may give a port several names), every manifest output present
     want_inputs = [spec.name for spec in variant.inputs]
     if len(graph_inputs) != len(want_inputs) or not all(any(n in names for names in graph_inputs) for n in want_inputs) \
@@ -178,7 +181,7 @@ def _names(ports: list[set[str]]) -> list[str]:
     return sorted(min(names) if names else "?" for names in ports)
 
 
-def _open_ort(path: Path, device: str, options: BackendOptions, outputs: list[str]):
+def _open_ort(path: Path, device: str, options: BackendOptions, outputs: list[str], patch: WeightPatch | None):
     import onnxruntime as ort
 
     provider = ORT_PROVIDERS[device]
@@ -196,8 +199,9 @@ def _open_ort(path: Path, device: str, options: BackendOptions, outputs: list[st
         so.intra_op_num_threads = options.threads
     so.log_severity_level = 4  # errors reach the user once, as our BackendError, not also as ONNX Runtime's log line
     providers = [provider] if device == "cpu" else [provider, "CPUExecutionProvider"]
-    sess, cached = _ort_session(ort, path, so, providers, _cache_entry(options, "onnxruntime", path, {"device": device})
-                                if device == "cpu" else None)  # CUDA/DirectML graphs are not saved: EP-specific fusions
+    cache = _cache_entry(options, "onnxruntime", path, {"device": device}, patch) \
+        if device == "cpu" else None  # CUDA/DirectML graphs are not saved: EP-specific fusions
+    sess, cached = _ort_session(ort, path, so, providers, cache, patch)
     used = sess.get_providers()[0]
     if used != provider:
         raise BackendError(f"ONNX Runtime fell back to {used} for {path.parent.name} although {provider} was asked for")
@@ -206,16 +210,53 @@ def _open_ort(path: Path, device: str, options: BackendOptions, outputs: list[st
     return (lambda feeds: sess.run(outputs, feeds)), used, "f32", graph_inputs, graph_outputs, cached
 
 
-def _cache_entry(options: BackendOptions, backend: str, path: Path, settings: dict[str, Any]):
+def _cache_entry(options: BackendOptions, backend: str, path: Path, settings: dict[str, Any], patch: WeightPatch | None):
     if options.cache_dir is None:
         return None
     weights = path.with_suffix(".bin") if path.suffix == ".xml" else path.with_name(path.name + ".data")
-    return compile_cache.entry(options.cache_dir, backend, path, [path, weights], settings)
+    return compile_cache.entry(options.cache_dir, backend, path, [path, weights], settings,
+                               patch=None if patch is None else patch.identity)
 
 
-def _ort_session(ort, path: Path, so, providers: list[str], cache):
+def _ort_patch(ort, so, path: Path, patch: WeightPatch) -> tuple[bytes, list[Any]]:
+    """The graph to build the session from, with ``patch``'s weights handed over from memory: each patched
+    initializer becomes an external-data reference that ``add_external_initializers`` fills, so ONNX Runtime's
+    optimizers see the merged weights (``add_initializer`` overrides are lost to its layout and fp16 passes:
+    measured with 1.32). Unpatched weights stay where they are (inline, or in the graph's .data file). Returns
+    the graph's bytes and what must stay alive while the session is built."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    names, values, keep = [], [], []
+    for tensor in model.graph.initializer:
+        if tensor.name in patch.changes:
+            merged = np.ascontiguousarray(patch.apply(tensor.name, numpy_helper.to_array(tensor, str(path.parent))))
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", "edgediff-patched"), ("offset", "0"), ("length", str(merged.nbytes))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            names.append(tensor.name)
+            values.append(ort.OrtValue.ortvalue_from_numpy(merged))
+            keep.append(merged)
+    _check_patched(path, patch, len(names))
+    so.add_external_initializers(names, values)
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    return model.SerializeToString(), keep + values
+
+
+def _check_patched(path: Path, patch: WeightPatch, found: int) -> None:
+    if found != len(patch.changes):
+        raise ArtifactError(f"{path} lacks {len(patch.changes) - found} of the weights its weight map names "
+                            f"({patch.component}/weights.json): the graph was replaced after export; re-export it")
+
+
+def _ort_session(ort, path: Path, so, providers: list[str], cache, patch: WeightPatch | None):
     """The session and how the cache served it: from the cache's optimized graph when it has one ("hit"), else
-    optimized here and saved there ("written"; "off" when there is no cache or it cannot be written)."""
+    optimized here (with ``patch``'s weights) and saved there ("written"; "off" when there is no cache or it
+    cannot be written)."""
     if cache is not None and cache.ready:
         cached = ort.SessionOptions()
         for name in ("intra_op_num_threads", "log_severity_level"):
@@ -232,8 +273,10 @@ def _ort_session(ort, path: Path, so, providers: list[str], cache):
         so.optimized_model_filepath = str(staging / "model.onnx")
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    graph, patched = (str(path), []) if patch is None else _ort_patch(ort, so, path, patch)
     try:
-        sess = ort.InferenceSession(str(path), so, providers=providers)
+        sess = ort.InferenceSession(graph, so, providers=providers)
+        sess.patched_weights = patched  # ONNX Runtime may use their buffers as they are: they live with the session
     except Exception as e:  # onnxruntime raises its own exception types per failure
         if staging is not None:
             cache.discard(staging)
@@ -243,7 +286,7 @@ def _ort_session(ort, path: Path, so, providers: list[str], cache):
     return sess, "written" if cache.commit(staging) else "off"
 
 
-def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str]):
+def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str], patch: WeightPatch | None):
     core = _ov_core()
     target = OV_DEVICES[device]
     if target == "AUTO" and [d.split(".")[0] for d in core.available_devices] == ["CPU"]:
@@ -259,13 +302,14 @@ def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str
         config["INFERENCE_NUM_THREADS"] = int(options.threads)
     if options.ov_precision != "auto":
         config["INFERENCE_PRECISION_HINT"] = options.ov_precision
-    cache = _cache_entry(options, "openvino", path, {"device": target, "config": config})
+    cache = _cache_entry(options, "openvino", path, {"device": target, "config": config}, patch)
     hit = cache is not None and cache.ready
     staging = None if cache is None or hit else cache.staging()
     if hit or staging is not None:
         config["CACHE_DIR"] = str(cache.folder if hit else staging)  # OpenVINO's own model cache
     try:
-        compiled = core.compile_model(str(path), target, config)
+        model = str(path) if patch is None else _ov_patched(core, path, patch)
+        compiled = core.compile_model(model, target, config)
     except Exception as e:  # OpenVINO raises RuntimeError subclasses with its own messages
         if staging is not None:
             cache.discard(staging)
@@ -297,6 +341,27 @@ def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str
 
     precision = {"<Type: 'float32'>": "f32", "<Type: 'bfloat16'>": "bf16", "<Type: 'float16'>": "f16"}.get(precision, precision)
     return run, actual, precision, graph_inputs, graph_outputs, cached
+
+
+def _ov_patched(core, path: Path, patch: WeightPatch):
+    """The graph read by OpenVINO with ``patch``'s weights: each named Constant (OpenVINO keeps the ONNX
+    initializer's name) replaced by one holding the merged weight."""
+    import openvino as ov
+
+    model = core.read_model(str(path))
+    found = 0
+    for op in model.get_ops():
+        name = op.get_friendly_name()
+        if op.get_type_name() != "Constant" or name not in patch.changes:
+            continue
+        merged = np.ascontiguousarray(patch.apply(name, op.get_data()))
+        replacement = ov.op.Constant(merged)  # copies the array
+        replacement.set_friendly_name(name)
+        for target in list(op.output(0).get_target_inputs()):
+            target.replace_source_output(replacement.output(0))
+        found += 1
+    _check_patched(path, patch, found)
+    return model
 
 
 _CORE = None

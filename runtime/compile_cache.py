@@ -100,18 +100,25 @@ class Entry:
                 shutil.rmtree(sibling, ignore_errors=True)
 
 
-def entry(root: Path, backend: str, graph: Path, files: list[Path], settings: dict[str, Any]) -> Entry | None:
+def entry(root: Path, backend: str, graph: Path, files: list[Path], settings: dict[str, Any],
+          patch: list[Any] | None = None) -> Entry | None:
     """The entry for ``graph`` (its ``files``: the graph and its weights) under these ``settings``; None when
-    a file cannot be read (the load itself then says what is wrong)."""
+    a file cannot be read (the load itself then says what is wrong).
+
+    ``patch``: the identity of the weights merged in at load (the LoRA files and scales). A graph keeps one
+    entry as exported and one patched: a new LoRA set replaces the last one's entry, so switching LoRAs never
+    piles up copies of the graph."""
     try:
         stamps = [[str(f.resolve()), st.st_size, st.st_mtime_ns] for f in files if f.exists()
                   for st in (f.stat(),)]
     except OSError:
         return None
-    graph_id = _digest([backend, str(graph.resolve()), settings])
+    graph_id = _digest([backend, str(graph.resolve()), settings] + (["patched"] if patch else []))
     record = {"backend": backend, "graph": str(graph.resolve()), "settings": settings, "files": stamps,
               "backend_version": _backend_version(backend), "cpu": _cpu_signature()}
-    stamp = _digest([stamps, record["backend_version"], record["cpu"]])
+    if patch:
+        record["patch"] = patch
+    stamp = _digest([stamps, record["backend_version"], record["cpu"]] + ([patch] if patch else []))
     return Entry(Path(root) / backend / f"{graph_id}-{stamp}", graph_id, record)
 
 

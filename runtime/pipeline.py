@@ -33,6 +33,8 @@ from .denoise import (DenoiserInputs, GenerationError, InpaintingUNetInputs, Job
                       denoise)
 from .images import extend_canvas, load_image, load_mask, paste_unmasked, to_pil
 from .limits import DEFAULT_MAX_BATCH, pixel_budget
+from .lora import LoraSpec, WeightPatch
+from .lora import plan as lora_plan
 from .manifest import DEEP_FEATURE, ArtifactError, Manifest, artifact_file, load_manifest, read_manifest_json
 from .result import Result, Timings
 from .rng import ImageNoise
@@ -101,7 +103,7 @@ def choose_vae(vae: str, precision: dict[str, str], available: dict[str, dict[st
 class Pipeline:
     def __init__(self, root: Path, manifest: Manifest, backend: str, device: str, options: BackendOptions,
                  precision: dict[str, str], fallback: bool = False, *, max_pixels: int | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH, fast: dict[str, Any] | None = None):
+                 max_batch: int = DEFAULT_MAX_BATCH, fast: dict[str, Any] | None = None, loras: list[Any] = ()):
         self.root = root
         self.fast = fast or {}  # the fast profile's per-call savings, used where a call names none
         self.manifest = manifest
@@ -116,6 +118,9 @@ class Pipeline:
         tokenizers = [self._tokenizer(t.tokenizer, t.max_length, t.pad_token_id) for t in manifest.text_encoders]
         self.tokenizer = tokenizers[0]
         self.conditioning = conditioning_for(manifest, tokenizers)
+        # every LoRA read and checked against the artifact before any graph is compiled
+        self.loras = [LoraSpec.parse(x) for x in loras]
+        self.patches = lora_plan(self.loras, root, manifest, precision)
         self.sessions = {comp: self._open(comp, precision[comp])
                          for comp in self.conditioning.components + (manifest.denoiser.name, "vae_decoder")}
 
@@ -137,6 +142,7 @@ class Pipeline:
         manifest: Manifest | None = None,
         max_pixels: int | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        loras: list[Any] = (),
     ) -> Pipeline:
         """Open an artifact folder (default: the embedded model) on ``backend``/``device``.
 
@@ -153,7 +159,8 @@ class Pipeline:
         call (see ``edgediff.runtime.limits``). Each graph's compiled form is kept in the compile cache
         (``edgediff.runtime.compile_cache``: ``cache_dir``, else ``$EDGEDIFF_CACHE_DIR``, else
         ``~/.cache/edgediff``) so the next load of the same files skips the backend's optimization;
-        ``cache=False`` loads without it.
+        ``cache=False`` loads without it. ``loras``: LoRA files merged into the weights before the graphs are
+        compiled (``"file.safetensors"``, ``"file.safetensors:0.8"`` or ``(file, 0.8)``; ``edgediff.runtime.lora``).
         """
         for name, value in (("max_pixels", max_pixels), ("max_batch", max_batch)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -177,7 +184,20 @@ class Pipeline:
             chosen = chosen | {manifest.denoiser.name: profile_unet}
         chosen = choose_vae(vae, chosen, manifest.components)
         return cls(root, manifest, backend, device, options, chosen, fallback, max_pixels=max_pixels,
-                   max_batch=max_batch, fast=profile)
+                   max_batch=max_batch, fast=profile, loras=loras)
+
+    def set_loras(self, loras: list[Any]) -> None:
+        """Apply these LoRAs instead of the current ones (``[]``: none). Only the graphs whose weights change are
+        compiled again; the others stay as they are. Everything is checked first: a bad file changes nothing."""
+        specs = [LoraSpec.parse(x) for x in loras]
+        patches = lora_plan(specs, self.root, self.manifest, self.precision)
+        with self._lock:
+            changed = [c for c in self.sessions
+                       if _identity(patches.get(c)) != _identity(self.patches.get(c))]
+            reopened = {c: open_session(self.root, c, self.sessions[c].variant, self.backend, self.device,
+                                        self.options, patches.get(c)) for c in changed}
+            self.sessions.update(reopened)  # calls already running keep their snapshot of the old sessions
+            self.loras, self.patches = specs, patches
 
     # -- loading -----------------------------------------------------------------------
 
@@ -215,7 +235,8 @@ class Pipeline:
                 f"{self.backend}: pass backend='{variant.backends[0]}' (--backend {variant.backends[0]}) or pick "
                 f"another precision for {component}; it has: {', '.join(self.manifest.components[component])}"
             )
-        return open_session(self.root, component, variant, self.backend, self.device, self.options)
+        return open_session(self.root, component, variant, self.backend, self.device, self.options,
+                            self.patches.get(component))
 
     def session(self, component: str) -> Session:
         """The component's session, opened on first use (the VAE encoder only serves image inputs)."""
@@ -369,7 +390,8 @@ class Pipeline:
             images += self._with_fallback(lambda sessions: self._run(
                 task, chunk, sessions, progress, timings, latents=chunk_latents, pixels=pixels, binary=binary,
                 mask_blur=mask_blur, keep_unmasked=keep_unmasked))
-        return Result(tuple(images), settings, task, timings, self.describe(), str(self.root), inputs)
+        return Result(tuple(images), settings, task, timings, self.describe(), str(self.root), inputs,
+                      tuple(spec.record() for spec in self.loras))
 
     # -- one chunk, task by task, each top to bottom -------------------------------------
 
@@ -512,6 +534,10 @@ class Pipeline:
                 with self._lock:
                     if self.sessions[e.component].variant.precision == e.precision:
                         self.sessions[e.component] = self._open(e.component, "fp32")
+
+
+def _identity(patch: WeightPatch | None) -> list[Any] | None:
+    return None if patch is None else patch.identity
 
 
 def start_index(steps: int, strength: float, order: int) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -49,6 +50,7 @@ class Result(Sequence):
     components: dict[str, dict[str, Any]]  # per component: precision, backend, device, execution_precision
     model: str = ""  # the artifact folder
     inputs: dict[str, Any] = field(default_factory=dict)  # the task's own inputs, for the record (image, mask, ...)
+    loras: tuple[dict[str, Any], ...] = ()  # the LoRAs merged in: file and scale of each
 
     def __getitem__(self, k):
         return self.images[k]
@@ -70,7 +72,9 @@ class Result(Sequence):
                 + (f", Denoising strength: {s.strength}" if s.strength is not None else "")
                 + (f", CFG until: {s.cfg_until}" if s.cfg_until is not None else "")
                 + (f", DeepCache interval: {s.cache_interval}" if s.cache_interval not in (None, 1) else "")
-                + (", VAE: tiny" if self.components.get("vae_decoder", {}).get("precision") == "tiny" else ""))
+                + (", VAE: tiny" if self.components.get("vae_decoder", {}).get("precision") == "tiny" else "")
+                + (", LoRAs: " + ", ".join(f"{Path(x['file']).stem}:{x['scale']:g}" for x in self.loras)
+                   if self.loras else ""))
 
     def metadata(self, k: int) -> dict[str, Any]:
         """edgediff's JSON record of image ``k``: enough to regenerate it alone."""
@@ -82,4 +86,5 @@ class Result(Sequence):
                 "cache_interval": s.cache_interval,
                 "model": self.model,
                 "backend": next(iter(self.components.values()), {}).get("backend"),
-                "precision": {c: d["precision"] for c, d in self.components.items()}, **self.inputs}
+                "precision": {c: d["precision"] for c, d in self.components.items()},
+                **({"loras": list(self.loras)} if self.loras else {}), **self.inputs}
