@@ -11,6 +11,9 @@ manifest says. Neither the tasks nor the denoising loop branch on the family.
   micro-conditioning ``time_ids`` (original size, crop, target size);
   without a negative prompt, zeros for the unconditional half
   (``force_zeros_for_empty_prompt``), as diffusers does.
+
+Both encode a prompt in 77-token chunks, with ``(word:1.3)`` weights and ``BREAK``
+(``edgediff.runtime.prompts``, ``encode_prompts``): the context grows by 77 tokens per chunk.
 """
 
 from __future__ import annotations
@@ -61,19 +64,63 @@ def _per_image(a: np.ndarray, settings: GenerationSettings) -> np.ndarray:
     return np.repeat(a, settings.images_per_prompt, axis=0)
 
 
+def encode_prompts(call: Call, encoders: list[tuple[str, PromptTokenizer, str]], prompts: list[str],
+                   pooled: str | None = None) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Each prompt through each (component, tokenizer, output) text encoder, all chunks in one call per encoder.
+
+    Every prompt gets the same number of chunks (the longest's): a shorter one is padded with chunks of the
+    empty prompt, as A1111 pads a shorter negative prompt. A weighted chunk's hidden states are scaled token by
+    token, then rescaled to the chunk's original mean (A1111). Returns, per encoder, (prompts, chunks x 77,
+    width) hidden states; and ``pooled`` of the last encoder from each prompt's first chunk (SDXL)."""
+    per_encoder = [[tok.chunks(p) for p in prompts] for _, tok, _ in encoders]
+    count = max(len(c.ids) for chunks in per_encoder for c in chunks)
+    hidden_states, pooled_out = [], None
+    for (component, tok, output), chunks in zip(encoders, per_encoder):
+        empty = tok.chunks("")
+        ids = np.concatenate([np.concatenate([c.ids] + [empty.ids] * (count - len(c.ids))) for c in chunks])
+        weights = np.concatenate([np.concatenate([c.weights] + [empty.weights] * (count - len(c.ids)))
+                                  for c in chunks])
+        out = call(component, input_ids=ids)
+        hidden = out[output]
+        if any(c.weighted for c in chunks):
+            hidden = _weighted(hidden, weights)
+        hidden_states.append(hidden.reshape(len(prompts), count * hidden.shape[1], hidden.shape[2]))
+        if pooled is not None and component == encoders[-1][0]:
+            pooled_out = out[pooled].reshape(len(prompts), count, -1)[:, 0]
+    return hidden_states, pooled_out
+
+
+MEAN_FLOOR = 1e-4  # a chunk whose mean is below this fraction of its mean magnitude is not rescaled
+
+
+def _weighted(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Each chunk's tokens scaled by their weights, then the chunk brought back to its original mean (A1111).
+
+    Where a chunk's mean is ~0 next to its values (a final LayerNorm without bias, as in random-weight test
+    models) the ratio of means is noise, so that chunk keeps its scaled values; real encoders' means are
+    far from that floor."""
+    original = hidden.mean(axis=(1, 2), keepdims=True, dtype=np.float32)
+    scaled = hidden * weights[:, :, None]
+    new = scaled.mean(axis=(1, 2), keepdims=True, dtype=np.float32)
+    magnitude = np.abs(hidden).mean(axis=(1, 2), keepdims=True, dtype=np.float32)
+    usable = (np.abs(original) > MEAN_FLOOR * magnitude) & (np.abs(new) > MEAN_FLOOR * magnitude)
+    ratio = np.where(usable, original / np.where(usable, new, 1), 1).astype(np.float32)
+    return (scaled * ratio).astype(np.float32)
+
+
 class TextConditioning:
     def __init__(self, name: str, tokenizer: PromptTokenizer):
         self.components = (name,)
         self.tokenizer = tokenizer
 
-    def encode(self, call: Call, prompts: list[str]) -> np.ndarray:
-        return call(self.components[0], input_ids=self.tokenizer(prompts))["last_hidden_state"]
-
     def __call__(self, call: Call, settings: GenerationSettings, cfg: Guidance) -> dict[str, np.ndarray]:
-        cond = _per_image(self.encode(call, list(settings.prompts)), settings)
-        uncond = None
-        if cfg.enabled:
-            uncond = _per_image(self.encode(call, list(settings.negative_prompts or [""] * len(settings.prompts))), settings)
+        prompts = list(settings.prompts)
+        negatives = list(settings.negative_prompts or [""] * len(prompts)) if cfg.enabled else []
+        # prompts and negative prompts in one call: the same number of chunks, as CFG's batch needs
+        (hidden,), _ = encode_prompts(call, [(self.components[0], self.tokenizer, "last_hidden_state")],
+                                      prompts + negatives)
+        cond = _per_image(hidden[: len(prompts)], settings)
+        uncond = _per_image(hidden[len(prompts):], settings) if cfg.enabled else None
         return {"encoder_hidden_states": cfg.embeddings(cond, uncond)}
 
 
@@ -83,26 +130,27 @@ class XLConditioning:
         self.tokenizer, self.tokenizer_2 = tokenizers
         self.force_zeros = force_zeros_for_empty_prompt
 
-    def encode(self, call: Call, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Both encoders' penultimate layers side by side, and the pooled projection of the second."""
-        first = call(self.components[0], input_ids=self.tokenizer(prompts))["penultimate_hidden_state"]
-        second = call(self.components[1], input_ids=self.tokenizer_2(prompts))
-        return np.concatenate([first, second["penultimate_hidden_state"]], axis=-1), second["text_embeds"]
-
     def __call__(self, call: Call, settings: GenerationSettings, cfg: Guidance) -> dict[str, np.ndarray]:
-        cond, pooled = (_per_image(a, settings) for a in self.encode(call, list(settings.prompts)))
+        prompts = list(settings.prompts)
+        zeros = self.force_zeros and settings.negative_prompts is None  # no negative prompt = zeros
+        negatives = [] if not cfg.enabled or zeros else list(settings.negative_prompts or [""] * len(prompts))
+        # both encoders' penultimate layers side by side, the second's pooled projection
+        encoders = [(self.components[0], self.tokenizer, "penultimate_hidden_state"),
+                    (self.components[1], self.tokenizer_2, "penultimate_hidden_state")]
+        hidden, pooled = encode_prompts(call, encoders, prompts + negatives, pooled="text_embeds")
+        context = np.concatenate(hidden, axis=-1)
+        cond, cond_pooled = (_per_image(a[: len(prompts)], settings) for a in (context, pooled))
         uncond = uncond_pooled = None
         if cfg.enabled:
-            if self.force_zeros and settings.negative_prompts is None:  # no negative prompt = zeros
-                uncond, uncond_pooled = np.zeros_like(cond), np.zeros_like(pooled)
+            if zeros:
+                uncond, uncond_pooled = np.zeros_like(cond), np.zeros_like(cond_pooled)
             else:
-                negatives = list(settings.negative_prompts or [""] * len(settings.prompts))
-                uncond, uncond_pooled = (_per_image(a, settings) for a in self.encode(call, negatives))
+                uncond, uncond_pooled = (_per_image(a[len(prompts):], settings) for a in (context, pooled))
         context = cfg.embeddings(cond, uncond)
         # micro-conditioning: original size, crop top-left, target size (no crop, same size)
         h, w = settings.height, settings.width
         time_ids = np.array([h, w, 0, 0, h, w], dtype=np.float32)
-        return {"encoder_hidden_states": context, "text_embeds": cfg.embeddings(pooled, uncond_pooled),
+        return {"encoder_hidden_states": context, "text_embeds": cfg.embeddings(cond_pooled, uncond_pooled),
                 "time_ids": np.tile(time_ids, (len(context), 1))}
 
 

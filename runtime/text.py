@@ -1,20 +1,33 @@
-"""Prompt -> token ids with the artifact's ``tokenizer.json`` (the ``tokenizers`` library).
+"""Prompt -> token ids in 77-token chunks, with each token's weight, by the artifact's ``tokenizer.json``.
 
-Matches diffusers' ``tokenizer(prompt, padding="max_length", max_length=77,
-truncation=True)``: ``<|startoftext|>``, up to 75 tokens, ``<|endoftext|>``, then
-padding. A longer prompt is truncated with a warning naming what was dropped.
+One chunk is diffusers' ``tokenizer(prompt, padding="max_length", max_length=77)``: ``<|startoftext|>``, up
+to 75 tokens, ``<|endoftext|>``, padding. A longer prompt, or one with ``BREAK``, becomes several chunks, and
+``(word:1.3)``-style weights give each token its factor (``edgediff.runtime.prompts``); nothing is truncated.
 """
 
 from __future__ import annotations
 
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from .prompts import BREAK_MARKER, CHUNK, MAX_CHUNKS, parse
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-SHOWN_TOKENS = 20  # of a truncated prompt's dropped part, in the warning
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """One prompt's chunks: ``ids`` (chunks, 77) int64 and each token's weight (chunks, 77) float32."""
+
+    ids: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def weighted(self) -> bool:
+        return bool((self.weights != 1.0).any())
 
 
 class PromptTokenizer:
@@ -32,22 +45,33 @@ class PromptTokenizer:
             raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary of {path} "
                              f"({self._tok.get_vocab_size()} tokens)")
 
-    def __call__(self, prompts: list[str]) -> np.ndarray:
-        rows = []
-        room = self.max_length - 2
-        for prompt in prompts:
-            ids = self._tok.encode(prompt, add_special_tokens=False).ids
-            if len(ids) > room:
-                dropped = ids[room:]
-                # CLIP's word-end marker, where the tokenizer.json has no decoder to turn it into spaces
-                shown = self._tok.decode(dropped[:SHOWN_TOKENS]).replace("</w>", " ").strip()
-                more = f" and {len(dropped) - SHOWN_TOKENS} more tokens" if len(dropped) > SHOWN_TOKENS else ""
-                warnings.warn(
-                    f"the prompt is longer than the text encoder's {self.max_length} tokens; "
-                    f"{len(dropped)} tokens were truncated: {shown!r}{more}",
-                    stacklevel=3,
-                )
-                ids = ids[:room]
-            ids = [self.bos, *ids, self.eos]
-            rows.append(ids + [self.pad_token_id] * (self.max_length - len(ids)))
-        return np.asarray(rows, dtype=np.int64)
+    @property
+    def chunk_tokens(self) -> int:
+        return min(CHUNK, self.max_length - 2)
+
+    def chunks(self, prompt: str) -> Chunks:
+        """``prompt``'s chunks: 75 tokens each (a ``BREAK`` ends one early), at least one."""
+        groups: list[tuple[list[int], list[float]]] = [([], [])]
+        for fragment in parse(prompt):
+            if fragment is BREAK_MARKER:
+                if groups[-1][0]:
+                    groups.append(([], []))
+                continue
+            text, weight = fragment
+            for token in self._tok.encode(text, add_special_tokens=False).ids:
+                if len(groups[-1][0]) == self.chunk_tokens:
+                    groups.append(([], []))
+                groups[-1][0].append(token)
+                groups[-1][1].append(weight)
+        if len(groups) > 1 and not groups[-1][0]:
+            groups.pop()  # a BREAK at the end
+        if len(groups) > MAX_CHUNKS:
+            raise ValueError(f"the prompt is {sum(len(g[0]) for g in groups):,} tokens long: at most {MAX_CHUNKS} "
+                             f"chunks of {self.chunk_tokens} tokens ({MAX_CHUNKS * self.chunk_tokens:,} tokens) are "
+                             f"encoded; shorten it (it starts {prompt[:60]!r})")
+        ids = np.full((len(groups), self.max_length), self.pad_token_id, dtype=np.int64)
+        weights = np.ones((len(groups), self.max_length), dtype=np.float32)
+        for row, (tokens, factors) in enumerate(groups):
+            ids[row, : len(tokens) + 2] = [self.bos, *tokens, self.eos]
+            weights[row, 1 : len(tokens) + 1] = factors
+        return Chunks(ids, weights)

@@ -132,12 +132,12 @@ def test_session_checks_inputs(pipe):
         unet(**{**ok, "encoder_hidden_states": np.zeros((2, 77), np.float32)})
 
 
-def test_long_prompt_warns_and_truncates(pipe):
-    long = " ".join(["red circle"] * 60)
-    with pytest.warns(UserWarning, match="truncated"):
-        ids = pipe.tokenizer([long])
-    assert ids.shape == (1, 77)
-    assert ids[0, 0] == pipe.tokenizer.bos and ids[0, -1] == pipe.tokenizer.eos
+def test_long_prompt_is_chunked_not_truncated(pipe):
+    long = " ".join(["red circle"] * 60)  # 120 tokens: two chunks of at most 75
+    chunks = pipe.tokenizer.chunks(long)
+    assert chunks.ids.shape == (2, 77)
+    assert (chunks.ids[:, 0] == pipe.tokenizer.bos).all()
+    assert chunks.ids[0, 76] == pipe.tokenizer.eos and (chunks.ids[0] != pipe.tokenizer.eos).sum() == 76
 
 
 def test_cli_reports_errors_without_traceback():

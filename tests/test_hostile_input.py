@@ -420,12 +420,12 @@ def test_extend_misuse_is_refused(artifact, tmp_path):
     assert not (tmp_path / "o.png").exists()
 
 
-def test_long_prompt_warning_is_bounded(artifact):
+def test_huge_prompt_error_is_bounded(artifact):
     pipe = Pipeline.load(artifact, backend="onnxruntime", device="cpu")
-    with pytest.warns(UserWarning) as record:
-        pipe.tokenizer(["red circle " * 20_000])
-    message = str(record[0].message)
-    assert len(message) < 500 and "39925 tokens were truncated" in message and "more tokens" in message
+    with pytest.raises(ValueError) as error:
+        pipe.tokenizer.chunks("red circle " * 20_000)
+    message = str(error.value)
+    assert len(message) < 500 and "40,000 tokens long" in message and "at most 32 chunks" in message
 
 
 def test_info_truncates_a_huge_provenance(artifact):
