@@ -236,6 +236,7 @@ def generate(
     no_cache: bool = typer.Option(False, "--no-cache", help="load without the compile cache (neither read nor written)"),
     ov_precision: str = typer.Option("auto", "--ov-precision", help="OpenVINO execution precision: auto (bf16 where the CPU has it), f32, bf16, f16"),
     lora: Optional[list[str]] = typer.Option(None, "--lora", help="a LoRA .safetensors merged in at load, FILE or FILE:SCALE (default scale 1.0); repeat for several (kohya/A1111, LoCon, LCM-LoRA, diffusers/PEFT)"),
+    embedding: Optional[list[Path]] = typer.Option(None, "--embedding", help="a textual-inversion .safetensors whose word the prompt can then use (its token, or the file's name for A1111 and SDXL files); repeat for several"),
     output: Path = typer.Option(Path("edgediff.png"), "--output", "-o", help="PNG to write (several images get -1, -2 ...)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing output files (default: refuse)"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="per-image pixel budget (default: max(1024x1024, 4x the model's native size))"),
@@ -268,7 +269,7 @@ def generate(
         pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, vae=vae, fast=fast, fallback=fallback,
                              threads=threads, cache=not no_cache, cache_dir=cache_dir,
                              ov_precision=ov_precision, max_pixels=max_pixels, max_batch=max_batch,
-                             loras=lora or [])
+                             loras=lora or [], embeddings=embedding or [])
         load_s = time.perf_counter() - t0
         if pipe.manifest.random_weights:
             console.print("[yellow]note:[/] this artifact has random weights (for latency measurement); it draws noise")

@@ -232,6 +232,7 @@ def _ort_patch(ort, so, path: Path, patch: WeightPatch) -> tuple[bytes, list[Any
     for tensor in model.graph.initializer:
         if tensor.name in patch.changes:
             merged = np.ascontiguousarray(patch.apply(tensor.name, numpy_helper.to_array(tensor, str(path.parent))))
+            tensor.dims[:] = merged.shape  # a token table grows by an embedding's rows
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
             del tensor.external_data[:]
@@ -361,6 +362,7 @@ def _ov_patched(core, path: Path, patch: WeightPatch):
             target.replace_source_output(replacement.output(0))
         found += 1
     _check_patched(path, patch, found)
+    model.validate_nodes_and_infer_types()  # a token table may have grown by an embedding's rows
     return model
 
 

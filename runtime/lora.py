@@ -411,8 +411,7 @@ def plan(loras: list[LoraSpec], root: Path, manifest: Manifest, precision: dict[
     for spec in loras:
         updates = read_updates(spec.path)
         resolve(updates, spec.path, maps, manifest)
-        stat = spec.path.stat()
-        identity.append([str(spec.path.resolve()), stat.st_size, stat.st_mtime_ns, spec.scale])
+        identity.append(file_identity(spec.path) + [spec.scale])
         for u in updates:
             param = f"{u.module}.weight"
             targets = [(g.component, g.weights[param]) for g in maps[u.model] if param in g.weights]
@@ -426,12 +425,7 @@ def plan(loras: list[LoraSpec], root: Path, manifest: Manifest, precision: dict[
                 layouts[(component, initializer)] = layout
     touched = sorted({component for component, _ in per_initializer})
     for component in touched:
-        chosen = precision.get(component, "fp32")
-        if chosen not in ("fp32", "fp16"):
-            raise LoraError(
-                f"a LoRA changes {component}, loaded here at {chosen}: LoRAs merge into float weights, and a "
-                f"{chosen} graph holds quantized ones calibrated for the base model. Load {component} at fp32 "
-                f"(precision='{component}=fp32', --precision {component}=fp32) or fp16")
+        check_float(component, precision.get(component, "fp32"), "a LoRA")
     patches = {}
     for component in touched:
         changes = {}
@@ -440,6 +434,35 @@ def plan(loras: list[LoraSpec], root: Path, manifest: Manifest, precision: dict[
                 changes[initializer] = _merger(items, layouts[(comp, initializer)])
         patches[component] = WeightPatch(component, changes, identity)
     return patches
+
+
+def check_float(component: str, chosen: str, what: str) -> None:
+    if chosen not in ("fp32", "fp16"):
+        raise LoraError(
+            f"{what} changes {component}, loaded here at {chosen}: LoRAs and embeddings merge into float weights, "
+            f"and a {chosen} graph holds quantized ones calibrated for the base model. Load {component} at fp32 "
+            f"(precision='{component}=fp32', --precision {component}=fp32) or fp16")
+
+
+def file_identity(path: Path) -> list[Any]:
+    """What the compile cache keys a patched graph by: the file's path, size and modification time."""
+    stat = Path(path).stat()
+    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def combine(*plans: dict[str, WeightPatch]) -> dict[str, WeightPatch]:
+    """Several plans' patches (LoRAs, embeddings) as one patch per graph."""
+    out: dict[str, WeightPatch] = {}
+    for patches in plans:
+        for component, patch in patches.items():
+            if component in out:
+                overlap = set(out[component].changes) & set(patch.changes)
+                if overlap:
+                    raise LoraError(f"two patches change {component}'s {sorted(overlap)[0]}")
+                patch = WeightPatch(component, out[component].changes | patch.changes,
+                                    out[component].identity + patch.identity)
+            out[component] = patch
+    return out
 
 
 def _merger(items: list[tuple[Update, float, LoraSpec]], layout: str):

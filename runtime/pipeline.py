@@ -33,7 +33,9 @@ from .denoise import (DenoiserInputs, GenerationError, InpaintingUNetInputs, Job
                       denoise)
 from .images import extend_canvas, load_image, load_mask, paste_unmasked, to_pil
 from .limits import DEFAULT_MAX_BATCH, pixel_budget
-from .lora import LoraSpec, WeightPatch
+from .embeddings import plan as embedding_plan
+from .embeddings import read_embedding
+from .lora import LoraSpec, WeightPatch, combine
 from .lora import plan as lora_plan
 from .manifest import DEEP_FEATURE, ArtifactError, Manifest, artifact_file, load_manifest, read_manifest_json
 from .result import Result, Timings
@@ -103,7 +105,8 @@ def choose_vae(vae: str, precision: dict[str, str], available: dict[str, dict[st
 class Pipeline:
     def __init__(self, root: Path, manifest: Manifest, backend: str, device: str, options: BackendOptions,
                  precision: dict[str, str], fallback: bool = False, *, max_pixels: int | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH, fast: dict[str, Any] | None = None, loras: list[Any] = ()):
+                 max_batch: int = DEFAULT_MAX_BATCH, fast: dict[str, Any] | None = None, loras: list[Any] = (),
+                 embeddings: list[str | Path] = ()):
         self.root = root
         self.fast = fast or {}  # the fast profile's per-call savings, used where a call names none
         self.manifest = manifest
@@ -118,9 +121,12 @@ class Pipeline:
         tokenizers = [self._tokenizer(t.tokenizer, t.max_length, t.pad_token_id) for t in manifest.text_encoders]
         self.tokenizer = tokenizers[0]
         self.conditioning = conditioning_for(manifest, tokenizers)
-        # every LoRA read and checked against the artifact before any graph is compiled
+        # every embedding and LoRA read and checked against the artifact before any graph is compiled
+        self.embeddings = [read_embedding(Path(p), manifest) for p in embeddings]
+        self._embedding_patches = embedding_plan(self.embeddings, dict(zip(self.conditioning.components, tokenizers)),
+                                                 root, manifest, precision)
         self.loras = [LoraSpec.parse(x) for x in loras]
-        self.patches = lora_plan(self.loras, root, manifest, precision)
+        self.patches = combine(lora_plan(self.loras, root, manifest, precision), self._embedding_patches)
         self.sessions = {comp: self._open(comp, precision[comp])
                          for comp in self.conditioning.components + (manifest.denoiser.name, "vae_decoder")}
 
@@ -143,6 +149,7 @@ class Pipeline:
         max_pixels: int | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         loras: list[Any] = (),
+        embeddings: list[str | Path] = (),
     ) -> Pipeline:
         """Open an artifact folder (default: the embedded model) on ``backend``/``device``.
 
@@ -161,6 +168,7 @@ class Pipeline:
         ``~/.cache/edgediff``) so the next load of the same files skips the backend's optimization;
         ``cache=False`` loads without it. ``loras``: LoRA files merged into the weights before the graphs are
         compiled (``"file.safetensors"``, ``"file.safetensors:0.8"`` or ``(file, 0.8)``; ``edgediff.runtime.lora``).
+        ``embeddings``: textual-inversion files whose words prompts can then use (``edgediff.runtime.embeddings``).
         """
         for name, value in (("max_pixels", max_pixels), ("max_batch", max_batch)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -184,13 +192,13 @@ class Pipeline:
             chosen = chosen | {manifest.denoiser.name: profile_unet}
         chosen = choose_vae(vae, chosen, manifest.components)
         return cls(root, manifest, backend, device, options, chosen, fallback, max_pixels=max_pixels,
-                   max_batch=max_batch, fast=profile, loras=loras)
+                   max_batch=max_batch, fast=profile, loras=loras, embeddings=embeddings)
 
     def set_loras(self, loras: list[Any]) -> None:
         """Apply these LoRAs instead of the current ones (``[]``: none). Only the graphs whose weights change are
         compiled again; the others stay as they are. Everything is checked first: a bad file changes nothing."""
         specs = [LoraSpec.parse(x) for x in loras]
-        patches = lora_plan(specs, self.root, self.manifest, self.precision)
+        patches = combine(lora_plan(specs, self.root, self.manifest, self.precision), self._embedding_patches)
         with self._lock:
             changed = [c for c in self.sessions
                        if _identity(patches.get(c)) != _identity(self.patches.get(c))]
@@ -390,6 +398,8 @@ class Pipeline:
             images += self._with_fallback(lambda sessions: self._run(
                 task, chunk, sessions, progress, timings, latents=chunk_latents, pixels=pixels, binary=binary,
                 mask_blur=mask_blur, keep_unmasked=keep_unmasked))
+        if self.embeddings:
+            inputs["embeddings"] = {e.name: str(e.path) for e in self.embeddings}
         return Result(tuple(images), settings, task, timings, self.describe(), str(self.root), inputs,
                       tuple(spec.record() for spec in self.loras))
 

@@ -37,6 +37,7 @@ class PromptTokenizer:
         self._tok.no_truncation()
         self.max_length = max_length
         self.pad_token_id = pad_token_id
+        self._expand: dict[int, list[int]] = {}  # a textual-inversion word's first token -> all its tokens
         self.bos = self._tok.token_to_id(BOS)
         self.eos = self._tok.token_to_id(EOS)
         if self.bos is None or self.eos is None:
@@ -44,6 +45,22 @@ class PromptTokenizer:
         if pad_token_id >= self._tok.get_vocab_size():
             raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary of {path} "
                              f"({self._tok.get_vocab_size()} tokens)")
+
+    def add_word(self, word: str, count: int, source: Path) -> list[int]:
+        """A textual-inversion word as ``count`` new tokens (``word``, ``word_1``...: diffusers' names); the
+        ids they got, in order. Written once in a prompt, the word stands for all of them."""
+        names = [word] + [f"{word}_{k}" for k in range(1, count)]
+        taken = [n for n in names if self._tok.token_to_id(n) is not None]
+        if taken:
+            raise ValueError(f"{source}: the embedding's word {taken[0]!r} is already a token of the tokenizer (a word "
+                             "of its vocabulary, or another embedding's); rename the file or its token")
+        start = self._tok.get_vocab_size(with_added_tokens=True)
+        self._tok.add_tokens(names)
+        ids = [self._tok.token_to_id(n) for n in names]
+        if ids != list(range(start, start + count)):
+            raise ValueError(f"{source}: the tokenizer numbered the new tokens {ids}, not {start}..{start + count - 1}")
+        self._expand[ids[0]] = ids
+        return ids
 
     @property
     def chunk_tokens(self) -> int:
@@ -58,7 +75,8 @@ class PromptTokenizer:
                     groups.append(([], []))
                 continue
             text, weight = fragment
-            for token in self._tok.encode(text, add_special_tokens=False).ids:
+            for token in (t for first in self._tok.encode(text, add_special_tokens=False).ids
+                          for t in self._expand.get(first, (first,))):
                 if len(groups[-1][0]) == self.chunk_tokens:
                     groups.append(([], []))
                 groups[-1][0].append(token)

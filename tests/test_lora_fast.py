@@ -89,7 +89,7 @@ def test_int8_unet_is_refused_by_name(embedded_copy, tmp_path):
     unet = manifest["components"]["unet"]["variants"]
     unet["int8"] = dict(unet["fp32"])  # a stand-in: the refusal comes before any graph is read
     (embedded_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(LoraError, match=r"a LoRA changes unet, loaded here at int8: LoRAs merge into float weights"):
+    with pytest.raises(LoraError, match=r"a LoRA changes unet, loaded here at int8: LoRAs and embeddings merge into float weights"):
         Pipeline.load(embedded_copy, backend="onnxruntime", device="cpu", precision="unet=int8",
                       loras=[tmp_path / "l.safetensors"])
 
@@ -104,3 +104,21 @@ def test_bfloat16_files_are_read(embedded_copy, tmp_path):
     (tmp_path / "bf16.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + raw)
     tensors, _ = read_tensors(tmp_path / "bf16.safetensors")
     np.testing.assert_array_equal(tensors["w"], values)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_embedding_word_on_the_embedded_model(embedded_copy, tmp_path, backend):
+    """An A1111 embedding (emb_params, named by its file) is a new word: a prompt using it gets the file's
+    vectors (a different image from the prompt without the embedding loaded), with or without a LoRA."""
+    load = dict(backend=backend, device="cpu", ov_precision="f32", cache=False)
+    base = Pipeline.load(embedded_copy, **load)
+    width = base.manifest.text_encoders[0].hidden_size
+    vectors = np.random.default_rng(3).standard_normal((2, width)).astype(np.float32) * 3
+    save_file({"emb_params": vectors}, str(tmp_path / "shiny.safetensors"))
+    ours = Pipeline.load(embedded_copy, embeddings=[tmp_path / "shiny.safetensors"], **load)
+    ids = ours.tokenizer.chunks("a shiny circle").ids[0]
+    assert ids[2] >= 49408 and ids[3] == ids[2] + 1  # two new tokens past CLIP's vocabulary, where "shiny" was
+    prompt = "a shiny red circle on a blue background"
+    assert not np.array_equal(np.asarray(ours.txt2img(prompt, **RUN)[0]), np.asarray(base.txt2img(prompt, **RUN)[0]))
+    np.testing.assert_array_equal(np.asarray(ours.txt2img("a red circle", **RUN)[0]),
+                                  np.asarray(base.txt2img("a red circle", **RUN)[0]))
