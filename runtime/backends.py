@@ -303,14 +303,17 @@ def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str
         config["INFERENCE_NUM_THREADS"] = int(options.threads)
     if options.ov_precision != "auto":
         config["INFERENCE_PRECISION_HINT"] = options.ov_precision
-    cache = _cache_entry(options, "openvino", path, {"device": target, "config": config}, patch)
+    # A patched graph is compiled at each load: OpenVINO's cache finds an entry by the model it is given, so a
+    # hit would still need the merge, and its exported blob imported from memory loaded slower than a fresh
+    # compile (SD1.5 LoCon: 12.5 s vs 10.3 s; benchmarks/results/lora_load_sd15_cpu.md)
+    cache = _cache_entry(options, "openvino", path, {"device": target, "config": config}, None) \
+        if patch is None else None
     hit = cache is not None and cache.ready
     staging = None if cache is None or hit else cache.staging()
     if hit or staging is not None:
         config["CACHE_DIR"] = str(cache.folder if hit else staging)  # OpenVINO's own model cache
     try:
-        model = str(path) if patch is None else _ov_patched(core, path, patch)
-        compiled = core.compile_model(model, target, config)
+        compiled = core.compile_model(str(path) if patch is None else _ov_patched(core, path, patch), target, config)
     except Exception as e:  # OpenVINO raises RuntimeError subclasses with its own messages
         if staging is not None:
             cache.discard(staging)
@@ -356,7 +359,8 @@ def _ov_patched(core, path: Path, patch: WeightPatch):
         if op.get_type_name() != "Constant" or name not in patch.changes:
             continue
         merged = np.ascontiguousarray(patch.apply(name, op.get_data()))
-        replacement = ov.op.Constant(merged)  # copies the array
+        # shares the array's memory (OpenVINO holds a reference to it for as long as it needs it): no copy
+        replacement = ov.op.Constant(merged, shared_memory=True)
         replacement.set_friendly_name(name)
         for target in list(op.output(0).get_target_inputs()):
             target.replace_source_output(replacement.output(0))

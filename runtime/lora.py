@@ -100,14 +100,13 @@ class Update:
     model: str = ""
     module: str = ""
 
-    def delta(self, shape: tuple[int, ...], scale: float) -> np.ndarray:
-        """``scale * alpha / rank * up @ down`` in the target parameter's (diffusers) shape, float32."""
+    def factors(self, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """(``up x scale x alpha / rank``, ``down``) as float32 matrices: the update, flattened to (out, in x kh x
+        kw) as the weight is, is their product."""
         rank = self.down.shape[0]
         factor = scale * (self.alpha / rank if self.alpha is not None else 1.0)
-        up = self.up.reshape(self.up.shape[0], -1).astype(np.float32)
-        down = self.down.reshape(rank, -1).astype(np.float32)
-        product = np.float32(factor) * (up @ down)
-        return product.reshape(shape)
+        up = self.up.reshape(self.up.shape[0], rank).astype(np.float32, copy=False) * np.float32(factor)
+        return up, self.down.reshape(rank, -1).astype(np.float32, copy=False)
 
     def target_shape(self) -> tuple[int, ...]:
         return (self.up.shape[0],) + tuple(self.down.shape[1:])
@@ -239,7 +238,7 @@ def _peft_alphas(path: Path, metadata: dict[str, str]) -> dict[str, Callable[[in
             if lora_alpha is None:
                 continue
             rslora = bool(config.get(f"{model}.use_rslora"))
-            # PEFT's scaling is lora_alpha / r (rsLoRA: / sqrt(r)); Update.delta divides alpha by the rank
+            # PEFT's scaling is lora_alpha / r (rsLoRA: / sqrt(r)); Update.factors divides alpha by the rank
             out[model] = (lambda r, a=float(lora_alpha), rs=rslora: a * math.sqrt(r) if rs else a)
         return out
     except (ValueError, TypeError, AttributeError) as e:
@@ -467,16 +466,15 @@ def combine(*plans: dict[str, WeightPatch]) -> dict[str, WeightPatch]:
 
 def _merger(items: list[tuple[Update, float, LoraSpec]], layout: str):
     def merge(base: np.ndarray) -> np.ndarray:
-        shape = base.shape[::-1] if layout == "transposed" else base.shape
-        total = np.zeros(shape, dtype=np.float32)
+        """The weight plus every update, summed in float32, in the weight's dtype. A transposed weight (a Linear
+        folded into MatMul) gets ``down.T @ up.T``: the update already transposed, computed contiguous."""
+        merged = None  # the updates' sum, then the weight added in: two passes over the weight's memory
         for u, scale, _ in items:
-            total += u.delta(shape, scale)
-        if layout == "transposed":
-            total = total.T
-        return (base.astype(np.float32) + total).astype(base.dtype)
+            up, down = u.factors(scale)
+            product = down.T @ up.T if layout == "transposed" else up @ down
+            merged = product if merged is None else np.add(merged, product, out=merged)
+        merged = merged.reshape(base.shape)
+        np.add(merged, base, out=merged)
+        return merged if base.dtype == np.float32 else merged.astype(base.dtype)
 
     return merge
-
-
-def describe(loras: list[LoraSpec]) -> list[dict[str, Any]]:
-    return [spec.record() for spec in loras]

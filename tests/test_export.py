@@ -122,7 +122,7 @@ def test_tokenizer_is_the_real_clip_bpe(tiny_sd1):
     from edgediff.runtime.text import PromptTokenizer
 
     tok = PromptTokenizer(tiny_sd1[1] / "tokenizer" / "tokenizer.json", 77, 49407)
-    ids = tok(["a red circle on a blue background"])[0]
+    ids = tok.chunks("a red circle on a blue background").ids[0]
     # ids of openai/clip-vit-large-patch14 for this prompt
     assert ids[:9].tolist() == [49406, 320, 736, 7117, 525, 320, 1746, 5994, 49407]
     assert np.all(ids[9:] == 49407)

@@ -120,7 +120,7 @@ def test_two_concurrent_quantize_runs_keep_both_variants(artifact):
     assert [code for code, _ in outputs] == [0, 0], outputs
     assert set(load_manifest(artifact).components["text_encoder"]) == {"fp32", "fp16", "int8"}
     assert sorted(p.name for p in (artifact / "text_encoder").iterdir()) == ["model.fp16.onnx", "model.int8.onnx",
-                                                                             "model.onnx"]  # no orphans
+                                                                             "model.onnx", "weights.json"]  # no orphans
     assert sorted(p.name for p in artifact.iterdir() if p.is_file()) == ["manifest.json"]
 
 

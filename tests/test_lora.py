@@ -160,15 +160,19 @@ def test_set_loras_recompiles_only_what_changes(tiny_sd1, sd1_files):
     np.testing.assert_array_equal(np.asarray(pipe.txt2img(PROMPT, steps=STEPS, seed=SEED, width=W, height=H)[0]), base)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_compile_cache_keeps_one_patched_entry_per_graph(tiny_sd1, sd1_files, tmp_path, backend):
-    """A LoRA'd graph is cached too (the same LoRA loads from the cache next time, same image); another LoRA
-    set replaces that entry instead of adding one, and the base graph's entry stays."""
+def test_compile_cache_keeps_one_patched_entry_per_graph(tiny_sd1, sd1_files, tmp_path):
+    """ONNX Runtime caches a LoRA'd graph too (the same LoRA loads from the cache next time, same image);
+    another LoRA set replaces that entry instead of adding one, and the base graph's entry stays. OpenVINO
+    compiles a patched graph at each load (its cache would not save the merge) and keeps its base entries."""
     from edgediff.runtime import compile_cache
 
     src, artifact = tiny_sd1
     cache = tmp_path / "cache"
-    load = dict(backend=backend, device="cpu", ov_precision="f32", cache_dir=cache)
+    ov = dict(backend="openvino", device="cpu", cache_dir=cache)
+    assert Pipeline.load(artifact, **ov).describe()["unet"]["compile_cache"] == "written"
+    patched = Pipeline.load(artifact, loras=[sd1_files["kohya"]], **ov).describe()
+    assert patched["unet"]["compile_cache"] == "off" and patched["vae_decoder"]["compile_cache"] == "hit"
+    load = dict(backend="onnxruntime", device="cpu", cache_dir=cache)
     plain = Pipeline.load(artifact, **load)
     first = Pipeline.load(artifact, loras=[(sd1_files["kohya"], 0.8)], **load)
     assert first.describe()["unet"]["compile_cache"] == "written"
