@@ -15,3 +15,13 @@ def default_model_path() -> Path:
 def default_model_source() -> Path:
     """The embedded model's diffusers folder (its weights as trained; ``edgediff export`` makes the artifact)."""
     return Path(__file__).resolve().parent / DEFAULT_MODEL / "diffusers"
+
+
+def shapes_lora(name: str = "diamond") -> Path:
+    """A LoRA shipped for the embedded model (``models/shapes/loras/``): ``diamond`` teaches it a shape it never
+    saw (``models/shapes/training/train_lora.py``)."""
+    path = Path(__file__).resolve().parent / DEFAULT_MODEL / "loras" / f"{name}.safetensors"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in path.parent.glob("*.safetensors"))
+        raise ValueError(f"no shipped LoRA {name!r:.40}; shipped: {', '.join(shipped) or 'none'}")
+    return path

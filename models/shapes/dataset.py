@@ -26,6 +26,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle", "star")
+# Shapes the base model never saw in training, each taught by a LoRA shipped with it (models/shapes/loras/,
+# made by models/shapes/training/train_lora.py). Not colours: the model's VAE, trained on the eight colours
+# above, decodes any other colour as one of them, so no LoRA of the UNet and text encoder could teach one.
+NEW_SHAPES = ("diamond",)
 SIZES = ("small", "large")
 # Colour-shape pairs never drawn in training: the evaluation reports them apart.
 HELD_OUT: frozenset[tuple[str, str]] = frozenset(
@@ -84,6 +88,11 @@ def all_scenes(held_out: bool | None = None) -> list[Scene]:
     return [sc for sc in scenes if ((sc.color, sc.shape) in HELD_OUT) == held_out]
 
 
+def scenes_of(shape: str) -> list[Scene]:
+    """Every scene with a ``shape`` object (one of NEW_SHAPES, say): each colour, size and background."""
+    return [Scene(c, shape, z, b) for c in COLORS for z in SIZES for b in COLORS if b != c]
+
+
 def star_points(cx: float, cy: float, r: float, inner: float = 0.45) -> list[tuple[float, float]]:
     pts = []
     for k in range(10):
@@ -110,6 +119,8 @@ def draw(scene: Scene, rng: np.random.Generator) -> Image.Image:
         d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif scene.shape == "triangle":
         d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    elif scene.shape == "diamond":
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
     else:
         # the star's bounding box is ~0.95 r below the centre: shift so it is centred
         d.polygon(star_points(cx, cy + 0.1 * r, r * 1.05), fill=fill)
@@ -118,7 +129,8 @@ def draw(scene: Scene, rng: np.random.Generator) -> Image.Image:
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     template = TEMPLATES[rng.integers(len(TEMPLATES))]
-    shape = SYNONYMS[scene.shape][rng.integers(len(SYNONYMS[scene.shape]))]
+    names = SYNONYMS.get(scene.shape, (scene.shape,))
+    shape = names[rng.integers(len(names))]
     size = SYNONYMS[scene.size][rng.integers(len(SYNONYMS[scene.size]))]
     text = template.format(size=size, color=scene.color, shape=shape, bg=scene.background)
     return " ".join(text.split())

@@ -121,6 +121,17 @@ def build_denoiser(tokenizer, text: dict, unet: dict):
             UNet2DConditionModel(in_channels=4, out_channels=4, cross_attention_dim=text["hidden_size"], **unet))
 
 
+def v_prediction_loss(unet, text_encoder, x0: torch.Tensor, ids: torch.Tensor, acp: torch.Tensor, gen, device: str):
+    """The denoiser's loss on one batch: noise at random timesteps, predict v (the schedule's ``acp``)."""
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    t = torch.randint(0, 1000, (len(x0),), generator=gen).to(device)
+    a = acp[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
+    context = text_encoder(ids.to(device), return_dict=False)[0]
+    return torch.nn.functional.mse_loss(unet(xt, t, context, return_dict=False)[0], target)
+
+
 def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, steps: int, batch: int, device: str, seed: int,
                    init: Path | None = None, lr: float = 5e-4, text: dict = TEXT, unet_config: dict = UNET,
                    max_minutes: float | None = None, stop_at: int | None = None):
@@ -152,13 +163,7 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, steps:
         x0 = latents[idx].to(device)
         ids = ids_all[idx].clone()
         ids[torch.rand(batch, generator=gen) < 0.1] = empty[0]  # unconditional rows for guidance
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
-        context = text_encoder(ids.to(device), return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(unet(xt, t, context, return_dict=False)[0], target)
+        loss = v_prediction_loss(unet, text_encoder, x0, ids, acp, gen, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
