@@ -58,11 +58,12 @@ def sgm_name(path: str, layers_per_block: int) -> str:
         return whole[path]
     resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
               "conv_shortcut": "skip_connection"}
-    m = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path)
-    if m:
-        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        inner = 0 if kind == "resnets" else 1
-        return f"input_blocks.{1 + block * per + layer}.{inner}.{resnet.get(rest, rest) if inner == 0 else rest}"
+    for blocks, sgm_blocks, first in (("down_blocks", "input_blocks", 1), ("up_blocks", "output_blocks", 0)):
+        m = re.fullmatch(rf"{blocks}\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path)
+        if m:
+            block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+            inner = 0 if kind == "resnets" else 1
+            return f"{sgm_blocks}.{first + block * per + layer}.{inner}.{resnet.get(rest, rest) if inner == 0 else rest}"
     m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", path)
     if m:
         return f"input_blocks.{(int(m[1]) + 1) * per}.0.op"
@@ -70,11 +71,6 @@ def sgm_name(path: str, layers_per_block: int) -> str:
     if m:
         index = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}[(m[1], int(m[2]))]
         return f"middle_block.{index}.{resnet.get(m[3], m[3]) if m[1] == 'resnets' else m[3]}"
-    m = re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path)
-    if m:
-        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        inner = 0 if kind == "resnets" else 1
-        return f"output_blocks.{block * per + layer}.{inner}.{resnet.get(rest, rest) if inner == 0 else rest}"
     m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", path)
     if m:
         return f"output_blocks.{int(m[1]) * per + layers_per_block}.2.conv"
