@@ -70,10 +70,10 @@ class LoraSpec:
             head, sep, tail = text.rpartition(":")
             if sep and head and not tail.startswith(("\\", "/")):  # not a Windows drive's colon
                 try:
-                    return cls(Path(head), _scale(float(tail), head))
-                except ValueError:
-                    if re.fullmatch(r"\s*[-+0-9.eE]+\s*|\s*(nan|inf|-inf)\s*", tail, re.I):
-                        raise
+                    scale = float(tail)
+                except ValueError:  # a colon in the file's name
+                    return cls(Path(text), 1.0)
+                return cls(Path(head), _scale(scale, head))
             return cls(Path(text), 1.0)
         raise LoraError(f"a LoRA is a file path, 'FILE:SCALE' or (file, scale); got {value!r:.80}")
 
@@ -228,23 +228,21 @@ def _peft_alphas(path: Path, metadata: dict[str, str]) -> dict[str, Callable[[in
     try:
         config = json.loads(raw)
         models = {key.partition(".")[0] for key in config}
-        out = {}
-        for model in models:
-            lora_alpha = config.get(f"{model}.lora_alpha")
-            if config.get(f"{model}.alpha_pattern") or config.get(f"{model}.use_dora"):
-                raise LoraError(f"{path}: its {model} adapter uses "
-                                + ("DoRA" if config.get(f"{model}.use_dora") else "per-module alphas (alpha_pattern)")
-                                + ", which edgediff does not merge; accepted: plain LoRA (one lora_alpha per model)")
-            if lora_alpha is None:
-                continue
-            rslora = bool(config.get(f"{model}.use_rslora"))
-            # PEFT's scaling is lora_alpha / r (rsLoRA: / sqrt(r)); Update.factors divides alpha by the rank
-            out[model] = (lambda r, a=float(lora_alpha), rs=rslora: a * math.sqrt(r) if rs else a)
-        return out
     except (ValueError, TypeError, AttributeError) as e:
-        if isinstance(e, LoraError):
-            raise
         raise LoraError(f"{path}: its lora_adapter_metadata is not the JSON diffusers writes ({e})") from None
+    out = {}
+    for model in models:
+        if config.get(f"{model}.alpha_pattern") or config.get(f"{model}.use_dora"):
+            raise LoraError(f"{path}: its {model} adapter uses "
+                            + ("DoRA" if config.get(f"{model}.use_dora") else "per-module alphas (alpha_pattern)")
+                            + ", which edgediff does not merge; accepted: plain LoRA (one lora_alpha per model)")
+        lora_alpha = config.get(f"{model}.lora_alpha")
+        if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool):
+            continue
+        rslora = bool(config.get(f"{model}.use_rslora"))
+        # PEFT's scaling is lora_alpha / r (rsLoRA: / sqrt(r)); Update.factors divides alpha by the rank
+        out[model] = (lambda r, a=float(lora_alpha), rs=rslora: a * math.sqrt(r) if rs else a)
+    return out
 
 
 # -- naming: the file's layer names -> diffusers module paths ---------------------------------------------------
@@ -324,9 +322,10 @@ def resolve(updates: list[Update], path: Path, maps: dict[str, list[WeightMap]],
     """Fill each update's ``model`` and ``module`` from its file name; LoraError when a layer names a model or
     module this artifact does not have (a LoRA for another architecture)."""
     tables = {model: _lookup(graphs) for model, graphs in maps.items()}
+    layers_per_block = _layers_per_block(maps.get("unet", []))
     unknown: list[str] = []
     for u in updates:
-        model, module = _target(u.name, tables, maps)
+        model, module = _target(u.name, tables, layers_per_block)
         if model not in MODELS:
             unknown.append(u.name)
             continue
@@ -360,13 +359,14 @@ def _lookup(graphs: list[WeightMap]) -> dict[str, str]:
     return table
 
 
-def _target(name: str, tables: dict[str, dict[str, str]], maps: dict[str, list[WeightMap]]) -> tuple[str, str | None]:
+def _target(name: str, tables: dict[str, dict[str, str]], layers_per_block: int) -> tuple[str, str | None]:
+    """The (model, module path) a file's layer name targets; the module None when this artifact has none such."""
     for prefix, model in KOHYA_PREFIXES.items():
         if name.startswith(prefix):
             rest = name[len(prefix):]
             if model == "unet" and re.match(r"(input_blocks|middle_block|output_blocks|time_embed|label_emb|out_2)",
                                             rest):
-                rest = sgm_to_diffusers(rest, _layers_per_block(maps.get("unet", [])))
+                rest = sgm_to_diffusers(rest, layers_per_block)
             if model != "unet":
                 rest = rest.removeprefix("text_model_")
             return model, tables.get(model, {}).get(rest)
@@ -404,8 +404,7 @@ def plan(loras: list[LoraSpec], root: Path, manifest: Manifest, precision: dict[
     if not loras:
         return {}
     maps = weight_maps(root, manifest, precision)
-    per_initializer: dict[tuple[str, str], list[tuple[Update, float, LoraSpec]]] = {}
-    layouts: dict[tuple[str, str], str] = {}
+    per_initializer: dict[tuple[str, str, str], list[tuple[Update, float]]] = {}  # (graph, initializer, layout)
     identity = []
     for spec in loras:
         updates = read_updates(spec.path)
@@ -420,19 +419,13 @@ def plan(loras: list[LoraSpec], root: Path, manifest: Manifest, precision: dict[
                     raise LoraError(f"{spec.path}: layer {u.name} is {list(want)} but {u.model}'s {u.module} weight "
                                     f"is {list(shape)}: the LoRA was made for another model (SD 1.x, SD 2.x and "
                                     "SDXL LoRAs are not interchangeable)")
-                per_initializer.setdefault((component, initializer), []).append((u, spec.scale, spec))
-                layouts[(component, initializer)] = layout
-    touched = sorted({component for component, _ in per_initializer})
-    for component in touched:
+                per_initializer.setdefault((component, initializer, layout), []).append((u, spec.scale))
+    changes: dict[str, dict[str, Callable[[np.ndarray], np.ndarray]]] = {}
+    for (component, initializer, layout), items in per_initializer.items():
+        changes.setdefault(component, {})[initializer] = _merger(items, layout)
+    for component in changes:
         check_float(component, precision.get(component, "fp32"), "a LoRA")
-    patches = {}
-    for component in touched:
-        changes = {}
-        for (comp, initializer), items in per_initializer.items():
-            if comp == component:
-                changes[initializer] = _merger(items, layouts[(comp, initializer)])
-        patches[component] = WeightPatch(component, changes, identity)
-    return patches
+    return {component: WeightPatch(component, merges, identity) for component, merges in changes.items()}
 
 
 def check_float(component: str, chosen: str, what: str) -> None:
@@ -464,12 +457,12 @@ def combine(*plans: dict[str, WeightPatch]) -> dict[str, WeightPatch]:
     return out
 
 
-def _merger(items: list[tuple[Update, float, LoraSpec]], layout: str):
+def _merger(items: list[tuple[Update, float]], layout: str):
     def merge(base: np.ndarray) -> np.ndarray:
         """The weight plus every update, summed in float32, in the weight's dtype. A transposed weight (a Linear
         folded into MatMul) gets ``down.T @ up.T``: the update already transposed, computed contiguous."""
         merged = None  # the updates' sum, then the weight added in: two passes over the weight's memory
-        for u, scale, _ in items:
+        for u, scale in items:
             up, down = u.factors(scale)
             product = down.T @ up.T if layout == "transposed" else up @ down
             merged = product if merged is None else np.add(merged, product, out=merged)
