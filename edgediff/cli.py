@@ -38,7 +38,7 @@ def _setup() -> None:
 def _fail(message: str) -> None:
     from rich.markup import escape
 
-    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, emoji=False)  # a path "x:abc:" is no emoji
     raise typer.Exit(code=2)
 
 

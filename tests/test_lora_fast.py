@@ -122,3 +122,12 @@ def test_embedding_word_on_the_embedded_model(embedded_copy, tmp_path, backend):
     assert not np.array_equal(np.asarray(ours.txt2img(prompt, **RUN)[0]), np.asarray(base.txt2img(prompt, **RUN)[0]))
     np.testing.assert_array_equal(np.asarray(ours.txt2img("a red circle", **RUN)[0]),
                                   np.asarray(base.txt2img("a red circle", **RUN)[0]))
+
+
+def test_cli_names_a_missing_lora_as_given(tmp_path):
+    """The error prints the path as written: a name with colons is not turned into an emoji by the console."""
+    from .conftest import run_cli
+
+    result = run_cli("generate", "x", "--lora", str(tmp_path / "nope.safetensors:abc"), "-o", str(tmp_path / "o.png"))
+    assert result.exit_code == 2 and "nope.safetensors:abc: no such file" in result.output
+    assert not (tmp_path / "o.png").exists()
