@@ -11,7 +11,8 @@ it is also measured on the file without convolutions ("attention").
         --out benchmarks/results/lora_load_sd15_cpu
 
 Cases: the artifact alone (no cache: compiled; then warm: from the compile cache), with the LoRA (no cache;
-first load with a cache: merged, compiled and written; second: from the cache), ``set_loras`` swapping
+first load with a cache: merged, compiled and written; second: from the cache, on ONNX Runtime; OpenVINO
+keeps no entry for a LoRA'd graph, so its three LoCon loads are one case measured three times), ``set_loras`` swapping
 the loaded LoRA for another (only the touched graphs recompiled), and a UNet step at 512x512 with and
 without a LoRA: merged at load it costs nothing per step, while GenAI runs its LoRA as extra graph
 branches at every step.
