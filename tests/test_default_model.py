@@ -16,11 +16,11 @@ from edgediff.runtime.metrics import psnr
 
 from .conftest import run_cli
 
-pytestmark = pytest.mark.fast  # the shipped artifact needs no export
 
 ARTIFACT = default_model_path()
 DIFFUSERS = ARTIFACT.parent / "diffusers"
-pytestmark = pytest.mark.skipif(not (ARTIFACT / "manifest.json").exists(), reason="the embedded model is not built")
+pytestmark = [pytest.mark.fast,  # the shipped artifact needs no export
+              pytest.mark.skipif(not (ARTIFACT / "manifest.json").exists(), reason="the embedded model is not built")]
 
 
 @pytest.fixture(scope="module")
