@@ -87,6 +87,9 @@ def run_bench(
     vae: str = "full",
     cache_interval: int | None = None,
     cfg_until: float | None = None,
+    low_memory: bool = False,
+    static_shapes: bool | None = None,
+    vae_tiling: str = "auto",
 ) -> list[dict[str, Any]]:
     """Benchmark one configuration (default size: the model's); returns one flat row per measured run.
 
@@ -95,7 +98,10 @@ def run_bench(
     pipeline runs the measured images.
 
     ``vae``, ``cache_interval`` and ``cfg_until`` are the savings of ``generate`` (tiny VAE, DeepCache, CFG
-    cut-off); each row records them, and the shallow UNet's calls apart from the full ones."""
+    cut-off); each row records them, and the shallow UNet's calls apart from the full ones. ``low_memory``,
+    ``static_shapes`` and ``vae_tiling`` are ``Pipeline.load``'s; ``device`` may place each component
+    (``text_encoder=cpu,unet=gpu``). ``peak_rss_mb`` is the process's peak resident memory so far (its loads
+    included): run one configuration per process to compare peaks."""
     for name, value, lo in (("runs", runs, 1), ("warmup", warmup, 0), ("steps", steps, 1)):
         if not isinstance(value, int) or value < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
@@ -105,7 +111,8 @@ def run_bench(
     height = manifest.sample_size if height is None else height
     with tempfile.TemporaryDirectory() as tmp_cache:
         kw = dict(backend=backend, device=device, precision=precision, vae=vae, threads=threads,
-                  ov_precision=ov_precision, cache=cache, cache_dir=cache_dir or tmp_cache)
+                  ov_precision=ov_precision, cache=cache, cache_dir=cache_dir or tmp_cache, low_memory=low_memory,
+                  static_shapes=static_shapes, vae_tiling=vae_tiling)
         savings = dict(cache_interval=cache_interval, cfg_until=cfg_until)
         t0 = time.perf_counter()
         pipe = Pipeline.load(root, **kw)
@@ -120,10 +127,11 @@ def run_bench(
             pipe.txt2img("warm up", steps=min(2, steps), width=width, height=height, guidance=guidance, scheduler=scheduler,
                          **savings)
         desc = pipe.describe()
-        disk = sum(disk_bytes(root / s.variant.file) for s in pipe.sessions.values())
+        disk = sum(disk_bytes(root / manifest.variant(c, d["precision"]).file) for c, d in desc.items())
         base = {
             "artifact": str(root), "family": manifest.family, "random_weights": manifest.random_weights,
-            "backend": pipe.backend, "device": pipe.device,
+            "backend": pipe.backend, "device": pipe.device, "devices": dict(pipe.devices),
+            "low_memory": low_memory, "static_shapes": static_shapes, "vae_tiling": vae_tiling,
             "execution": {c: d["device"] for c, d in desc.items()},
             "execution_precision": {c: d["execution_precision"] for c, d in desc.items()},
             "compile_cache": {c: d["compile_cache"] for c, d in desc.items()},
@@ -209,6 +217,7 @@ def label(row: dict[str, Any]) -> str:
     prec = sorted({str(v) for v in row["precision"].values()})
     savings = row.get("savings") or {}
     saved = "".join(f" {k}={v}" for k, v in savings.items() if v not in (None, "full", 1))
+    saved += " low-memory" * bool(row.get("low_memory")) + " static" * bool(row.get("static_shapes"))
     return (f"{Path(row['artifact']).name} {row['backend']}/{row['device']} {'+'.join(prec)}{saved} "
             f"{row['width']}x{row['height']} on {str(row['machine'].get('cpu', '?'))[:24]}")
 

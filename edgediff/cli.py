@@ -1,4 +1,4 @@
-"""The ``edgediff`` command line: export, quantize, generate, bench, tune, cache, info.
+"""The ``edgediff`` command line: export, quantize, generate, bench, tune, cache, check, info.
 
 ``generate``, ``bench`` and ``info`` import only the runtime (no torch);
 ``export`` and ``quantize`` import their side lazily.
@@ -156,7 +156,7 @@ def _print_exported(manifest, out: Path, t0: float) -> None:
 @app.command()
 def quantize(
     artifact: Path = typer.Argument(..., help="artifact folder (variants are added into it)"),
-    precision: str = typer.Option(..., "--precision", "-p", help="fp16, int8, int8-static, int8-static-attn (attention products too: OpenVINO's int8 attention), int4, or (OpenVINO IR, needs nncf) nncf-int8, nncf-hybrid"),
+    precision: str = typer.Option(..., "--precision", "-p", help="fp16, int8, int8-static, int8-static-attn (attention products too: OpenVINO's int8 attention), int4, or (OpenVINO IR, needs nncf) nncf-int8, nncf-hybrid, or fp16-cuda (the UNet fused by ONNX Runtime's optimizer for its CUDA EP; gated on a CUDA GPU)"),
     components: Optional[str] = typer.Option(None, help="comma-separated, e.g. unet,text_encoder (default: the ones the precision suits)"),
     force: bool = typer.Option(False, "--force", help="add a variant even when it measures below the quality gate"),
     min_psnr: float = typer.Option(20.0, help="gate: mean PSNR (dB) of the prompt set's images vs fp32"),
@@ -197,9 +197,8 @@ def quantize(
         except MemoryError:
             _fail("out of memory while quantizing; try fewer --components at a time, or a machine with more RAM")
     for comp, q in results.items():
-        acc = f", accuracy {q['accuracy']}" if "accuracy" in q else ""
-        console.print(f"  {comp:13s} {precision:11s} {q['size_ratio_vs_fp32']:.2f}x fp32 size, "
-                      f"PSNR {q['psnr_db']:.1f} dB, SSIM {q['ssim']:.3f} vs fp32{acc}", soft_wrap=True)
+        console.print(f"  {comp:13s} {precision:11s} {q['size_ratio_vs_fp32']:.2f}x fp32 size, {quality_words(q)}",
+                      soft_wrap=True)
     typer.echo(f"added {precision} variants of {', '.join(results)} to {artifact}")
 
 
@@ -218,8 +217,13 @@ def generate(
     height: Optional[int] = typer.Option(None, help="image height, a multiple of 8 (default: the model's)"),
     scheduler: Optional[str] = typer.Option(None, help="ddim, pndm, lms, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, unipc, heun, lcm (default: the model's)"),
     backend: str = typer.Option("auto", help="auto, onnxruntime or openvino"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, dml (onnxruntime); cpu, gpu, npu, auto (openvino)"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, dml (onnxruntime); cpu, gpu, npu, auto (openvino); or per component, e.g. text_encoder=cpu,unet=gpu,vae=gpu"),
     precision: Optional[str] = typer.Option(None, help="component precisions, e.g. fp16 or unet=int8,vae_decoder=fp16"),
+    static_shapes: Optional[bool] = typer.Option(None, "--static-shapes/--dynamic-shapes", help="OpenVINO: compile each graph for the exact size asked (cached per shape); default: on NPU only, which needs it"),
+    low_memory: bool = typer.Option(False, "--low-memory", help="load each stage's graphs for it and release them after, the VAE in tiles: a fraction of the memory, a load per stage"),
+    vae_tiling: str = typer.Option("auto", "--vae-tiling", help="auto (tiles above 1024x1024 pixels, or with --low-memory), on, off"),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="ONNX Runtime CUDA: capture a CUDA graph per shape and replay it"),
+    no_check: bool = typer.Option(False, "--no-check", help="skip the device check against the CPU (run once per device and artifact, then cached)"),
     vae: Optional[str] = typer.Option(None, "--vae", help="full (default), or tiny: the artifact's tiny VAE (TAESD, from export --tiny-vae), a fraction of the decode time; its measured quality is in `edgediff info`"),
     fast: bool = typer.Option(False, "--fast", help="the savings `edgediff tune` measured to keep the quality bounds (tiny VAE, DeepCache, CFG cut-off; `edgediff info` shows them); options you give win"),
     num_images: int = typer.Option(1, "--num-images", min=1, help="images to generate (run in UNet batches of at most --max-batch)"),
@@ -269,7 +273,8 @@ def generate(
         pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, vae=vae, fast=fast, fallback=fallback,
                              threads=threads, cache=not no_cache, cache_dir=cache_dir,
                              ov_precision=ov_precision, max_pixels=max_pixels, max_batch=max_batch,
-                             loras=lora or [], embeddings=embedding or [])
+                             loras=lora or [], embeddings=embedding or [], static_shapes=static_shapes,
+                             low_memory=low_memory, vae_tiling=vae_tiling, cuda_graph=cuda_graph, check=not no_check)
         load_s = time.perf_counter() - t0
         if pipe.manifest.random_weights:
             console.print("[yellow]note:[/] this artifact has random weights (for latency measurement); it draws noise")
@@ -324,8 +329,11 @@ def _print_timings(load_s: float, result) -> None:
 def bench(
     artifact: Optional[Path] = typer.Argument(None, help="artifact folder (default: the embedded model)"),
     backend: str = typer.Option("auto", help="auto, onnxruntime or openvino"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, dml, gpu, npu"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, dml, gpu, npu, or per component: text_encoder=cpu,unet=gpu"),
     precision: Optional[str] = typer.Option(None, help="component precisions, e.g. fp16 or unet=int8"),
+    low_memory: bool = typer.Option(False, "--low-memory", help="one stage's graphs in memory at a time, the VAE in tiles"),
+    static_shapes: Optional[bool] = typer.Option(None, "--static-shapes/--dynamic-shapes", help="OpenVINO graphs compiled per shape (default: NPU only)"),
+    vae_tiling: str = typer.Option("auto", "--vae-tiling", help="auto, on, off"),
     size: Optional[str] = typer.Option(None, help="WIDTHxHEIGHT (default: the model's native size)"),
     steps: int = typer.Option(20, min=1, help="denoising steps per run"),
     runs: int = typer.Option(3, min=1, help="measured runs"),
@@ -388,7 +396,8 @@ def bench(
     try:
         rows = B.run_bench(artifact, backend=backend, device=device, precision=precision, width=width, height=height,
                            steps=steps, runs=runs, warmup=warmup, guidance=guidance, threads=threads,
-                           ov_precision=ov_precision, vae=vae, cache_interval=cache_interval, cfg_until=cfg_until)
+                           ov_precision=ov_precision, vae=vae, cache_interval=cache_interval, cfg_until=cfg_until,
+                           low_memory=low_memory, static_shapes=static_shapes, vae_tiling=vae_tiling)
     except (ArtifactError, BackendError, GenerationError, ValueError) as e:
         _fail(str(e))
     except MemoryError:
@@ -451,27 +460,93 @@ def tune(
     typer.echo(fast_profile_words(profile))
 
 
-@app.command()
-def cache(
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="the compile cache's folder (default: $EDGEDIFF_CACHE_DIR, else ~/.cache/edgediff)"),
-    clear: bool = typer.Option(False, "--clear", help="delete every entry (only the cache's own folders)"),
-    stale: bool = typer.Option(False, "--stale", help="delete the entries whose graph file is gone"),
-) -> None:
-    """List the compile cache's entries (each graph's optimized or compiled form) and their size, or clear them."""
+cache_app = typer.Typer(no_args_is_help=True, help="The compile cache: each graph's optimized (ONNX Runtime) or compiled (OpenVINO) form, kept for the next load.")
+app.add_typer(cache_app, name="cache")
+CACHE_DIR_HELP = "the compile cache's folder (default: $EDGEDIFF_CACHE_DIR, else ~/.cache/edgediff)"
+
+
+@cache_app.command("list")
+def cache_list(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP)) -> None:
+    """List the entries: backend, graph, the device and shapes compiled for, size, when last used."""
     from edgediff.runtime import compile_cache
 
     root = cache_dir or compile_cache.default_root()
-    if clear or stale:
-        count, size = compile_cache.clear(root, stale_only=stale and not clear)
-        typer.echo(f"removed {count} entries ({size / 1e9:.2f} GB) from {root}")
-        return
     found = compile_cache.entries(root)
-    table = Table(title=f"compile cache {root}: {len(found)} entries, {sum(e['bytes'] for e in found) / 1e9:.2f} GB")
-    for col in ("backend", "graph", "MB", "graph still there"):
+    bound = compile_cache.max_bytes() / 1e9
+    table = Table(title=f"compile cache {root}: {len(found)} entries, {sum(e['bytes'] for e in found) / 1e9:.2f} GB "
+                        f"(bound {bound:.0f} GB: $EDGEDIFF_CACHE_MAX_GB)")
+    for col in ("backend", "graph", "compiled for", "MB", "last used", "graph still there"):
         table.add_column(col)
-    for e in found:
-        table.add_row(e["backend"], e["graph"], f"{e['bytes'] / 1e6:.1f}", "yes" if e["graph_exists"] else "no (stale)")
-    Console().print(table)
+    for e in sorted(found, key=lambda e: -e["last_used"]):
+        settings = e["settings"]
+        shapes = settings.get("shapes")
+        target = str(settings.get("device", "?")) + ("" if not shapes else " " + ", ".join(
+            f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items()))
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e["last_used"] else "?"
+        table.add_row(e["backend"], e["graph"], target, f"{e['bytes'] / 1e6:.1f}", used,
+                      "yes" if e["graph_exists"] else "no (stale)")
+    Console(width=220).print(table)
+
+
+@cache_app.command("clear")
+def cache_clear(
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+    stale: bool = typer.Option(False, "--stale", help="only the entries whose graph file is gone"),
+) -> None:
+    """Delete the entries (only the cache's own folders; nothing else there is touched)."""
+    from edgediff.runtime import compile_cache
+
+    root = cache_dir or compile_cache.default_root()
+    count, size = compile_cache.clear(root, stale_only=stale)
+    typer.echo(f"removed {count} entries ({size / 1e9:.2f} GB) from {root}")
+
+
+@app.command()
+def check(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="artifact folder (default: the embedded shapes model)"),
+    device: str = typer.Option(..., "--device", help="the device to check: gpu, npu (openvino), cuda, dml (onnxruntime), or per component"),
+    backend: str = typer.Option("auto", help="auto, onnxruntime or openvino"),
+    precision: Optional[str] = typer.Option(None, help="component precisions to check, e.g. fp16"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+) -> None:
+    """Compare a device with the CPU, stage by stage, on one short generation; demote what differs.
+
+    Each component's outputs on the device are measured against the CPU's for the same inputs (SNR in dB); a
+    component below the bound runs at fp32 on the device, else on the CPU. The verdict is kept and applied by
+    later loads on that device (generate checks automatically on first use; this command measures again)."""
+    from edgediff.runtime import ArtifactError, BackendError, GenerationError, compile_cache, load_manifest
+    from edgediff.runtime import device_check
+    from edgediff.runtime.backends import BackendOptions
+    from edgediff.runtime.pipeline import choose_vae, parse_precision
+    from edgediff.runtime.placement import resolve_placement
+
+    if model is None:
+        from edgediff.models import default_model_path
+
+        model = default_model_path()
+    try:
+        manifest = load_manifest(model)
+        backend_name, devices = resolve_placement(backend, device, manifest.roles)
+        chosen = choose_vae("full", parse_precision(precision, manifest.components), manifest.components)
+        root = Path(cache_dir) if cache_dir else compile_cache.default_root()
+        options = BackendOptions(threads=threads, cache_dir=root)
+        folder = root / device_check.FOLDER
+        key = device_check.check_key(model, manifest, backend_name, devices, chosen)
+        report = device_check.check(model, manifest, backend_name, devices, chosen, options)
+        device_check.save_report(folder, key, report)
+    except (ArtifactError, BackendError, GenerationError, ValueError) as e:
+        _fail(str(e))
+    table = Table(title=f"device check on {backend_name}: each component vs the CPU (at least "
+                        f"{device_check.MIN_SNR_DB:g} dB)")
+    for col in ("component", "asked", "SNR dB", "runs on", "precision", "why"):
+        table.add_column(col)
+    for v in report.verdicts:
+        table.add_row(v.component, devices.get(v.component, "?"), "cpu (reference)" if v.snr_db is None and
+                      v.action == "kept" else f"{v.snr_db}", v.device, v.precision, v.why)
+    Console(width=220).print(table)
+    demoted = report.demoted()
+    typer.echo(f"{len(demoted)} component(s) demoted" if demoted else "every component matches the CPU")
 
 
 @app.command()

@@ -41,6 +41,15 @@ class BackendOptions:
     threads: int | None = None  # intra-op threads; None = the backend's default
     cache_dir: Path | None = None  # the compile cache's root (edgediff.runtime.compile_cache); None: off
     ov_precision: str = "auto"  # OpenVINO inference precision hint: auto = the device's default (bf16 on AMX/AVX512-BF16 CPUs)
+    # OpenVINO: compile each graph for the shapes it is called with (reshaped, cached per shape) instead of once with
+    # dynamic shapes. None: only where the device needs it (NPU: its plugin refuses dynamic shapes)
+    static_shapes: bool | None = None
+    # OpenVINO static graphs of batch 1: a batch is run one item at a time (the guidance as two UNet calls, as
+    # OpenVINO GenAI does on NPU). None: on NPU only
+    batch_one: bool | None = None
+    dml_adapter: int = 0  # DirectML: the adapter (GPU) index
+    io_binding: bool | None = None  # ONNX Runtime: feed and fetch through IO binding (None: on CUDA only)
+    cuda_graph: bool = False  # ONNX Runtime CUDA: capture a CUDA graph per input shape and replay it (needs io_binding)
 
 
 @dataclass
@@ -60,6 +69,7 @@ class Session:
     execution_precision: str = "f32"
     load_seconds: float = 0.0
     compile_cache: str = "off"  # "hit": loaded from the compile cache, "written": filled it, "off": neither
+    requested_device: str = ""  # the device asked for (``device`` is what executes)
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         feeds = check_inputs(self.component, self.variant.inputs, inputs)
@@ -146,6 +156,23 @@ def resolve(backend: str, device: str) -> tuple[str, str]:
     return backend, device
 
 
+def require_device(backend: str, device: str) -> None:
+    """BackendError unless ``backend`` can run on ``device`` here (a resolved device: not ``auto``)."""
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        provider, available = ORT_PROVIDERS[device], ort.get_available_providers()
+        if provider not in available:
+            raise BackendError(
+                f"ONNX Runtime here has no {provider} (device {device!r}); available: {', '.join(available)}. "
+                "Install onnxruntime-gpu for cuda or onnxruntime-directml for dml (not together with onnxruntime)")
+        return
+    target = OV_DEVICES[device]
+    have = _ov_core().available_devices
+    if target != "AUTO" and target not in {d.split(".")[0] for d in have}:
+        raise BackendError(f"OpenVINO has no {target} device here; available: {', '.join(have)}")
+
+
 def _ort_accelerator() -> str | None:
     import onnxruntime as ort
 
@@ -174,7 +201,30 @@ def open_session(root: Path, component: str, variant: Variant, backend: str, dev
             f"{_names(graph_inputs)} and gives {_names(graph_outputs)}, the manifest says {want_inputs} -> "
             f"{outputs}. Was the file replaced by another component's? Re-export the artifact"
         )
-    return Session(component, variant, run, backend, actual, precision, time.perf_counter() - t0, cached)
+    session = Session(component, variant, run, backend, actual, precision, time.perf_counter() - t0, cached,
+                      requested_device=device)
+    _report_elsewhere(session)
+    if isinstance(run, StaticShapes):
+        session.compile_cache = "per shape"
+
+        def report(actual: str, precision: str, cached: str, seconds: float) -> None:
+            session.device, session.execution_precision, session.compile_cache = actual, precision, cached
+            session.load_seconds += seconds
+            _report_elsewhere(session)
+
+        run.report = report
+    return session
+
+
+def _report_elsewhere(session: Session) -> None:
+    """A graph that runs on another device than the one asked for is said, never hidden (OpenVINO's AUTO
+    names the devices it chose; a named device must be among the executing ones)."""
+    asked = session.requested_device
+    if session.backend != "openvino" or asked == "auto":
+        return
+    if OV_DEVICES[asked] not in {d.split(".")[0] for d in session.device.split(",")}:
+        warnings.warn(f"{session.component} was asked to run on {asked} but OpenVINO executes it on "
+                      f"{session.device}", stacklevel=4)
 
 
 def _names(ports: list[set[str]]) -> list[str]:
@@ -184,30 +234,98 @@ def _names(ports: list[set[str]]) -> list[str]:
 def _open_ort(path: Path, device: str, options: BackendOptions, outputs: list[str], patch: WeightPatch | None):
     import onnxruntime as ort
 
+    require_device("onnxruntime", device)
     provider = ORT_PROVIDERS[device]
-    available = ort.get_available_providers()
-    if provider not in available:
-        raise BackendError(
-            f"ONNX Runtime here has no {provider} (device {device!r}); available: {', '.join(available)}. "
-            "Install onnxruntime-gpu for cuda or onnxruntime-directml for dml (not together with onnxruntime)"
-        )
     if device == "cuda" and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
+    so = ort_session_options(ort, device, options)
+    providers = ort_providers(device, options)
+    cache = _cache_entry(options, "onnxruntime", path, {"device": device}, patch) \
+        if device == "cpu" else None  # CUDA/DirectML graphs are not saved: EP-specific fusions
+    sess, cached = _ort_session(ort, path, so, providers, cache, patch, device, options)
+    used = sess.get_providers()[0]
+    if used != ORT_PROVIDERS[device]:
+        raise BackendError(f"ONNX Runtime fell back to {used} for {path.parent.name} although {provider} was asked for")
+    graph_inputs = [{i.name} for i in sess.get_inputs()]
+    graph_outputs = [{o.name} for o in sess.get_outputs()]
+    bound = options.io_binding if options.io_binding is not None else device == "cuda"
+    run = BoundRun(ort, sess, device, outputs, options.cuda_graph) if bound or options.cuda_graph else \
+        (lambda feeds: sess.run(outputs, feeds))
+    return run, used, "f32", graph_inputs, graph_outputs, cached
+
+
+def ort_session_options(ort, device: str, options: BackendOptions):
+    """The session options for ``device``: memory patterns off (all devices), DirectML's sequential execution.
+    (Low-memory mode keeps the memory arena: without it each step's attention buffers were allocated afresh,
+    1.8x slower per SD1.5 step and a higher peak, 7.2 against 5.9 GB; weight prepacking off saved nothing.)"""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if options.threads:
         so.intra_op_num_threads = options.threads
     so.log_severity_level = 4  # errors reach the user once, as our BackendError, not also as ONNX Runtime's log line
-    providers = [provider] if device == "cpu" else [provider, "CPUExecutionProvider"]
-    cache = _cache_entry(options, "onnxruntime", path, {"device": device}, patch) \
-        if device == "cpu" else None  # CUDA/DirectML graphs are not saved: EP-specific fusions
-    sess, cached = _ort_session(ort, path, so, providers, cache, patch)
-    used = sess.get_providers()[0]
-    if used != provider:
-        raise BackendError(f"ONNX Runtime fell back to {used} for {path.parent.name} although {provider} was asked for")
-    graph_inputs = [{i.name} for i in sess.get_inputs()]
-    graph_outputs = [{o.name} for o in sess.get_outputs()]
-    return (lambda feeds: sess.run(outputs, feeds)), used, "f32", graph_inputs, graph_outputs, cached
+    # Memory patterns (one block planned from the first run's allocations) pay with dynamic shapes only in memory:
+    # SD1.5 at 512 on the CPU peaked at 9.96 GB with them, 7.6 GB without, at the same step time
+    # (benchmarks/results/memory_sd15_cpu.md). DirectML: "does not support the use of memory pattern
+    # optimizations or parallel execution" (ONNX Runtime's DirectML EP page).
+    so.enable_mem_pattern = False
+    if device == "dml":
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return so
+
+
+def ort_providers(device: str, options: BackendOptions) -> list[Any]:
+    """The execution providers, with their options: CUDA graphs on request, DirectML's adapter index."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        cuda = {"enable_cuda_graph": "1"} if options.cuda_graph else {}
+        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+    return [("DmlExecutionProvider", {"device_id": int(options.dml_adapter)}), "CPUExecutionProvider"]
+
+
+class BoundRun:
+    """Runs an ONNX Runtime session through IO binding: each input shape gets its own device buffers, bound
+    once; a call copies into them only the inputs that changed (the prompt embeddings, fed as the same array
+    at every step, are copied once), and the outputs come back from buffers bound after the shape's first run.
+    With ``cuda_graph`` each shape's buffers get a graph id: ONNX Runtime captures the graph on that shape's
+    first runs and replays it after (its buffers must keep their addresses: they do, they are never rebound)."""
+
+    def __init__(self, ort, sess, device: str, outputs: list[str], cuda_graph: bool):
+        self.ort, self.sess, self.outputs, self.cuda_graph = ort, sess, outputs, cuda_graph
+        self.device_type = {"cpu": "cpu", "cuda": "cuda", "dml": "dml"}[device]
+        self.slots: dict[tuple, dict[str, Any]] = {}
+        self.lock = threading.Lock()  # a binding's buffers serve one call at a time
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        key = tuple(sorted((name, a.shape, str(a.dtype)) for name, a in feeds.items()))
+        with self.lock:
+            slot = self.slots.get(key)
+            if slot is None:
+                slot = self.slots[key] = self._bind(feeds, len(self.slots))
+            else:
+                for name, a in feeds.items():
+                    if slot["fed"][name] is not a:  # the same array as last time: already on the device
+                        slot["inputs"][name].update_inplace(a)
+                        slot["fed"][name] = a
+            self.sess.run_with_iobinding(slot["binding"], slot["run_options"])
+            if slot["values"] is None:  # first run of this shape: keep the buffers ONNX Runtime allocated
+                slot["values"] = slot["binding"].get_outputs()
+                for name, value in zip(self.outputs, slot["values"]):
+                    slot["binding"].bind_ortvalue_output(name, value)
+            return [np.array(v.numpy(), copy=True) for v in slot["values"]]
+
+    def _bind(self, feeds: dict[str, np.ndarray], graph_id: int) -> dict[str, Any]:
+        binding = self.sess.io_binding()
+        inputs = {}
+        for name, a in feeds.items():
+            inputs[name] = self.ort.OrtValue.ortvalue_from_numpy(a, self.device_type, 0)
+            binding.bind_ortvalue_input(name, inputs[name])
+        for name in self.outputs:
+            binding.bind_output(name, self.device_type)
+        run_options = self.ort.RunOptions()
+        if self.cuda_graph:
+            run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return {"binding": binding, "inputs": inputs, "fed": dict(feeds), "values": None, "run_options": run_options}
 
 
 def _cache_entry(options: BackendOptions, backend: str, path: Path, settings: dict[str, Any], patch: WeightPatch | None):
@@ -254,17 +372,18 @@ def _check_patched(path: Path, patch: WeightPatch, found: int) -> None:
                             f"({patch.component}/weights.json): the graph was replaced after export; re-export it")
 
 
-def _ort_session(ort, path: Path, so, providers: list[str], cache, patch: WeightPatch | None):
+def _ort_session(ort, path: Path, so, providers: list[Any], cache, patch: WeightPatch | None, device: str,
+                 options: BackendOptions):
     """The session and how the cache served it: from the cache's optimized graph when it has one ("hit"), else
     optimized here (with ``patch``'s weights) and saved there ("written"; "off" when there is no cache or it
     cannot be written)."""
     if cache is not None and cache.ready:
-        cached = ort.SessionOptions()
-        for name in ("intra_op_num_threads", "log_severity_level"):
-            setattr(cached, name, getattr(so, name))
+        cached = ort_session_options(ort, device, options)
         cached.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # it is optimized already
         try:
-            return ort.InferenceSession(str(cache.folder / "model.onnx"), cached, providers=providers), "hit"
+            sess = ort.InferenceSession(str(cache.folder / "model.onnx"), cached, providers=providers)
+            cache.touch()
+            return sess, "hit"
         except Exception as e:  # a damaged entry: rebuilt below from the artifact's graph
             warnings.warn(f"the compile cache's copy of {path} ({cache.folder}) does not load ({str(e)[:200]}); "
                           "rebuilding it", stacklevel=5)
@@ -292,10 +411,7 @@ def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str
     target = OV_DEVICES[device]
     if target == "AUTO" and [d.split(".")[0] for d in core.available_devices] == ["CPU"]:
         target = "CPU"  # nothing to choose from; CPU reports its execution precision, AUTO does not
-    if target != "AUTO" and target not in {d.split(".")[0] for d in core.available_devices}:
-        raise BackendError(
-            f"OpenVINO has no {target} device here; available: {', '.join(core.available_devices)}"
-        )
+    require_device("openvino", device)
     if options.ov_precision not in OV_PRECISIONS:
         raise BackendError(f"unknown OpenVINO precision {options.ov_precision!r}; valid: {', '.join(OV_PRECISIONS)}")
     config: dict[str, Any] = {}
@@ -303,35 +419,74 @@ def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str
         config["INFERENCE_NUM_THREADS"] = int(options.threads)
     if options.ov_precision != "auto":
         config["INFERENCE_PRECISION_HINT"] = options.ov_precision
-    # A patched graph is compiled at each load: OpenVINO's cache finds an entry by the model it is given, so a
-    # hit would still need the merge, and its exported blob imported from memory loaded slower than a fresh
-    # compile (SD1.5 LoCon: 12.5 s vs 10.3 s; benchmarks/results/lora_load_sd15_cpu.md)
-    cache = _cache_entry(options, "openvino", path, {"device": target, "config": config}, None) \
-        if patch is None else None
+    static = options.static_shapes if options.static_shapes is not None else target == "NPU"
+    if static:
+        batch_one = options.batch_one if options.batch_one is not None else target == "NPU"
+        model = core.read_model(str(path)) if patch is None else _ov_patched(core, path, patch)
+        run = StaticShapes(core, model, path, target, config, options, outputs, batch_one, cacheable=patch is None)
+        names = ([set(p.get_names()) for p in model.inputs], [set(p.get_names()) for p in model.outputs])
+        return run, target, _precision_words(options.ov_precision), names[0], names[1], "off"
+    compiled, cached = _ov_compile(core, path if patch is None else _ov_patched(core, path, patch), path, target,
+                                   config, options, {}, cacheable=patch is None)
+    actual, precision = _ov_report(compiled, target)
+    graph_inputs = [set(port.get_names()) for port in compiled.inputs]
+    graph_outputs = [set(port.get_names()) for port in compiled.outputs]
+    return _ov_requests(compiled, outputs), actual, precision, graph_inputs, graph_outputs, cached
+
+
+def _ov_compile(core, source, path: Path, target: str, config: dict[str, Any], options: BackendOptions,
+                shapes: dict[str, Any], cacheable: bool):
+    """``source`` (the graph's path, or a model read and changed in memory) compiled for ``target``, through the
+    compile cache where ``cacheable``: returns (compiled model, "hit" | "written" | "off").
+
+    A patched graph (LoRAs merged) is compiled at each load: OpenVINO's cache finds an entry by the model it is
+    given, so a hit would still need the merge, and its exported blob imported from memory loaded slower than a
+    fresh compile (SD1.5 LoCon: 12.5 s vs 10.3 s; benchmarks/results/lora_load_sd15_cpu.md)."""
+    settings = {"device": target, "config": config} | ({"shapes": shapes} if shapes else {})
+    cache = _cache_entry(options, "openvino", path, settings, None) if cacheable else None
     hit = cache is not None and cache.ready
     staging = None if cache is None or hit else cache.staging()
+    config = dict(config)
     if hit or staging is not None:
         config["CACHE_DIR"] = str(cache.folder if hit else staging)  # OpenVINO's own model cache
     try:
-        compiled = core.compile_model(str(path) if patch is None else _ov_patched(core, path, patch), target, config)
+        compiled = core.compile_model(str(source) if isinstance(source, Path) else source, target, config)
     except Exception as e:  # OpenVINO raises RuntimeError subclasses with its own messages
         if staging is not None:
             cache.discard(staging)
-        raise BackendError(f"OpenVINO could not compile {path} for {target}: {e}") from e
-    cached = "hit" if hit else "written" if staging is not None and cache.commit(staging) else "off"
-    idle = [compiled.create_infer_request()]  # a pool: one request per concurrent call ("Infer Request is busy")
-    pool_lock = threading.Lock()
-    graph_inputs = [set(port.get_names()) for port in compiled.inputs]
-    graph_outputs = [set(port.get_names()) for port in compiled.outputs]
-    ports = [compiled.output(name) for name in outputs if any(name in names for names in graph_outputs)]
+        what = f" for the shapes {shapes}" if shapes else ""
+        hint = "; this device needs static shapes: pass static_shapes=True (--static-shapes)" \
+            if not shapes and "dynamic" in str(e).lower() else ""
+        raise BackendError(f"OpenVINO could not compile {path} for {target}{what}: {str(e)[:600]}{hint}") from e
+    if hit:
+        cache.touch()
+    return compiled, "hit" if hit else "written" if staging is not None and cache.commit(staging) else "off"
+
+
+def _ov_report(compiled, target: str) -> tuple[str, str]:
+    """(the devices that execute the compiled model, its execution precision) as OpenVINO reports them."""
     try:
-        precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        precision = _precision_words(str(compiled.get_property("INFERENCE_PRECISION_HINT")))
     except Exception:  # not every device reports it
         precision = "unknown"
     try:
         actual = ",".join(compiled.get_property("EXECUTION_DEVICES"))
     except Exception:
         actual = target
+    return actual, precision
+
+
+def _precision_words(hint: str) -> str:
+    return {"<Type: 'float32'>": "f32", "<Type: 'bfloat16'>": "bf16", "<Type: 'float16'>": "f16"}.get(hint, hint)
+
+
+def _ov_requests(compiled, outputs: list[str]) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    """A compiled model's run function: a pool of infer requests, one per concurrent call ("Infer Request is
+    busy" otherwise)."""
+    idle = [compiled.create_infer_request()]
+    pool_lock = threading.Lock()
+    graph_outputs = [set(port.get_names()) for port in compiled.outputs]
+    ports = [compiled.output(name) for name in outputs if any(name in names for names in graph_outputs)]
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         with pool_lock:
@@ -343,8 +498,64 @@ def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str
             with pool_lock:
                 idle.append(request)
 
-    precision = {"<Type: 'float32'>": "f32", "<Type: 'bfloat16'>": "bf16", "<Type: 'float16'>": "f16"}.get(precision, precision)
-    return run, actual, precision, graph_inputs, graph_outputs, cached
+    return run
+
+
+class StaticShapes:
+    """An OpenVINO graph compiled for the exact shapes it is called with: reshaped to them, compiled (through
+    the compile cache, one entry per shape) on the first call of each, kept for the next ``MAX_SHAPES``
+    shapes in memory (least recently used dropped: each compiled copy holds its own weights).
+
+    NPUs need it: their plugin refuses dynamic shapes (openvino issue 26357). With ``batch_one`` a batch runs
+    one item at a time through a batch-1 graph, so the guided UNet batch is two calls, as OpenVINO GenAI runs
+    the UNet on NPU; the items are independent, so the result equals the batched call's."""
+
+    MAX_SHAPES = 2
+
+    def __init__(self, core, model, path: Path, target: str, config: dict[str, Any], options: BackendOptions,
+                 outputs: list[str], batch_one: bool, cacheable: bool):
+        self.core, self.model, self.path, self.target = core, model, path, target
+        self.config, self.options, self.outputs = config, options, outputs
+        self.batch_one, self.cacheable = batch_one, cacheable
+        self.compiled: dict[tuple, tuple[Any, Callable]] = {}  # shape key -> (compiled model, run), most recent last
+        self.lock = threading.Lock()
+        self.report: Callable[[str, str, str, float], None] = lambda actual, precision, cached, seconds: None
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        batch = {a.shape[0] for a in feeds.values() if a.ndim}
+        if self.batch_one and batch and max(batch) > 1:
+            parts = [self._run({k: v[i : i + 1] if v.ndim else v for k, v in feeds.items()})
+                     for i in range(max(batch))]
+            return [np.concatenate(outs) for outs in zip(*parts)]
+        return self._run(feeds)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        key = tuple(sorted((name, tuple(a.shape)) for name, a in feeds.items()))
+        with self.lock:
+            entry = self.compiled.pop(key, None)
+            if entry is None:
+                entry = self._compile(dict(key))
+            self.compiled[key] = entry
+            while len(self.compiled) > self.MAX_SHAPES:
+                self.compiled.pop(next(iter(self.compiled)))
+        return entry[1](feeds)
+
+    def _compile(self, shapes: dict[str, tuple[int, ...]]):
+        import openvino as ov
+
+        t0 = time.perf_counter()
+        model = self.model.clone()
+        model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+        compiled, cached = _ov_compile(self.core, model, self.path, self.target, self.config, self.options,
+                                       {k: list(v) for k, v in shapes.items()}, self.cacheable)
+        actual, precision = _ov_report(compiled, self.target)
+        self.report(actual, precision, cached, time.perf_counter() - t0)
+        return compiled, _ov_requests(compiled, self.outputs)
+
+    def compiled_shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        """The shapes compiled now, least recently used first (what tests and ``describe`` read)."""
+        with self.lock:
+            return [dict(key) for key in self.compiled]
 
 
 def _ov_patched(core, path: Path, patch: WeightPatch):

@@ -11,7 +11,12 @@ Where: ``cache_dir`` when given, else ``$EDGEDIFF_CACHE_DIR``, else ``$XDG_CACHE
 a folder ``<backend>/<graph>-<stamp>``: ``graph`` names the file's resolved path with the backend, device and
 options that change what is compiled; ``stamp`` the size and modification time of each of its files, the
 backend's version and the CPU. An artifact changed on disk therefore has a new stamp, so a stale entry is
-never used; the older entries of the same graph are removed when the new one is written.
+never used; the older entries of the same graph are removed when the new one is written. (The stamp stands
+for the artifact's hash: hashing an SD1.5 UNet's 3.4 GB at every load would cost seconds.) OpenVINO graphs
+compiled for static shapes (``static_shapes``, always on NPU) get one entry per shape.
+
+The cache is bounded: ``$EDGEDIFF_CACHE_MAX_GB`` (default 20 GB); writing an entry removes the least recently
+used ones (a hit marks an entry used) until the rest fit. ``edgediff cache list`` / ``cache clear``.
 
 An entry is built in a staging folder and renamed into place when complete: a load killed half-way leaves
 no entry that looks valid. A cache folder that cannot be written degrades to loading without the cache, with
@@ -79,7 +84,15 @@ class Entry:
             _unwritable(self.folder.parent, e)
             return False
         self._remove_stale()
+        evict(self.folder.parent.parent, max_bytes(), keep=self.folder)
         return True
+
+    def touch(self) -> None:
+        """Mark the entry used now: the size bound evicts the least recently used entries first."""
+        try:
+            os.utime(self.folder / MARKER)
+        except OSError:
+            pass
 
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
@@ -122,8 +135,42 @@ def entry(root: Path, backend: str, graph: Path, files: list[Path], settings: di
     return Entry(Path(root) / backend / f"{graph_id}-{stamp}", graph_id, record)
 
 
+DEFAULT_MAX_GB = 20.0  # the cache's size bound: an SD1.5 artifact's graphs take ~4-5 GB per backend and shape
+
+
+def max_bytes() -> int:
+    """The size bound: ``$EDGEDIFF_CACHE_MAX_GB`` (a number of GB), else DEFAULT_MAX_GB."""
+    text = os.environ.get("EDGEDIFF_CACHE_MAX_GB", "")
+    try:
+        gb = float(text) if text else DEFAULT_MAX_GB
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0 or gb == float("inf"):
+        warnings.warn(f"EDGEDIFF_CACHE_MAX_GB={text!r:.40} is not a number of GB; using {DEFAULT_MAX_GB:g}", stacklevel=2)
+        gb = DEFAULT_MAX_GB
+    return int(gb * 1e9)
+
+
+def evict(root: Path, limit: int, keep: Path | None = None) -> list[Path]:
+    """Remove the least recently used entries until the cache holds at most ``limit`` bytes (``keep``, the entry
+    just written, stays even when it alone is larger); returns the folders removed."""
+    found = sorted(entries(root), key=lambda e: e["last_used"])
+    total = sum(e["bytes"] for e in found)
+    removed = []
+    for e in found:
+        if total <= limit:
+            break
+        if keep is not None and e["folder"] == keep:
+            continue
+        shutil.rmtree(e["folder"], ignore_errors=True)
+        total -= e["bytes"]
+        removed.append(e["folder"])
+    return removed
+
+
 def entries(root: Path) -> list[dict[str, Any]]:
-    """The complete entries under ``root`` (what ``edgediff cache`` lists): backend, folder, graph, bytes."""
+    """The complete entries under ``root`` (what ``edgediff cache list`` shows): backend, folder, graph, bytes,
+    its settings (device, shapes...), when it was last used."""
     found = []
     for backend in ("onnxruntime", "openvino"):
         for folder in sorted((Path(root) / backend).glob("*")) if (Path(root) / backend).is_dir() else []:
@@ -136,8 +183,13 @@ def entries(root: Path) -> list[dict[str, Any]]:
                 record = {}
             size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
             graph = str(record.get("graph", "?"))
+            try:
+                last_used = marker.stat().st_mtime
+            except OSError:
+                last_used = 0.0
             found.append({"backend": backend, "folder": folder, "graph": graph, "bytes": size,
-                          "graph_exists": Path(graph).is_file()})
+                          "graph_exists": Path(graph).is_file(), "settings": record.get("settings", {}),
+                          "last_used": last_used})
     return found
 
 

@@ -429,6 +429,10 @@ def plan(loras: list[LoraSpec], root: Path, manifest: Manifest, precision: dict[
 
 
 def check_float(component: str, chosen: str, what: str) -> None:
+    if chosen == "fp16-cuda":  # ONNX Runtime's fusions packed Q, K and V into new weights: no map to merge into
+        raise LoraError(f"{what} changes {component}, loaded here at fp16-cuda, whose attention weights ONNX "
+                        "Runtime's optimizer packed together (no weight map reaches them). Load it at fp16 or fp32 "
+                        f"(--precision {component}=fp16)")
     if chosen not in ("fp32", "fp16"):
         raise LoraError(
             f"{what} changes {component}, loaded here at {chosen}: LoRAs and embeddings merge into float weights, "

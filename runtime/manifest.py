@@ -228,6 +228,14 @@ class Variant:
             d["weights"] = self.weights
         return d
 
+    @property
+    def only_devices(self) -> tuple[str, ...]:
+        """The devices this variant's method says it runs on (``fp16-cuda``: its fused kernels are CUDA's);
+        empty: any device of its backends."""
+        method = self.quality.get("method") if isinstance(self.quality, dict) else None
+        devices = method.get("devices") if isinstance(method, dict) else None
+        return tuple(str(d) for d in devices) if isinstance(devices, (list, tuple)) else ()
+
     def files(self) -> list[str]:
         """Every file the variant needs, relative to the root: an IR's .bin beside its .xml, an ONNX graph's
         external data ``<name>.data`` (listed whether or not the graph has one: callers check existence)."""

@@ -27,7 +27,10 @@ import numpy as np
 from PIL import Image
 
 from . import compile_cache
-from .backends import BackendOptions, Session, open_session, resolve
+from . import device_check
+from .backends import BackendOptions, Session, open_session
+from .low_memory import StageSessions
+from .placement import describe_placement, resolve_placement
 from .conditioning import Guidance, conditioning_for
 from .denoise import (DenoiserInputs, GenerationError, InpaintingUNetInputs, Job, KnownRegionBlend, PrecisionError,
                       denoise)
@@ -43,6 +46,7 @@ from .rng import ImageNoise
 from .schedulers import make_scheduler
 from .settings import GenerationSettings
 from .text import PromptTokenizer
+from .vae_tiling import Tiling, decode_tiled, encode_tiled, needs_tiling
 
 __all__ = ["VAES", "GenerationError", "Pipeline", "PrecisionError", "choose_vae", "parse_precision", "start_index"]
 
@@ -75,6 +79,18 @@ def parse_precision(spec: str | dict[str, str] | None, available: dict[str, dict
     return chosen
 
 
+TILING_MODES = ("auto", "on", "off")
+# vae_tiling="auto" tiles images of more pixels than this: an SD1.5 VAE decode of 1024x1024 in one piece peaks at
+# ~X GB, 2048x2048 at ~4X (the decoder's last blocks run at full resolution with 128-256 channels)
+AUTO_TILE_PIXELS = 1024 * 1024
+
+
+def vae_tiling_mode(mode: str) -> str:
+    if mode not in TILING_MODES:
+        raise ValueError(f"unknown vae_tiling {mode!r:.40}; valid: {', '.join(TILING_MODES)}")
+    return mode
+
+
 VAES = ("full", "tiny")  # the artifact's own VAE, or its tiny one (TAESD: ``export --tiny-vae``)
 TINY = "tiny"  # the variant name of a tiny VAE in vae_decoder / vae_encoder
 
@@ -103,14 +119,17 @@ def choose_vae(vae: str, precision: dict[str, str], available: dict[str, dict[st
 
 
 class Pipeline:
-    def __init__(self, root: Path, manifest: Manifest, backend: str, device: str, options: BackendOptions,
+    def __init__(self, root: Path, manifest: Manifest, backend: str, devices: dict[str, str], options: BackendOptions,
                  precision: dict[str, str], fallback: bool = False, *, max_pixels: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, fast: dict[str, Any] | None = None, loras: list[Any] = (),
-                 embeddings: list[str | Path] = ()):
+                 embeddings: list[str | Path] = (), low_memory: bool = False, tiling: str = "auto"):
         self.root = root
         self.fast = fast or {}  # the fast profile's per-call savings, used where a call names none
         self.manifest = manifest
-        self.backend, self.device, self.options = backend, device, options
+        self.backend, self.devices, self.options = backend, devices, options
+        self.device = describe_placement(devices)  # in words: one device, or component=device pairs
+        self.low_memory = low_memory
+        self.tiling = vae_tiling_mode(tiling)
         self.fallback = fallback
         self.precision = precision
         self.max_pixels = pixel_budget(manifest.sample_size) if max_pixels is None else max_pixels
@@ -127,15 +146,22 @@ class Pipeline:
                                                  root, manifest, precision)
         self.loras = [LoraSpec.parse(x) for x in loras]
         self.patches = combine(lora_plan(self.loras, root, manifest, precision), self._embedding_patches)
-        self.sessions = {comp: self._open(comp, precision[comp])
-                         for comp in self.conditioning.components + (manifest.denoiser.name, "vae_decoder")}
+        for comp, prec in precision.items():  # a variant for other devices fails before anything compiles
+            self._require_device(comp, prec)
+        self.opened: dict[str, dict[str, Any]] = {}  # describe()'s record of each component opened so far
+        if low_memory:  # each stage's graphs loaded when it starts, released when another starts
+            self.sessions = StageSessions(lambda c: self._open(c, self.precision.get(c, "fp32")), manifest.roles,
+                                          on_release=lambda c, s: self.opened.__setitem__(c, _record(s)))
+        else:
+            self.sessions = {comp: self._open(comp, precision[comp])
+                             for comp in self.conditioning.components + (manifest.denoiser.name, "vae_decoder")}
 
     @classmethod
     def load(
         cls,
         path: str | Path | None = None,
         backend: str = "auto",
-        device: str = "auto",
+        device: str | dict[str, str] = "auto",
         *,
         precision: str | dict[str, str] | None = None,
         vae: str | None = None,
@@ -150,6 +176,12 @@ class Pipeline:
         max_batch: int = DEFAULT_MAX_BATCH,
         loras: list[Any] = (),
         embeddings: list[str | Path] = (),
+        static_shapes: bool | None = None,
+        low_memory: bool = False,
+        vae_tiling: str = "auto",
+        cuda_graph: bool = False,
+        dml_adapter: int = 0,
+        check: bool = True,
     ) -> Pipeline:
         """Open an artifact folder (default: the embedded model) on ``backend``/``device``.
 
@@ -169,6 +201,16 @@ class Pipeline:
         ``cache=False`` loads without it. ``loras``: LoRA files merged into the weights before the graphs are
         compiled (``"file.safetensors"``, ``"file.safetensors:0.8"`` or ``(file, 0.8)``; ``edgediff.runtime.lora``).
         ``embeddings``: textual-inversion files whose words prompts can then use (``edgediff.runtime.embeddings``).
+
+        ``device``: one device for every component, or one per component (``"text_encoder=cpu,unet=gpu"`` or a
+        dict; ``edgediff.runtime.placement``). ``static_shapes``: OpenVINO graphs compiled for each call's exact
+        shapes (None: on NPU only, which needs them; there the UNet runs batch 1, the guidance as two calls).
+        ``low_memory``: each stage's graphs loaded for it and released after, the VAE in tiles. ``vae_tiling``: ``auto`` (tiles for images of more than 1024x1024 pixels, and in
+        low memory for any past the model's native size), ``on`` (past the native size), ``off``
+        (``edgediff.runtime.vae_tiling``). ``cuda_graph``: ONNX Runtime CUDA captures a
+        CUDA graph per shape (with IO binding, on by default on CUDA). ``dml_adapter``: DirectML's GPU index.
+        ``check``: on a device other than the CPU, compare it with the CPU once (``edgediff.runtime.device_check``,
+        cached per device, artifact and runtime version) and run any component that differs on the CPU instead.
         """
         for name, value in (("max_pixels", max_pixels), ("max_batch", max_batch)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -179,9 +221,10 @@ class Pipeline:
             path = default_model_path()
         root = Path(path)
         manifest = manifest or load_manifest(root)
-        backend, device = resolve(backend, device)
+        backend, devices = resolve_placement(backend, device, manifest.roles)
         cache_root = (Path(cache_dir) if cache_dir else compile_cache.default_root()) if cache else None
-        options = BackendOptions(threads=threads, cache_dir=cache_root, ov_precision=ov_precision)
+        options = BackendOptions(threads=threads, cache_dir=cache_root, ov_precision=ov_precision,
+                                 static_shapes=static_shapes, cuda_graph=cuda_graph, dml_adapter=dml_adapter)
         profile = fast_profile(manifest) if fast else {}
         profile_vae = profile.pop("vae", "full")
         vae = profile_vae if vae is None else vae
@@ -191,8 +234,11 @@ class Pipeline:
             manifest.variant(manifest.denoiser.name, profile_unet)  # the profile's variant must still be there
             chosen = chosen | {manifest.denoiser.name: profile_unet}
         chosen = choose_vae(vae, chosen, manifest.components)
-        return cls(root, manifest, backend, device, options, chosen, fallback, max_pixels=max_pixels,
-                   max_batch=max_batch, fast=profile, loras=loras, embeddings=embeddings)
+        if check and not all(device_check.is_the_cpu(backend, d) for d in devices.values()):
+            devices, chosen = device_check.placement_for(root, manifest, backend, devices, chosen, options)
+        return cls(root, manifest, backend, devices, options, chosen, fallback, max_pixels=max_pixels,
+                   max_batch=max_batch, fast=profile, loras=loras, embeddings=embeddings, low_memory=low_memory,
+                   tiling=vae_tiling)
 
     def set_loras(self, loras: list[Any]) -> None:
         """Apply these LoRAs instead of the current ones (``[]``: none). Only the graphs whose weights change are
@@ -200,9 +246,13 @@ class Pipeline:
         specs = [LoraSpec.parse(x) for x in loras]
         patches = combine(lora_plan(specs, self.root, self.manifest, self.precision), self._embedding_patches)
         with self._lock:
+            if self.low_memory:  # nothing stays loaded between stages: the next stage opens with the new weights
+                self.sessions.release()
+                self.loras, self.patches = specs, patches
+                return
             changed = [c for c in self.sessions
                        if _identity(patches.get(c)) != _identity(self.patches.get(c))]
-            reopened = {c: open_session(self.root, c, self.sessions[c].variant, self.backend, self.device,
+            reopened = {c: open_session(self.root, c, self.sessions[c].variant, self.backend, self.devices[c],
                                         self.options, patches.get(c)) for c in changed}
             self.sessions.update(reopened)  # calls already running keep their snapshot of the old sessions
             self.loras, self.patches = specs, patches
@@ -243,15 +293,42 @@ class Pipeline:
                 f"{self.backend}: pass backend='{variant.backends[0]}' (--backend {variant.backends[0]}) or pick "
                 f"another precision for {component}; it has: {', '.join(self.manifest.components[component])}"
             )
-        return open_session(self.root, component, variant, self.backend, self.device, self.options,
-                            self.patches.get(component))
+        self._require_device(component, precision)
+        session = open_session(self.root, component, variant, self.backend, self.devices[component], self.options,
+                               self.patches.get(component))
+        self.opened[component] = _record(session)
+        return session
+
+    def _require_device(self, component: str, precision: str) -> None:
+        """A variant made for some devices only (fp16-cuda) refuses the others, naming them."""
+        variant = self.manifest.variant(component, precision)
+        only = variant.only_devices
+        if only and self.devices[component] not in only:
+            raise ValueError(f"{component} {precision} ({variant.file}) runs only on {', '.join(only)} (its fused "
+                             f"kernels), not on {self.devices[component]}: pass device='{only[0]}' (--device "
+                             f"{component}={only[0]}) or pick another precision; it has: "
+                             f"{', '.join(self.manifest.components[component])}")
 
     def session(self, component: str) -> Session:
         """The component's session, opened on first use (the VAE encoder only serves image inputs)."""
         with self._lock:
             if component not in self.sessions:
+                if self.low_memory:  # opened by its stage, when it runs
+                    return self.sessions[component]
                 self.sessions[component] = self._open(component, self.precision.get(component, "fp32"))
             return self.sessions[component]
+
+    def _variant_of(self, component: str):
+        """The variant ``component`` runs: its session's, or in low-memory mode (nothing loaded before its stage)
+        the one it will open."""
+        if component in self.sessions:
+            return self.sessions[component].variant
+        return self.manifest.variant(component, self.precision.get(component, "fp32"))
+
+    def _snapshot(self):
+        """The sessions a call runs with: a copy (a fallback elsewhere does not change this call's), or in
+        low-memory mode the stage-by-stage loader itself."""
+        return self.sessions if self.low_memory else dict(self.sessions)
 
     def _check_step_cache(self) -> None:
         """DeepCache needs the shallow graph and a denoiser variant that outputs the feature it takes."""
@@ -259,19 +336,22 @@ class Pipeline:
         if m.shallow_denoiser is None:
             raise ArtifactError("this artifact has no DeepCache graphs (it was exported before edgediff made them, "
                                 "or with --no-deepcache); re-export it to use cache_interval (--cache-interval)")
-        variant = self.session(m.denoiser.name).variant
+        variant = self._variant_of(m.denoiser.name)
         if DEEP_FEATURE not in [o.name for o in variant.outputs]:
             raise ArtifactError(f"{m.denoiser.name} {variant.precision} ({variant.file}) gives no {DEEP_FEATURE} for "
                                 "DeepCache (it was made from a graph without it); re-quantize it, or use fp32")
-        self.session(m.shallow_denoiser.name)
+        if self.low_memory:
+            self._variant_of(m.shallow_denoiser.name)
+        else:
+            self.session(m.shallow_denoiser.name)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            comp: {"precision": s.variant.precision, "backend": s.backend, "device": s.device,
-                   "execution_precision": s.execution_precision, "load_s": round(s.load_seconds, 3),
-                   "compile_cache": s.compile_cache}
-            for comp, s in dict(self.sessions).items()
-        }
+        """Per component opened so far: its precision, backend, the device asked for and the one executing it
+        (they differ only where a backend chose: OpenVINO's AUTO), its load time and compile-cache use."""
+        live = dict(self.sessions.items())
+        return {comp: (_record(live[comp]) if comp in live else record)
+                | ({"loaded": "per stage"} if self.low_memory else {})
+                for comp, record in dict(self.opened).items()}
 
     # -- the public tasks --------------------------------------------------------------
 
@@ -382,8 +462,8 @@ class Pipeline:
         if latents is not None and (not isinstance(latents, np.ndarray) or latents.shape != self._latent_shape(settings)):
             raise ValueError(f"latents must have shape {self._latent_shape(settings)} for this size and batch, "
                              f"got {getattr(latents, 'shape', type(latents).__name__)}")
-        if pixels is not None:
-            self.session("vae_encoder")
+        if pixels is not None:  # an artifact without the encoder fails here, before anything runs
+            self._variant_of("vae_encoder") if self.low_memory else self.session("vae_encoder")
         if settings.cache_interval not in (None, 1):
             self._check_step_cache()
 
@@ -493,10 +573,19 @@ class Pipeline:
     def _encode(self, job: Job, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """[-1, 1] NCHW float images -> the latent distribution's (mean, std) in the encoder's own units; a tiny
         VAE's encoder gives its latents, with no spread (std None)."""
-        outputs = [job.call("vae_encoder", sample=images[k : k + 1].astype(np.float32)) for k in range(len(images))]
-        if "latents" in outputs[0]:
-            return np.concatenate([o["latents"] for o in outputs]), None
-        mean, logvar = np.split(np.concatenate([o["latent_parameters"] for o in outputs]), 2, axis=1)
+        tiny = "latents" in [o.name for o in job.sessions["vae_encoder"].variant.outputs]
+        key = "latents" if tiny else "latent_parameters"
+        tiling = self._tiling(images.shape[2], images.shape[3])
+
+        def encode(x: np.ndarray) -> np.ndarray:
+            return job.call("vae_encoder", sample=x)[key]
+
+        f = self.manifest.vae_scale_factor
+        outputs = [encode(x) if tiling is None else encode_tiled(encode, x, f, tiling)
+                   for x in (images[k : k + 1].astype(np.float32) for k in range(len(images)))]
+        if tiny:
+            return np.concatenate(outputs), None
+        mean, logvar = np.split(np.concatenate(outputs), 2, axis=1)
         return mean, np.exp(0.5 * np.clip(logvar, -30.0, 20.0)).astype(np.float32)
 
     def _units(self, job: Job, component: str) -> tuple[float, float]:
@@ -524,17 +613,33 @@ class Pipeline:
     def _decode_arrays(self, job: Job, x: np.ndarray) -> np.ndarray:
         scaling, shift = self._units(job, "vae_decoder")
         latents = (x / np.float32(scaling) + np.float32(shift)).astype(np.float32)
-        return np.concatenate([job.call("vae_decoder", latent_sample=latents[k : k + 1])["sample"]
-                               for k in range(len(latents))])
+        f = self.manifest.vae_scale_factor
+        tiling = self._tiling(latents.shape[2] * f, latents.shape[3] * f)
+
+        def decode(z: np.ndarray) -> np.ndarray:
+            return job.call("vae_decoder", latent_sample=z)["sample"]
+
+        return np.concatenate([decode(z) if tiling is None else decode_tiled(decode, z, f, tiling)
+                               for z in (latents[k : k + 1] for k in range(len(latents)))])
+
+    def _tiling(self, height: int, width: int) -> Tiling | None:
+        """The VAE's tiles for an image of this size, or None to run it whole: ``vae_tiling="on"`` (and low-memory
+        mode) tile whatever is larger than the model's native size, ``"auto"`` only images of more than
+        ``AUTO_TILE_PIXELS``, ``"off"`` never."""
+        if self.tiling == "off" or (self.tiling == "auto" and not self.low_memory and height * width <= AUTO_TILE_PIXELS):
+            return None
+        f = self.manifest.vae_scale_factor
+        tiling = Tiling.for_model(self.manifest.sample_size, f)
+        return tiling if needs_tiling(height, width, tiling) else None
 
     def _bare_job(self) -> Job:
-        return Job(None, dict(self.sessions), None, Guidance(0.0))
+        return Job(None, self._snapshot(), None, Guidance(0.0))
 
     def _with_fallback(self, attempt: Callable[[dict[str, Session]], list[Image.Image]]) -> list[Image.Image]:
         """Run ``attempt`` on a snapshot of the sessions; with ``fallback``, a reduced-precision component that
         failed is replaced by its fp32 variant (for this and later calls) and the attempt rerun."""
         while True:
-            sessions = dict(self.sessions)
+            sessions = self._snapshot()
             try:
                 return attempt(sessions)
             except PrecisionError as e:
@@ -542,8 +647,15 @@ class Pipeline:
                     raise
                 warnings.warn(f"{e.component} at {e.precision} failed ({e}); rerunning it in fp32", stacklevel=4)
                 with self._lock:
+                    self.precision = self.precision | {e.component: "fp32"}
                     if self.sessions[e.component].variant.precision == e.precision:
                         self.sessions[e.component] = self._open(e.component, "fp32")
+
+
+def _record(s: Session) -> dict[str, Any]:
+    return {"precision": s.variant.precision, "backend": s.backend, "device": s.device,
+            "requested_device": s.requested_device, "execution_precision": s.execution_precision,
+            "load_s": round(s.load_seconds, 3), "compile_cache": s.compile_cache}
 
 
 def _identity(patch: WeightPatch | None) -> list[Any] | None:

@@ -123,7 +123,7 @@ def test_the_cache_command_lists_and_clears_only_its_entries(artifact, tmp_path)
     pipe = load(artifact, "onnxruntime", cache_dir=cache)
     load(artifact, "openvino", cache_dir=cache)
     (cache / "onnxruntime" / "notes.txt").write_text("mine")  # not the cache's: never touched
-    r = run_cli("cache", "--cache-dir", str(cache))
+    r = run_cli("cache", "list", "--cache-dir", str(cache))
     assert r.exit_code == 0, r.output
     words = " ".join(r.output.split())
     assert f"{2 * len(pipe.sessions)} entries" in words and "onnxruntime" in words and "openvino" in words
@@ -131,10 +131,10 @@ def test_the_cache_command_lists_and_clears_only_its_entries(artifact, tmp_path)
     shutil.copytree(artifact, gone)
     load(gone, "onnxruntime", cache_dir=cache)
     shutil.rmtree(gone)  # its entries are stale now: --stale drops them and only them
-    r = run_cli("cache", "--cache-dir", str(cache), "--stale")
+    r = run_cli("cache", "clear", "--cache-dir", str(cache), "--stale")
     assert r.exit_code == 0 and f"removed {len(pipe.sessions)} entries" in r.output
     assert len(entries(cache, "onnxruntime")) == len(entries(cache, "openvino")) == len(pipe.sessions)
-    r = run_cli("cache", "--cache-dir", str(cache), "--clear")
+    r = run_cli("cache", "clear", "--cache-dir", str(cache))
     assert r.exit_code == 0 and f"removed {2 * len(pipe.sessions)} entries" in r.output
     assert not entries(cache, "onnxruntime") and not entries(cache, "openvino")
     assert (cache / "onnxruntime" / "notes.txt").read_text() == "mine"
