@@ -1,4 +1,4 @@
-"""``edgediff quantize``: add fp16 / int8 / int8-static / int4 variants to an artifact, behind a quality gate.
+"""``edgediff quantize``: add fp16 / int8 / int8-static / int4 / fp16-cuda variants to an artifact, behind a quality gate.
 
 Each method is ONNX Runtime's own tooling, not a hand-written converter:
 
@@ -26,6 +26,12 @@ Each method is ONNX Runtime's own tooling, not a hand-written converter:
   type TRANSFORMER: NNCF keeps the softmax/normalisation paths in float);
   ``nncf-hybrid`` is Optimum Intel's hybrid mode for diffusion UNets: int8
   weight-only for the linear layers, full int8 for convolutions and attention.
+- ``ov-fp16`` (OpenVINO only, saved as OpenVINO IR): the same graph with fp16 weights, computed as before (f32,
+  or bf16 where the CPU has it): half the weights' memory on OpenVINO (``convert_ov_fp16``).
+- ``fp16-cuda`` (ONNX Runtime on CUDA only): the UNet through ONNX Runtime's transformer optimizer for UNets
+  (fused attention, GroupNorm, BiasSplitGelu, NHWC convolutions) and fp16, as its Stable Diffusion CUDA demo
+  (``quantize/cuda_fp16.py``). Its gate runs on the CUDA GPU; without one it is refused unless ``force``,
+  which adds it recorded as not measured.
 
 Every candidate is measured before it is accepted: the final images of a
 fixed prompt set and seeds, with only that component swapped, against the
@@ -61,9 +67,14 @@ from edgediff.runtime.manifest import MODEL_SUFFIXES, Manifest, Variant, artifac
 from edgediff.runtime.images import from_pil, to_pil
 from edgediff.runtime.metrics import PSNR_CAP, psnr, ssim
 
+from . import cuda_fp16
 
-PRECISIONS = ("fp16", "int8", "int8-static", "int8-static-attn", "int4", "nncf-int8", "nncf-hybrid")
-NNCF_PRECISIONS = ("nncf-int8", "nncf-hybrid")  # OpenVINO IR variants
+
+PRECISIONS = ("fp16", "int8", "int8-static", "int8-static-attn", "int4", "nncf-int8", "nncf-hybrid", "fp16-cuda",
+              "ov-fp16")
+CUDA_PRECISIONS = ("fp16-cuda",)  # fused CUDA-only kernels (quantize/cuda_fp16.py): gated on ONNX Runtime's CUDA EP
+NNCF_PRECISIONS = ("nncf-int8", "nncf-hybrid")  # OpenVINO IR variants made with NNCF
+IR_PRECISIONS = NNCF_PRECISIONS + ("ov-fp16",)  # saved as OpenVINO IR (.xml + .bin)
 CALIBRATED = ("int8-static", "int8-static-attn") + NNCF_PRECISIONS  # need recorded UNet inputs
 # the roles (edgediff.runtime.manifest.ROLES) each precision suits by default
 DEFAULT_ROLES = {
@@ -74,6 +85,8 @@ DEFAULT_ROLES = {
     "int4": ("text_encoder", "denoiser", "shallow_denoiser"),
     "nncf-int8": ("denoiser",),
     "nncf-hybrid": ("denoiser",),
+    "fp16-cuda": ("denoiser",),
+    "ov-fp16": ("text_encoder", "denoiser", "shallow_denoiser"),
 }
 # Kept in fp32 by the fp16 conversion: where activations overflow fp16 or lose
 # the precision normalisation needs (the VAE's group norms, attention softmax).
@@ -114,7 +127,7 @@ class GateSettings:
 
 
 def _variant_file(component: str, precision: str) -> str:
-    return f"{component}/model.{precision}.{'xml' if precision in NNCF_PRECISIONS else 'onnx'}"
+    return f"{component}/model.{precision}.{'xml' if precision in IR_PRECISIONS else 'onnx'}"
 
 
 # ---------------------------------------------------------------------------
@@ -126,7 +139,17 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
     from onnx import numpy_helper
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.load(str(src))
+    inferred = None
+    if _big(src):  # past protobuf's 2 GB the converter's own shape inference cannot serialize the graph: run it
+        # on the files (infer_shapes_path), then tell the converter not to (the graph keeps what it inferred)
+        inferred = src.with_name(f"{src.stem}.shapes-{uuid.uuid4().hex[:8]}.onnx")
+        onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
+    try:
+        model = onnx.load(str(inferred or src), load_external_data=False)
+        onnx.load_external_data_for_model(model, str(src.parent))
+    finally:
+        if inferred is not None:
+            inferred.unlink(missing_ok=True)
     # Constants become initializers first: otherwise the converter, when its
     # shape inference fails, casts the Constant feeding each Resize's scales
     # to fp16 and the graph no longer loads (see shared FIELD-NOTES).
@@ -140,7 +163,8 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
     del model.graph.node[:]
     model.graph.node.extend(keep)
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FLOAT))
-    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
+                                     disable_shape_infer=inferred is not None)
     save_onnx(model, dst)
     return {"tool": "onnxruntime.transformers.float16", "kept_float_ops": FP16_KEEP_FLOAT, "io": "fp32"}
 
@@ -210,6 +234,20 @@ def quantize_int8_static(src: Path, dst: Path, calibration: list[dict[str, np.nd
             "kept_float": {"first_and_last_conv": convs[:1] + convs[-1:],
                            "attention_matmuls": 0 if quantize_attention else len(attention),
                            "ops_not_quantized": "Softmax, normalisations, activations (only Conv/MatMul/Gemm are)"}}
+
+
+def convert_ov_fp16(src: Path, dst: Path) -> dict[str, Any]:
+    """The graph as OpenVINO IR with fp16 weights (``save_model(compress_to_fp16=True)``; OpenVINO computes in
+    f32 or bf16 as before). It halves what the weights hold in memory on OpenVINO's CPU plugin: the IR's .bin is
+    memory-mapped and read as fp16, where an fp32 ONNX graph keeps its fp32 weights mapped beside the bf16 copy
+    the plugin makes (SD1.5 UNet after its first step: 3.9 GB resident against 5.8;
+    benchmarks/results/memory_sd15_cpu.md). An ONNX fp16 graph does not do it: OpenVINO's ONNX reader holds the
+    whole file and widens its weights to fp32 (5.8 GB)."""
+    import openvino as ov
+
+    ov.save_model(ov.convert_model(str(src)), str(dst), compress_to_fp16=True)
+    return {"tool": f"openvino {ov.__version__} save_model(compress_to_fp16=True)", "format": "OpenVINO IR",
+            "backends": ["openvino"], "weights": "fp16", "compute": "as the device chooses (f32, or bf16)"}
 
 
 def quantize_nncf(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], hybrid: bool) -> dict[str, Any]:
@@ -284,8 +322,9 @@ def measure(root: Path, manifest: Manifest, component: str, precision: str, sett
     """Images with ``component`` at ``precision`` (the rest fp32) against the fp32 images."""
     variant = manifest.variant(component, precision)
     backend = variant.backends[0] if variant.backends and settings.backend not in variant.backends else settings.backend
-    load = dict(backend=backend, device="cpu", threads=settings.threads, ov_precision="f32")
-    ref_key = f"fp32:{backend}"  # the reference comes from the same backend as the candidate
+    device = "cuda" if precision in CUDA_PRECISIONS else "cpu"
+    load = dict(backend=backend, device=device, threads=settings.threads, ov_precision="f32")
+    ref_key = f"fp32:{backend}:{device}"  # the reference comes from the same backend and device as the candidate
     if ref_key not in settings.images:
         settings.images[ref_key] = _generate(Pipeline.load(root, manifest=manifest, **load), settings)
     t0 = time.perf_counter()
@@ -381,12 +420,19 @@ def _quantize(root: Path, precision: str, components: tuple[str, ...] | None, fo
             raise ValueError(f"the artifact has no {comp}; it has: {', '.join(manifest.components)}")
         if precision in CALIBRATED and comp != manifest.denoiser.name:
             raise ValueError(f"{precision} is calibrated on the UNet's inputs: use --components {manifest.denoiser.name}")
-    if precision in NNCF_PRECISIONS:
+    if precision in IR_PRECISIONS:
         import importlib.util
 
-        missing = [m for m in ("nncf", "openvino") if importlib.util.find_spec(m) is None]
+        missing = [m for m in ("nncf", "openvino")[precision not in NNCF_PRECISIONS:] if importlib.util.find_spec(m) is None]
         if missing:
             raise ValueError(f"{precision} needs {' and '.join(missing)}: pip install 'edgediff[openvino,quantize]'")
+    unmeasured = None  # why the gate cannot run here (then only --force adds the variant, recorded as not measured)
+    if precision in CUDA_PRECISIONS and not cuda_fp16.cuda_available():
+        unmeasured = ("its fused fp16 kernels run only on ONNX Runtime's CUDA execution provider, and this machine has "
+                      "no working one: the quality gate cannot run here")
+        if not force:
+            raise ValueError(f"{precision}: {unmeasured}. Run it where onnxruntime-gpu sees a CUDA GPU, or pass "
+                             "--force to add it unmeasured")
     settings.size = settings.size or manifest.sample_size
     results: dict[str, dict[str, Any]] = {}
     refused: list[str] = []
@@ -409,13 +455,18 @@ def _quantize(root: Path, precision: str, components: tuple[str, ...] | None, fo
             trial = _with_variant(manifest, comp, candidate)
             progress(f"{comp} {precision}: measuring against fp32")
             try:
-                quality = measure(root, trial, comp, precision, settings) | {"method": method}
-                failures = passes(quality, gate)
+                if unmeasured:
+                    quality, failures = {"vs": "fp32", "method": method}, [unmeasured]
+                else:
+                    quality = measure(root, trial, comp, precision, settings) | {"method": method}
+                    failures = passes(quality, gate)
             except PrecisionError as e:  # NaN/Inf or a flat image: the worst quality there is
                 quality = {"vs": "fp32", "psnr_db": 0.0, "ssim": 0.0, "error": str(e), "method": method}
                 failures = [f"it produced {e.args[0].split(' produced ')[1].split(';')[0]}"]
             quality["gate"] = {"min_psnr": gate.min_psnr, "min_ssim": gate.min_ssim, "passed": not failures,
                                "forced": bool(failures and force)}
+            if unmeasured:
+                quality["gate"] |= {"passed": None, "not_measured": unmeasured}
             if failures and not force:
                 refused.append(f"{comp} {precision}: " + "; ".join(failures))
                 results[comp] = quality
@@ -449,6 +500,10 @@ def _convert(root: Path, manifest: Manifest, src: Path, partial: Path, precision
         return quantize_int8_dynamic(src, partial, conv=conv)
     if precision == "int4":
         return quantize_int4(src, partial)
+    if precision == "ov-fp16":
+        return convert_ov_fp16(src, partial)
+    if precision == "fp16-cuda":
+        return cuda_fp16.convert_cuda_fp16(src, partial)
     progress("unet: recording calibration inputs along denoising runs")
     fp32 = Pipeline.load(root, manifest=manifest, backend="onnxruntime", device="cpu", threads=settings.threads)
     calibration = record_unet_inputs(fp32, settings)
