@@ -29,7 +29,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("artifact", type=Path)
     p.add_argument("--variants", default="openvino:fp32,openvino:int8-static,openvino:int8-static-attn",
-                   help="backend:precision of the UNet, comma-separated; ratios are to the first")
+                   help="backend:precision[:static] of the UNet, comma-separated (static: OpenVINO compiled for the "
+                        "exact shape); ratios are to the first")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
@@ -41,10 +42,10 @@ def main() -> None:
     feeds = unet_feeds(manifest, args.size)
     sessions = {}
     for entry in args.variants.split(","):
-        backend, precision = entry.split(":")
-        print(f"loading {backend} {precision} ...", flush=True)
+        backend, precision, *flags = entry.split(":")
+        print(f"loading {backend} {precision} {' '.join(flags)}...", flush=True)
         session = open_session(args.artifact, unet, manifest.variant(unet, precision), backend, "cpu",
-                               BackendOptions(threads=args.threads))
+                               BackendOptions(threads=args.threads, static_shapes="static" in flags or None))
         session(**feeds)  # warm-up: first-inference work is not a step
         sessions[entry] = session
     times: dict[str, list[float]] = {k: [] for k in sessions}

@@ -80,8 +80,9 @@ def parse_precision(spec: str | dict[str, str] | None, available: dict[str, dict
 
 
 TILING_MODES = ("auto", "on", "off")
-# vae_tiling="auto" tiles images of more pixels than this: an SD1.5 VAE decode of 1024x1024 in one piece peaks at
-# ~X GB, 2048x2048 at ~4X (the decoder's last blocks run at full resolution with 128-256 channels)
+# vae_tiling="auto" tiles images of more pixels than this: an SD1.5 VAE decode of 1024x1024 in one piece takes
+# 2.4 GB above the loaded pipeline (tiled: 0.75), and at 2048x2048 its attention over 65,536 latents alone would
+# need 17 GB per matrix (benchmarks/results/vae_tiling.json)
 AUTO_TILE_PIXELS = 1024 * 1024
 
 

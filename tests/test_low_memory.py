@@ -21,24 +21,17 @@ PROMPT = "a red circle on a blue background"
 # The peak resident size of one generation in a fresh process, above the process's size once the libraries
 # are imported (what they take is not the mode's doing), sampled every 5 ms.
 PEAK = r"""
-import json, os, sys, threading, time
+import json, sys, time
 import onnxruntime, openvino
+from edgediff.bench import PeakMemory
 from edgediff.runtime import Pipeline
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-peak = [0]
-def sample():
-    while True:
-        peak[0] = max(peak[0], rss())
-        time.sleep(0.005)
-base = rss()
-threading.Thread(target=sample, daemon=True).start()
+base = PeakMemory.resident()[0]
+memory = PeakMemory().start()
 root, backend, low, size = sys.argv[1], sys.argv[2], sys.argv[3] == "low", int(sys.argv[4])
 pipe = Pipeline.load(root, backend=backend, device="cpu", low_memory=low, cache=False)
 pipe.txt2img("a red circle", steps=2, width=size, height=size)
 time.sleep(0.05)
-print(json.dumps({"peak_mb": (peak[0] - base) / 2**20}))
+print(json.dumps({"peak_mb": (memory.peak - base) / 2**20}))
 """
 
 

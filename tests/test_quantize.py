@@ -25,7 +25,7 @@ def quantized(tiny_sd1, tmp_path_factory):
     """A copy of the tiny artifact with every precision added through the CLI."""
     root = tmp_path_factory.mktemp("quantized") / "artifact"
     shutil.copytree(tiny_sd1[1], root)
-    for precision in ("fp16", "int8", "int8-static", "int8-static-attn", "int4", "nncf-int8", "nncf-hybrid"):
+    for precision in ("fp16", "int8", "int8-static", "int8-static-attn", "int4", "nncf-int8", "nncf-hybrid", "ov-fp16"):
         r = run_cli("quantize", str(root), "--precision", precision, "--steps", "4", "--seeds", "1",
                     "--prompts", "a red circle on a blue background|a small green star")
         assert r.exit_code == 0, r.output
@@ -57,6 +57,12 @@ def test_manifest_records_every_variant(quantized):
         assert v.quality["backend"] == "openvino" and v.quality["gate"]["passed"]
         assert v.quality["method"]["tool"].startswith("nncf") and v.quality["method"]["calibration_samples"] > 4
         assert not list(quantized.glob("unet/*partial*"))
+    for comp in ("text_encoder", "unet", "unet_shallow"):  # OpenVINO IR with fp16 weights, by OpenVINO itself
+        v = m.variant(comp, "ov-fp16")
+        assert v.backends == ("openvino",) and v.file == f"{comp}/model.ov-fp16.xml"
+        assert v.quality["gate"]["passed"] and v.quality["psnr_db"] >= 40  # fp16 weights, f32 arithmetic
+        bin_file = quantized / v.files()[1]
+        assert bin_file.stat().st_size < 0.6 * (quantized / m.variant(comp).file).stat().st_size
 
 
 def test_int8_static_multiplies_uint8_activations_by_int8_weights(quantized):
@@ -90,7 +96,7 @@ def test_int8_static_attn_quantizes_the_attention_products_with_symmetric_int8(q
     assert load_manifest(quantized).variant("unet", "int8-static-attn").quality["method"]["kept_float"]["attention_matmuls"] == 0
 
 
-@pytest.mark.parametrize("precision", ["nncf-int8", "nncf-hybrid"])
+@pytest.mark.parametrize("precision", ["nncf-int8", "nncf-hybrid", "ov-fp16"])
 def test_openvino_only_variants(quantized, precision):
     ref = Pipeline.load(quantized, backend="openvino", device="cpu", ov_precision="f32")
     pipe = Pipeline.load(quantized, backend="openvino", device="cpu", precision={"unet": precision}, ov_precision="f32")
