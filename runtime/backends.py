@@ -4,8 +4,13 @@ A ``Session`` is called with named numpy arrays and returns a dict of named
 arrays. Both backends read the same ONNX files. Device strings live here and
 nowhere else; the pipeline never branches on the backend.
 
-- ``onnxruntime``: devices ``cpu``, ``cuda``, ``dml`` (execution providers).
-- ``openvino``: devices ``cpu``, ``gpu``, ``npu``, ``auto`` (OpenVINO's AUTO plugin).
+- ``onnxruntime``: devices ``cpu``, ``cuda``, ``dml`` (execution providers); ``BoundRun`` feeds a session
+  through IO binding (on CUDA by default, with CUDA graphs on request).
+- ``openvino``: devices ``cpu``, ``gpu``, ``npu``, ``auto`` (OpenVINO's AUTO plugin); ``StaticShapes``
+  compiles a graph per input shape (NPU always, elsewhere on request).
+
+Which device each component gets is ``edgediff.runtime.placement``'s; whether a device computes what the
+CPU does, ``edgediff.runtime.device_check``'s.
 """
 
 from __future__ import annotations
@@ -244,7 +249,7 @@ def _open_ort(path: Path, device: str, options: BackendOptions, outputs: list[st
         if device == "cpu" else None  # CUDA/DirectML graphs are not saved: EP-specific fusions
     sess, cached = _ort_session(ort, path, so, providers, cache, patch, device, options)
     used = sess.get_providers()[0]
-    if used != ORT_PROVIDERS[device]:
+    if used != provider:
         raise BackendError(f"ONNX Runtime fell back to {used} for {path.parent.name} although {provider} was asked for")
     graph_inputs = [{i.name} for i in sess.get_inputs()]
     graph_outputs = [{o.name} for o in sess.get_outputs()]
@@ -288,7 +293,8 @@ class BoundRun:
     once; a call copies into them only the inputs that changed (the prompt embeddings, fed as the same array
     at every step, are copied once), and the outputs come back from buffers bound after the shape's first run.
     With ``cuda_graph`` each shape's buffers get a graph id: ONNX Runtime captures the graph on that shape's
-    first runs and replays it after (its buffers must keep their addresses: they do, they are never rebound)."""
+    first runs and replays it after, which needs the buffers to keep their addresses: inputs are updated in
+    place, never rebound, and the outputs stay bound to the buffers of the shape's first run."""
 
     def __init__(self, ort, sess, device: str, outputs: list[str], cuda_graph: bool):
         self.ort, self.sess, self.outputs, self.cuda_graph = ort, sess, outputs, cuda_graph
@@ -553,7 +559,7 @@ class StaticShapes:
         return compiled, _ov_requests(compiled, self.outputs)
 
     def compiled_shapes(self) -> list[dict[str, tuple[int, ...]]]:
-        """The shapes compiled now, least recently used first (what tests and ``describe`` read)."""
+        """The shapes compiled now, least recently used first."""
         with self.lock:
             return [dict(key) for key in self.compiled]
 
