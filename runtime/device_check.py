@@ -158,7 +158,7 @@ def check(root: Path, manifest: Manifest, backend: str, devices: dict[str, str],
                                                         why + f"; fp32 on {device}: {_words(snr32)}"))
                 continue
             why += f"; fp32 on {device}: {_words(snr32)}"
-        report.verdicts.append(ComponentVerdict(component, "cpu", asked, _finite(snr), "cpu", why))
+        report.verdicts.append(ComponentVerdict(component, "cpu", on_cpu[component], _finite(snr), "cpu", why))
     return report
 
 
