@@ -241,6 +241,9 @@ def generate(
     ov_precision: str = typer.Option("auto", "--ov-precision", help="OpenVINO execution precision: auto (bf16 where the CPU has it), f32, bf16, f16"),
     lora: Optional[list[str]] = typer.Option(None, "--lora", help="a LoRA .safetensors merged in at load, FILE or FILE:SCALE (default scale 1.0); repeat for several (kohya/A1111, LoCon, LCM-LoRA, diffusers/PEFT)"),
     embedding: Optional[list[Path]] = typer.Option(None, "--embedding", help="a textual-inversion .safetensors whose word the prompt can then use (its token, or the file's name for A1111 and SDXL files); repeat for several"),
+    hires: Optional[float] = typer.Option(None, "--hires", help="hires fix: draw at the model's size, enlarge this many times (e.g. 2), redraw with img2img at that size"),
+    hires_strength: float = typer.Option(0.5, "--hires-strength", help="hires fix: the redraw's strength, in (0, 1]"),
+    hires_upscaler: Optional[Path] = typer.Option(None, "--hires-upscaler", help="hires fix: an exported upscaler folder (export-upscaler) instead of Lanczos"),
     output: Path = typer.Option(Path("edgediff.png"), "--output", "-o", help="PNG to write (several images get -1, -2 ...)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing output files (default: refuse)"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="per-image pixel budget (default: max(1024x1024, 4x the model's native size))"),
@@ -261,6 +264,10 @@ def generate(
         _fail("--mask, --extend and --strength need an input --image")
     if mask is not None and extend is not None:
         _fail("--mask (inpainting) and --extend (outpainting) exclude each other; give one")
+    if (hires_upscaler is not None or hires_strength != 0.5) and hires is None:
+        _fail("--hires-strength and --hires-upscaler go with --hires SCALE")
+    if hires is not None and image is not None:
+        _fail("--hires redraws a txt2img image larger; for an input image use --image with --width/--height")
     try:
         sides = dict(_parse_sides(extend)) if extend is not None else None
         settings = GenerationSettings((prompt,), (negative,) if negative else None, steps, guidance, seed, width,
@@ -287,6 +294,12 @@ def generate(
 
             result = pipe.generate(settings, image=image, mask=mask, extend=sides, fill=fill, mask_blur=mask_blur,
                                    keep_unmasked=keep_unmasked or sides is not None, callback=on_step)
+            if hires is not None:
+                from edgediff.runtime.upscale import Upscaler
+
+                upscaler = None if hires_upscaler is None else \
+                    Upscaler.load(hires_upscaler, backend=backend, device=device, threads=threads)
+                result = pipe.hires_fix(result, hires, hires_strength, upscaler=upscaler, callback=on_step)
     except (ArtifactError, BackendError, GenerationError, ValueError) as e:
         _fail(str(e))
     except MemoryError:
@@ -458,6 +471,73 @@ def tune(
     for name, why in profile["skipped"].items():
         console.print(f"[yellow]note:[/] {name} not tried: {why}")
     typer.echo(fast_profile_words(profile))
+
+
+@app.command("export-upscaler")
+def export_upscaler_command(
+    file: Optional[Path] = typer.Argument(None, help="an ESRGAN-family upscaler: .safetensors or .pth (RRDBNet: RealESRGAN_x4plus/x2plus; SRVGGNetCompact: realesr-general-x4v3)"),
+    out: Optional[Path] = typer.Argument(None, help="a new folder for upscaler.onnx and upscaler.json"),
+    random_weights: Optional[str] = typer.Option(None, "--random-weights", help="a recipe with seeded random weights instead of a file (then the only argument is OUT): realesrgan-x4plus, realesrgan-x2plus, realesr-general-x4v3, realesr-animevideov3"),
+) -> None:
+    """Export an upscaler to ONNX once (needs the export extra: torch); `upscale` and `generate --hires` run it."""
+    from edgediff.runtime.upscale import UpscalerError
+
+    try:
+        from edgediff.export.upscaler import export_upscaler
+    except ImportError as e:
+        _fail(f"export-upscaler needs PyTorch: pip install 'edgediff[export]' ({e})")
+    if random_weights is not None:
+        file, out = None, out or file
+    if out is None:
+        _fail("give FILE OUT, or --random-weights RECIPE OUT")
+    try:
+        manifest = export_upscaler(file, out, random_weights)
+    except UpscalerError as e:
+        _fail(str(e))
+    typer.echo(f"exported {manifest['architecture']} x{manifest['scale']} to {out} (parity vs PyTorch "
+               f"{manifest['parity_vs_torch']['psnr_db']} dB)")
+
+
+@app.command()
+def upscale(
+    image: Path = typer.Argument(..., help="the image to enlarge"),
+    upscaler: Path = typer.Option(..., "--upscaler", help="a folder written by export-upscaler"),
+    scale: Optional[int] = typer.Option(None, "--scale", help="the factor (default: the upscaler's; smaller ones resize its result down)"),
+    output: Path = typer.Option(Path("upscaled.png"), "--output", "-o", help="PNG to write"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output file"),
+    tile: int = typer.Option(256, "--tile", help="input pixels per tile at most (memory grows with it)"),
+    backend: str = typer.Option("auto", help="auto, onnxruntime or openvino"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, dml, gpu, npu"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads"),
+) -> None:
+    """Enlarge an image with an exported upscaler, in overlapping tiles (no PyTorch needed)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from edgediff.runtime import ArtifactError, BackendError
+    from edgediff.runtime.upscale import Upscaler, UpscalerError
+
+    from edgediff.runtime.outputs import output_paths, png_info, write_png
+
+    try:
+        output_paths(output, 1, overwrite)
+    except ValueError as e:
+        _fail(str(e))
+    try:
+        with Image.open(image) as opened:
+            picture = opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        _fail(f"cannot read {image} as an image ({e})")
+    try:
+        model = Upscaler.load(upscaler, backend=backend, device=device, threads=threads)
+        t0 = time.perf_counter()
+        result = model.upscale(picture, scale, tile=tile)
+        seconds = time.perf_counter() - t0
+    except (UpscalerError, ArtifactError, BackendError) as e:
+        _fail(str(e))
+    write_png(result, output, png_info(f"Upscaled x{result.width // picture.width} with {model.architecture}",
+                                       {"upscaler": str(upscaler), "architecture": model.architecture,
+                                        "scale": result.width // picture.width, "source": str(image)}))
+    typer.echo(f"wrote {output} ({result.width}x{result.height}, {model.architecture}, {seconds:.1f} s)")
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="The compile cache: each graph's optimized (ONNX Runtime) or compiled (OpenVINO) form, kept for the next load.")

@@ -17,6 +17,12 @@ def default_model_source() -> Path:
     return Path(__file__).resolve().parent / DEFAULT_MODEL / "diffusers"
 
 
+def shapes_upscaler() -> Path:
+    """The x2 upscaler trained for the embedded model (``models/shapes/upscaler/``, an exported SRVGGNetCompact:
+    ``models/shapes/training/train_upscaler.py``); ``edgediff upscale --upscaler`` and ``--hires-upscaler`` take it."""
+    return Path(__file__).resolve().parent / DEFAULT_MODEL / "upscaler"
+
+
 def shapes_lora(name: str = "diamond") -> Path:
     """A LoRA shipped for the embedded model (``models/shapes/loras/``): ``diamond`` teaches it a shape it never
     saw (``models/shapes/training/train_lora.py``)."""

@@ -406,6 +406,39 @@ class Pipeline:
         return self.generate(settings, image=image, mask=mask, mask_blur=mask_blur, keep_unmasked=keep_unmasked,
                              callback=callback)
 
+    def hires_fix(self, result: Result, scale: float = 2.0, strength: float = 0.5, *, upscaler: Any = None,
+                  steps: int | None = None, callback: Progress | None = None) -> Result:
+        """A1111's hires fix: each image of ``result`` (a txt2img at the model's size) enlarged ``scale`` times
+        (by ``upscaler``, an ``edgediff.runtime.upscale.Upscaler``, or Lanczos), then redrawn at that size with
+        img2img at ``strength``, with the same prompt, seed and settings (the VAE tiled where the size needs it).
+        The sizes are rounded to multiples of the VAE's factor."""
+        from .upscale import Upscaler, lanczos
+
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 1.0 < scale <= 4.0):
+            raise ValueError(f"the hires scale must be a number in (1, 4], got {scale!r:.40}")
+        if upscaler is not None and not isinstance(upscaler, Upscaler):
+            raise ValueError(f"upscaler must be an Upscaler (edgediff.runtime.upscale), got {type(upscaler).__name__}")
+        s, f = result.settings, self.manifest.vae_scale_factor
+        images, timings = [], Timings()
+        for k, first in enumerate(result.images):
+            width, height = (max(f, round(v * scale / f) * f) for v in first.size)
+            big = upscaler.upscale(first) if upscaler is not None else lanczos(first, scale)
+            big = big.resize((width, height), Image.LANCZOS) if big.size != (width, height) else big
+            prompt, negative = s.rows()[k]
+            redo = GenerationSettings(prompt, negative or None, steps or s.steps, s.guidance, s.seeds[k], width, height,
+                                      s.scheduler, 1, s.rng, strength, s.cfg_until, s.cache_interval)
+            second = self.generate(redo, image=big, callback=callback)
+            images += second.images
+            for stage, values in second.timings.stages.items():
+                timings.stages.setdefault(stage, []).extend(values)
+        hires = {"scale": scale, "strength": strength, "first_pass": f"{s.width}x{s.height}",
+                 "upscaler": f"{upscaler.architecture} x{upscaler.scale} ({upscaler.root})" if upscaler else "Lanczos"}
+        return dataclasses.replace(second, images=tuple(images), task=f"{result.task}+hires", timings=timings,
+                                   settings=dataclasses.replace(second.settings, seed=s.seed, prompts=s.prompts,
+                                                                negative_prompts=s.negative_prompts,
+                                                                images_per_prompt=s.images_per_prompt),
+                                   inputs=result.inputs | {"hires": hires})
+
     def outpaint(self, prompt: str | list[str], image: Image.Image | str | Path, extend: dict[str, int],
                  negative_prompt: str | list[str] | None = None, *, fill: str = "edge", mask_blur: float = 0.0,
                  keep_unmasked: bool = True, steps: int | None = None, guidance: float | None = None, seed: int = 0,

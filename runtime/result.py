@@ -74,7 +74,9 @@ class Result(Sequence):
                 + (f", DeepCache interval: {s.cache_interval}" if s.cache_interval not in (None, 1) else "")
                 + (", VAE: tiny" if self.components.get("vae_decoder", {}).get("precision") == "tiny" else "")
                 + (", LoRAs: " + ", ".join(f"{Path(x['file']).stem}:{x['scale']:g}" for x in self.loras)
-                   if self.loras else ""))
+                   if self.loras else "")
+                + (f", Hires upscale: {h['scale']:g}, Hires upscaler: {h['upscaler']}"
+                   if (h := self.inputs.get("hires")) else ""))
 
     def metadata(self, k: int) -> dict[str, Any]:
         """edgediff's JSON record of image ``k``: enough to regenerate it alone."""

@@ -27,10 +27,12 @@ def test_wheel_contents(tmp_path):
                     "edgediff/models/shapes/dataset.py", "edgediff/models/shapes/evaluation.json",
                     "edgediff/models/shapes/artifact/manifest.json", "edgediff/models/shapes/artifact/unet/model.onnx",
                     "edgediff/models/shapes/artifact/unet/weights.json", "edgediff/models/shapes/loras/diamond.safetensors",
-                    "edgediff/runtime/lora.py", "edgediff/runtime/prompts.py", "edgediff/runtime/embeddings.py"):
+                    "edgediff/runtime/lora.py", "edgediff/runtime/prompts.py", "edgediff/runtime/embeddings.py",
+                    "edgediff/models/shapes/upscaler/upscaler.onnx", "edgediff/models/shapes/upscaler/upscaler.json",
+                    "edgediff/runtime/upscale.py", "edgediff/runtime/vae_tiling.py", "edgediff/export/upscaler.py"):
         assert present in names, present
     modules = {n for n in names if n.endswith(".py")}
-    for absent in ("train.py", "train_lora.py", "lora_load.py", "peers.py", "gpu_check.py", "quant_speed.py", "quantize_report.py", "floor.py",
+    for absent in ("train.py", "train_lora.py", "train_upscaler.py", "lora_load.py", "peers.py", "gpu_check.py", "quant_speed.py", "quantize_report.py", "floor.py",
                    "unet_profile.py", "unet_step_ratio.py"):
         assert not any(m.endswith("/" + absent) for m in modules), absent
     assert not any(n.startswith(("edgediff/benchmarks/", "tests/", "cli/")) for n in names)

@@ -142,3 +142,15 @@ def sample(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str], lis
     picks = [scenes[i] for i in rng.integers(len(scenes), size=n)]
     images = np.stack([np.asarray(draw(s, rng)) for s in picks])
     return images, [caption(s, rng) for s in picks], picks
+
+
+def low_resolution(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A render halved (box filter), blurred a little and noised: the soft-edged low-resolution side of the
+    shipped upscaler's training pairs (``training/train_upscaler.py``), as the model's VAE draws edges."""
+    from PIL import ImageFilter
+
+    side = image.shape[0] // 2
+    small = Image.fromarray(image).resize((side, side), Image.BOX)
+    small = small.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 0.8))))
+    noisy = np.asarray(small, dtype=np.float32) + rng.normal(0, rng.uniform(0, 3), (side, side, 3))
+    return np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
