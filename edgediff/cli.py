@@ -297,8 +297,9 @@ def generate(
             if hires is not None:
                 from edgediff.runtime.upscale import Upscaler
 
-                upscaler = None if hires_upscaler is None else \
-                    Upscaler.load(hires_upscaler, backend=backend, device=device, threads=threads)
+                upscaler = None if hires_upscaler is None else Upscaler.load(
+                    hires_upscaler, backend=pipe.backend, device=pipe.devices[pipe.manifest.denoiser.name],
+                    threads=threads)  # beside the UNet
                 result = pipe.hires_fix(result, hires, hires_strength, upscaler=upscaler, callback=on_step)
     except (ArtifactError, BackendError, GenerationError, ValueError) as e:
         _fail(str(e))
