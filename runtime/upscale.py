@@ -1,7 +1,8 @@
 """Upscaling without PyTorch: an exported ESRGAN-family upscaler (``edgediff export-upscaler``) run in tiles.
 
 ``Upscaler.load(folder)`` opens ``upscaler.onnx`` on either backend; ``upscaler.upscale(image)`` cuts the image
-into tiles of ``tile`` pixels overlapping by ``overlap``, runs each (so a large image needs one tile's memory),
+into as few tiles of at most ``tile`` pixels as cover it with neighbours sharing at least ``overlap``, spread
+evenly, runs each (so a large image needs one tile's memory),
 and blends the upscaled tiles with linear ramps across the overlaps, weights normalised so every pixel's
 weights sum to one. ``lanczos(image, scale)`` is the fallback where no upscaler is given.
 """
