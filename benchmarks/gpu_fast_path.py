@@ -291,14 +291,18 @@ def recorder(rows: dict, save: Callable[[], None]) -> Callable[[str, Callable[[]
     return record
 
 
-def sd15_step(root: Path, args, report: dict, save: Callable[[], None]) -> None:
+def unet_case(root: Path, size: int, report: dict, key: str):
+    """(manifest, CFG-batch feeds at ``size``, the UNet's name, its output names, the report's rows for ``key``)."""
     from edgediff.runtime import load_manifest
 
     manifest = load_manifest(root)
-    feeds = unet_feeds(manifest, 512)
     unet = manifest.denoiser.name
-    names = [o.name for o in manifest.variant(unet).outputs]
-    rows = report.setdefault("sd15_unet_step_512_b2", {})
+    return (manifest, unet_feeds(manifest, size), unet, [o.name for o in manifest.variant(unet).outputs],
+            report.setdefault(key, {}))
+
+
+def sd15_step(root: Path, args, report: dict, save: Callable[[], None]) -> None:
+    manifest, feeds, unet, names, rows = unet_case(root, 512, report, "sd15_unet_step_512_b2")
 
     record = recorder(rows, save)
     record("diffusers_fp16_eager", lambda: diffusers_step("sd15", feeds, args))
@@ -391,13 +395,7 @@ def diffusers_image(args) -> dict[str, Any]:
 
 
 def sdxl_step(root: Path, args, report: dict, save: Callable[[], None]) -> None:
-    from edgediff.runtime import load_manifest
-
-    manifest = load_manifest(root)
-    feeds = unet_feeds(manifest, 1024)
-    unet = manifest.denoiser.name
-    names = [o.name for o in manifest.variant(unet).outputs]
-    rows = report.setdefault("sdxl_unet_step_1024_b2", {})
+    manifest, feeds, unet, names, rows = unet_case(root, 1024, report, "sdxl_unet_step_1024_b2")
     outs = {}
 
     def ort_row(key, precision, cuda_graph=False):

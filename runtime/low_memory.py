@@ -56,9 +56,6 @@ class StageSessions:
     def __len__(self) -> int:
         return len(self._resident)
 
-    def get(self, component: str, default=None):
-        return self[component] if component in self._stage_of else default
-
     def items(self):
         return list(self._resident.items())
 

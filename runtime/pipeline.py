@@ -294,7 +294,6 @@ class Pipeline:
                 f"{self.backend}: pass backend='{variant.backends[0]}' (--backend {variant.backends[0]}) or pick "
                 f"another precision for {component}; it has: {', '.join(self.manifest.components[component])}"
             )
-        self._require_device(component, precision)
         session = open_session(self.root, component, variant, self.backend, self.devices[component], self.options,
                                self.patches.get(component))
         self.opened[component] = _record(session)
