@@ -19,6 +19,7 @@ parser is written from that documented behaviour; tests/test_prompts.py checks i
 
 from __future__ import annotations
 
+import math
 import re
 
 ROUND, SQUARE = 1.1, 1 / 1.1  # (x) and [x]
@@ -85,12 +86,13 @@ def parse(prompt: str) -> list[Fragment | BreakMarker]:
 
 
 def _runs(chars: list[list]) -> list[Fragment | BreakMarker]:
-    """Neighbouring characters of equal weight joined into fragments."""
+    """Neighbouring characters of equal weight joined into fragments. Equal to float rounding: the same brackets
+    applied in another order (``((a([a``: 1.1 x 1.1 against 1.1 x 1.1 x 1.1 / 1.1) must not split a word."""
     out: list = []
     for c, weight in chars:
         if c is BREAK_MARKER:
             out.append(BREAK_MARKER)
-        elif out and out[-1] is not BREAK_MARKER and out[-1][1] == weight:
+        elif out and out[-1] is not BREAK_MARKER and math.isclose(out[-1][1], weight, rel_tol=1e-9):
             out[-1] = (out[-1][0] + c, weight)
         else:
             out.append((c, weight))
