@@ -27,6 +27,7 @@ import torch
 
 from edgediff.runtime.manifest import TensorSpec, Variant, disk_bytes
 
+from .deepcache import residual_kwargs
 from .onnx_io import consolidate_external_data, save_onnx
 from .weight_map import FILE as WEIGHT_MAP_FILE
 from .weight_map import Fingerprints, unread_parameters, write_weight_map
@@ -80,12 +81,14 @@ class _PenultimateTextEncoder(torch.nn.Module):
 
 
 class _UNet(torch.nn.Module):
+    """The UNet; after the conditioning, ControlNet residuals where it was exported with ControlNets."""
+
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        return self.unet(sample, timestep, encoder_hidden_states, **residual_kwargs(residuals), return_dict=False)[0]
 
 
 class _UNetXL(torch.nn.Module):
@@ -95,9 +98,10 @@ class _UNetXL(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals):
         cond = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond,
+                         **residual_kwargs(residuals), return_dict=False)[0]
 
 
 class _VaeDecoder(torch.nn.Module):
@@ -173,9 +177,11 @@ def xl_text_encoder_contract(text_encoder, max_length: int, name: str) -> Contra
     )
 
 
-def unet_contract(unet, latent_size: int, deepcache_branch: int | None = None) -> Contract:
+def unet_contract(unet, latent_size: int, deepcache_branch: int | None = None, residuals: list | None = None) -> Contract:
     """The UNet; with ``deepcache_branch`` it also outputs DeepCache's ``deep_feature`` for that branch
-    (``edgediff.export.deepcache``), which ``shallow_unet_contract``'s graph takes between full steps."""
+    (``edgediff.export.deepcache``), which ``shallow_unet_contract``'s graph takes between full steps. With
+    ``residuals`` (``export.controlnet.residuals_of``) it takes ControlNet residuals after its conditioning."""
+    residuals = residuals or []
     c = unet.config
     in_ch, out_ch, ctx = c.in_channels, c.out_channels, c.cross_attention_dim
     # An odd latent size makes diffusers forward each upsampler's output size
@@ -197,7 +203,7 @@ def unet_contract(unet, latent_size: int, deepcache_branch: int | None = None) -
         )
         if xl:
             args += (torch.randn(2, pooled, generator=g), torch.tensor([[8.0 * h, 8.0 * w, 0, 0, 8.0 * h, 8.0 * w]] * 2))
-        return args
+        return args + tuple(torch.randn(2, r.channels, *r.size(h, w), generator=g) * 0.5 for r in residuals)
 
     inputs = (
         TensorSpec("sample", "float32", ("batch", in_ch, "height", "width")),
@@ -206,12 +212,14 @@ def unet_contract(unet, latent_size: int, deepcache_branch: int | None = None) -
     )
     if xl:
         inputs += (TensorSpec("text_embeds", "float32", ("batch", pooled)), TensorSpec("time_ids", "float32", ("batch", 6)))
+    inputs += tuple(r.spec() for r in residuals)
     outputs = (TensorSpec("out_sample", "float32", ("batch", out_ch, "height", "width")),)
     if deepcache_branch is None:
         return Contract("unet", _UNetXL(unet) if xl else _UNet(unet), inputs, outputs, sample)
     from .deepcache import DeepCacheFull
 
-    return Contract("unet", DeepCacheFull(unet, deepcache_branch), inputs, outputs + (DEEP_FEATURE_SPEC,), sample)
+    return Contract("unet", DeepCacheFull(unet, deepcache_branch, len(residuals)), inputs,
+                    outputs + (DEEP_FEATURE_SPEC,), sample)
 
 
 DEEP_FEATURE_SPEC = TensorSpec("deep_feature", "float32", ("batch", "feature_channels", "feature_height", "feature_width"))

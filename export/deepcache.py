@@ -107,6 +107,13 @@ def _added_cond_kwargs(unet, text_embeds, time_ids) -> dict[str, torch.Tensor] |
     return None
 
 
+def residual_kwargs(residuals) -> dict:
+    """ControlNet residuals (down blocks' then the mid block's) as diffusers' UNet takes them; none: {}."""
+    if not residuals:
+        return {}
+    return {"down_block_additional_residuals": tuple(residuals[:-1]), "mid_block_additional_residual": residuals[-1]}
+
+
 def _cross_attention_kwargs(block, encoder_hidden_states) -> dict[str, torch.Tensor]:
     """The text conditioning a block takes, as UNet2DConditionModel.forward passes it (Ma et al., CVPR 2024)."""
     return {"encoder_hidden_states": encoder_hidden_states} if getattr(block, "has_cross_attention", False) else {}
@@ -124,11 +131,12 @@ def _layer(block, index: int, hidden_states, temb, encoder_hidden_states):
 class DeepCacheFull(nn.Module):
     """The whole UNet, also returning DeepCache's (Ma et al., CVPR 2024) cached feature for ``cache_branch_id``."""
 
-    def __init__(self, unet, cache_branch_id: int):
+    def __init__(self, unet, cache_branch_id: int, residuals: int = 0):
         super().__init__()
         self.block, self.layer = branch_of(unet, cache_branch_id)
         _refuse_unreplicated(unet, self.block)
         self.unet = unet
+        self.residuals = residuals  # ControlNet residuals taken after the conditioning (export/controlnet.py)
 
     def _capture_feature(self, captured: list) -> torch.utils.hooks.RemovableHandle:
         """Hook the hidden state entering the first fresh layer of up block B (DeepCache, Ma et al., CVPR 2024)."""
@@ -142,15 +150,19 @@ class DeepCacheFull(nn.Module):
                 lambda module, args, output: captured.append(output[0]))
         return up.resnets[first_fresh - 1].register_forward_hook(lambda module, args, output: captured.append(output))
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        """(out_sample, deep_feature): the UNet's output and DeepCache's (Ma et al., CVPR 2024) cached feature."""
+    def forward(self, sample, timestep, encoder_hidden_states, *inputs):
+        """(out_sample, deep_feature): the UNet's output and DeepCache's (Ma et al., CVPR 2024) cached feature;
+        inputs: [text_embeds, time_ids,] and the ``residuals`` ControlNet residuals."""
         _refuse_unreplicated(self.unet, self.block)
+        split = len(inputs) - self.residuals
+        conditioning, residuals = inputs[:split], inputs[split:]
+        text_embeds, time_ids = (tuple(conditioning) + (None, None))[:2]
         added_cond_kwargs = _added_cond_kwargs(self.unet, text_embeds, time_ids)
         captured: list[torch.Tensor] = []
         handle = self._capture_feature(captured)
         try:
             out_sample = self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
-                                   return_dict=False)[0]
+                                   **residual_kwargs(residuals), return_dict=False)[0]
         finally:
             handle.remove()
         return out_sample, captured[0]

@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 from edgediff import __version__
 from edgediff.runtime.locking import folder_lock
-from edgediff.runtime.manifest import (MANIFEST_FILE, DenoiserSpec, Manifest, ShallowDenoiserSpec, TextEncoderSpec,
-                                       check_defaults, current_umask, is_artifact)
+from edgediff.runtime.manifest import (MANIFEST_FILE, ControlNetSpec, DenoiserSpec, Manifest, ShallowDenoiserSpec,
+                                       TextEncoderSpec, check_defaults, current_umask, is_artifact)
 from edgediff.runtime.schedulers import default_scheduler_name
 
 from . import components as C
@@ -164,6 +164,7 @@ def export_artifact(
     force_tiny_vae: bool = False,
     gate_settings: Any = None,
     deepcache_branch: int | None = DEEPCACHE_BRANCH,
+    controlnets: list[str] | tuple[str, ...] = (),
     progress: Callable[[str], Any] = lambda s: None,
 ) -> Manifest:
     """Export ``source`` to the artifact folder ``out``; returns its manifest.
@@ -175,9 +176,20 @@ def export_artifact(
     artifact was written without it. ``gate_settings``: the gate's prompts and steps (``GateSettings``).
     ``deepcache_branch``: DeepCache's ``cache_branch_id`` of the shallow graph exported beside the UNet (which
     then also outputs the feature it caches; ``edgediff.export.deepcache``); None exports the UNet alone.
+    ``controlnets``: ``NAME=PATH`` (or ``PATH``) of ControlNets exported beside the UNet, which then takes their
+    residuals (``edgediff.export.controlnet``); each must fit the checkpoint's UNet.
     """
+    from .controlnet import parse_controlnet_arg
+
     out = Path(out)
     defaults = check_defaults(defaults or {})
+    named = [parse_controlnet_arg(c) for c in controlnets]
+    duplicate = next((n for i, (n, _) in enumerate(named) if n in [m for m, _ in named[:i]]), None)
+    if duplicate:
+        raise ExportError(f"two --controlnet are named {duplicate!r}; give each its own NAME=PATH")
+    for name, path in named:  # before the checkpoint loads
+        if not Path(path).exists() and path.count("/") != 1:
+            raise ExportError(f"--controlnet {name}={path}: no such file or folder (nor a hub id owner/name)")
     check_target(out, force, source)
     if tiny_vae is not None:
         check_tiny_vae_source(tiny_vae)
@@ -186,12 +198,15 @@ def export_artifact(
         check_target(out, force, source)  # another export may have finished meanwhile
         _clean_stale(out, progress)
         return _export(source, out, force, config, random_weights, source_label, defaults, tiny_vae, force_tiny_vae,
-                       gate_settings, deepcache_branch, progress)
+                       gate_settings, deepcache_branch, named, progress)
 
 
 def _export(source: str, out: Path, force: bool, config: str | None, random_weights: bool, source_label: str | None,
             defaults: dict[str, Any], tiny_vae: str | Path | None, force_tiny_vae: bool, gate_settings: Any,
-            deepcache_branch: int | None, progress: Callable[[str], Any]) -> Manifest:
+            deepcache_branch: int | None, controlnets: list[tuple[str, str]],
+            progress: Callable[[str], Any]) -> Manifest:
+    from . import controlnet as CN
+
     progress(f"loading {source}")
     pipe = load_source(str(source), config)
     xl = getattr(pipe, "text_encoder_2", None) is not None
@@ -207,6 +222,13 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
             branch_of(pipe.unet, deepcache_branch)
         except ValueError as e:
             raise ExportError(f"--deepcache-branch: {e}") from None
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    control_models = {}
+    for name, path in controlnets:  # read and matched to the UNet before anything is written
+        progress(f"loading ControlNet {name} from {path}")
+        control_models[name] = CN.load_controlnet(path, pipe.unet)
+        CN.check_fits(control_models[name], pipe.unet, vae_scale, f"{name}={path}")
+    residuals = CN.residuals_of(pipe.unet) if control_models else []
     if xl:
         pipe.text_encoder_2.eval()
     pipe.text_encoder.eval()
@@ -217,13 +239,18 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the artifact gets the user's usual mode
     (tmp / PARTIAL_MARKER).touch()
     try:
-        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         latent = int(pipe.unet.config.sample_size)
         text_contracts = _text_contracts(pipe)
-        unet_contracts = [lambda: C.unet_contract(pipe.unet, min(latent, 64), deepcache_branch)]
+        unet_contracts = [lambda: C.unet_contract(pipe.unet, min(latent, 64), deepcache_branch, residuals)]
+        # the ControlNets' graphs take the UNet's conditioning: their contracts read the UNet's, before it is dropped
+        unet_inputs = C.unet_contract(pipe.unet, min(latent, 64), None, residuals) if control_models else None
+        if unet_inputs is not None:
+            unet_inputs.module = None  # only its inputs and samples are read: the UNet is not held for them
+        control_contracts = [lambda n=n: CN.controlnet_contract(control_models.pop(n), unet_inputs, residuals,
+                                                                vae_scale, n) for n in list(control_models)]
         if deepcache_branch is not None:
             unet_contracts.append(lambda: C.shallow_unet_contract(pipe.unet, min(latent, 64), deepcache_branch))
-        contracts = text_contracts + unet_contracts + [
+        contracts = text_contracts + unet_contracts + control_contracts + [
             lambda: C.vae_decoder_contract(pipe.vae, min(latent, 64)),
             lambda: C.vae_encoder_contract(pipe.vae, min(latent, 64) * vae_scale),
         ]
@@ -272,11 +299,14 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
             force_zeros_for_empty_prompt=bool(xl and pipe.config.get("force_zeros_for_empty_prompt", True)),
             scheduler=default_scheduler_name(sched_config),
             components=components,
-            roles={name: ROLE_OF.get(name, name) for name in components},
+            roles={name: "controlnet" if name.startswith("controlnet_") else ROLE_OF.get(name, name)
+                   for name in components},
             text_encoders=tuple(text_encoders),
             denoiser=DenoiserSpec("unet", "unet", int(configs["unet"].in_channels)),
             shallow_denoiser=None if deepcache_branch is None else ShallowDenoiserSpec("unet_shallow", "deepcache",
                                                                                       deepcache_branch),
+            controlnets=tuple(ControlNetSpec(f"controlnet_{n}", n, int(components[f"controlnet_{n}"]["fp32"].inputs[-1].shape[1]),
+                                             path) for n, path in controlnets),
             random_weights=random_weights,
             defaults=defaults,
             provenance={

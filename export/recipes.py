@@ -222,3 +222,29 @@ def _perturb_zero_init(module) -> None:
         for p in module.parameters():
             if p.ndim > 0 and torch.count_nonzero(p) == 0:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def build_controlnet(source: str | Path, out_dir: str | Path, seed: int = 0, copy_unet: bool = True,
+                     zero_conv_std: float = 0.5) -> Path:
+    """A ControlNet for the diffusers checkpoint ``source`` (``ControlNetModel.from_unet``: its encoder copied
+    from the UNet, or seeded random weights), saved as a diffusers folder. ControlNets start with zero
+    convolutions, which would make them do nothing: seeded random ones of ``zero_conv_std`` make their effect
+    large enough for parity tests to tell a ControlNet applied from one ignored. For tests and latency only."""
+    import diffusers
+    import torch
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(source), subfolder="unet")
+    vae_config = diffusers.AutoencoderKL.load_config(str(source), subfolder="vae")
+    levels = len(vae_config["block_out_channels"])  # the control image is shrunk by the VAE's factor
+    widths = (16, 32, 96, 256) if unet.config.block_out_channels[0] >= 256 else (8,) * (levels - 1) + (16,)
+    torch.manual_seed(seed)
+    controlnet = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths,
+                                                     load_weights_from_unet=copy_unet)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]:
+            for p in block.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * zero_conv_std / max(1, p[0].numel()) ** 0.5)
+    controlnet.save_pretrained(str(out_dir))
+    return Path(out_dir)

@@ -41,9 +41,15 @@ from .schedulers import SCHEDULER_NAMES
 FORMAT_NAME = "edgediff-artifact"
 FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
-ROLES = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder", "shallow_denoiser")
+ROLES = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder", "shallow_denoiser", "controlnet")
 STEP_CACHE_METHODS = ("deepcache",)
 DEEP_FEATURE = "deep_feature"  # the denoiser output a shallow denoiser takes (DeepCache)
+# A ControlNet's outputs and the denoiser's matching inputs (an artifact exported with --controlnet): one residual
+# per skip connection of the UNet's down path, numbered from conv_in, and one for the mid block. Their spatial
+# dimensions are named "height/F" and "width/F": the latent size divided by F, rounded up (stride-2 convolutions).
+DOWN_RESIDUAL = "down_block_residual_"
+MID_RESIDUAL = "mid_block_residual"
+CONTROL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 DENOISER_KINDS = ("unet",)
 MAX_TEXT_ENCODERS = 2  # SD: one; SDXL: two (edgediff.runtime.conditioning)
 V1_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # version 1: closed names
@@ -319,6 +325,29 @@ class ShallowDenoiserSpec:
         return {"role": "shallow_denoiser", "method": self.method, "branch": self.branch}
 
 
+@dataclass(frozen=True)
+class ControlNetSpec:
+    """A ControlNet (Zhang et al. 2023) component: the name a control image is given for (``--control NAME=IMAGE``),
+    the channels of its control image, and where it was exported from."""
+
+    name: str  # the component
+    control: str
+    conditioning_channels: int
+    source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"role": "controlnet", "control": self.control, "conditioning_channels": self.conditioning_channels,
+                "source": self.source}
+
+
+def check_control_name(name: Any, where: str = "a ControlNet's name") -> str:
+    """1-40 lowercase letters, digits, '_' or '-', starting with a letter or digit."""
+    if not (isinstance(name, str) and 1 <= len(name) <= 40 and set(name) <= CONTROL_NAME_CHARS and name[0].isalnum()):
+        raise ArtifactError(f"{where} must be 1-40 lowercase letters, digits, '_' or '-' (starting with a letter or "
+                            f"digit), got {name!r:.60}")
+    return name
+
+
 @dataclass
 class Manifest:
     family: str
@@ -341,6 +370,7 @@ class Manifest:
     defaults: dict[str, Any] = field(default_factory=dict)
     shallow_denoiser: ShallowDenoiserSpec | None = None  # DeepCache's shallow graph, where exported
     fast_profile: dict[str, Any] | None = None  # what `edgediff tune` measured and chose (check_fast_profile)
+    controlnets: tuple[ControlNetSpec, ...] = ()  # exported with --controlnet; the denoiser then takes residuals
     format_version: int = FORMAT_VERSION
 
     scheduler_file = "scheduler/scheduler_config.json"
@@ -372,6 +402,7 @@ class Manifest:
         specs = {t.name: t.to_json() for t in self.text_encoders} | {self.denoiser.name: self.denoiser.to_json()}
         if self.shallow_denoiser is not None:
             specs[self.shallow_denoiser.name] = self.shallow_denoiser.to_json()
+        specs |= {c.name: c.to_json() for c in self.controlnets}
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -512,7 +543,7 @@ def load_manifest(root: str | Path) -> Manifest:
         raise ArtifactError(f"manifest.json: 'vae_scale_factor' must be one of {VAE_SCALE_FACTORS} dividing "
                             f"sample_size {sample_size}, got {vae_scale_factor!r}")
     latent_channels = _ranged(d, "latent_channels", int, 1, 256)
-    roles, text_encoders, denoiser, shallow = (_roles_v1 if version == 1 else _roles_v2)(d, comps, path)
+    roles, text_encoders, denoiser, shallow, controlnets = (_roles_v1 if version == 1 else _roles_v2)(d, comps, path)
     if denoiser.in_channels not in (latent_channels, 2 * latent_channels + 1):
         raise ArtifactError(f"manifest.json: the denoiser's input channels must be latent_channels ({latent_channels}, "
                             f"an ordinary UNet) or {2 * latent_channels + 1} (an inpainting UNet), got {denoiser.in_channels!r}")
@@ -543,6 +574,7 @@ def load_manifest(root: str | Path) -> Manifest:
         text_encoders=text_encoders,
         denoiser=denoiser,
         shallow_denoiser=shallow,
+        controlnets=controlnets,
         provenance=dict(provenance),
         random_weights=_require({"random_weights": d.get("random_weights", False)}, "random_weights", bool),
         force_zeros_for_empty_prompt=_require(
@@ -563,7 +595,7 @@ def _text_spec(name: str, d: dict[str, Any], where: str) -> TextEncoderSpec:
 
 def _roles_v2(d: dict[str, Any], comps: dict[str, Any], path: Path):
     """Version 2: every component names its role; the text encoders in the order they appear."""
-    roles, text_encoders, denoisers, shallow = {}, [], [], []
+    roles, text_encoders, denoisers, shallow, controlnets = {}, [], [], [], []
     for name, entry in comps.items():
         where = f" components.{name}"
         role = _require(entry, "role", str, where)
@@ -588,12 +620,18 @@ def _roles_v2(d: dict[str, Any], comps: dict[str, Any], path: Path):
                 raise ArtifactError(f"{path}: components.{name} is a {method!r:.40} shallow denoiser; this edgediff "
                                     f"runs: {', '.join(STEP_CACHE_METHODS)}")
             shallow.append(ShallowDenoiserSpec(name, method, _ranged(entry, "branch", int, 0, 1000, where)))
+        elif role == "controlnet":
+            control = check_control_name(entry.get("control"), f"{path}: components.{name}.control")
+            if any(c.control == control for c in controlnets):
+                raise ArtifactError(f"{path}: two ControlNets are named {control!r}")
+            controlnets.append(ControlNetSpec(name, control, _ranged(entry, "conditioning_channels", int, 1, 64, where),
+                                              str(entry.get("source", ""))[:1000]))
     counts = {role: list(roles.values()).count(role) for role in ROLES}
     if counts["denoiser"] != 1 or counts["vae_decoder"] != 1 or counts["vae_encoder"] > 1 \
             or counts["shallow_denoiser"] > 1 or not 1 <= counts["text_encoder"] <= MAX_TEXT_ENCODERS:
         raise ArtifactError(f"{path}: an artifact has one denoiser, one vae_decoder, at most one vae_encoder, at most "
                             f"one shallow_denoiser and 1 to {MAX_TEXT_ENCODERS} text encoders; this one has {counts}")
-    return roles, tuple(text_encoders), denoisers[0], shallow[0] if shallow else None
+    return roles, tuple(text_encoders), denoisers[0], shallow[0] if shallow else None, tuple(controlnets)
 
 
 def _roles_v1(d: dict[str, Any], comps: dict[str, Any], path: Path):
@@ -611,7 +649,7 @@ def _roles_v1(d: dict[str, Any], comps: dict[str, Any], path: Path):
             raise ArtifactError(f"{path} has text_2 but lists no text_encoder_2 component")
         text_encoders.append(_text_spec("text_encoder_2", _require(d, "text_2", dict), " text_2"))
     roles = {name: {"unet": "denoiser", "text_encoder_2": "text_encoder"}.get(name, name) for name in comps}
-    return roles, tuple(text_encoders), DenoiserSpec("unet", "unet", _require(d, "unet_in_channels", int)), None
+    return roles, tuple(text_encoders), DenoiserSpec("unet", "unet", _require(d, "unet_in_channels", int)), None, ()
 
 
 def _check_variant_files(root: Path, component: str, v: Variant) -> None:
