@@ -58,6 +58,7 @@ def export(
     force_tiny_vae: bool = typer.Option(False, "--force-tiny-vae", help="keep the tiny VAE even when it measures below the quality gate"),
     deepcache_branch: int = typer.Option(0, "--deepcache-branch", min=0, help="DeepCache's cache_branch_id of the shallow UNet graph exported beside the UNet (0: the shallowest, the largest saving; generate --cache-interval uses it)"),
     no_deepcache: bool = typer.Option(False, "--no-deepcache", help="export the UNet alone, without DeepCache's graph pair"),
+    controlnet: Optional[list[str]] = typer.Option(None, "--controlnet", help="NAME=PATH: a ControlNet (a diffusers ControlNetModel folder, a .safetensors file or a hub id) exported beside the UNet, which then takes its residuals; generate --control NAME=IMAGE uses it. Repeat for several"),
 ) -> None:
     """Export a Stable Diffusion checkpoint to an artifact folder (ONNX + manifest)."""
     try:
@@ -127,11 +128,13 @@ def export(
                     manifest = export_artifact(str(Path(tmp) / "src"), out, force=force, random_weights=True,
                                                source_label=f"random-weights:{random_weights}:seed={seed}",
                                                defaults=RECIPES[random_weights].get("defaults", {}) | defaults,
-                                               tiny_vae=tiny_vae, deepcache_branch=branch, progress=status.update)
+                                               tiny_vae=tiny_vae, deepcache_branch=branch, controlnets=controlnet or (),
+                                               progress=status.update)
             else:
                 manifest = export_artifact(source, out, force=force, config=config, defaults=defaults,
                                            tiny_vae=tiny_vae, force_tiny_vae=force_tiny_vae, gate_settings=gate,
-                                           deepcache_branch=branch, progress=status.update)
+                                           deepcache_branch=branch, controlnets=controlnet or (),
+                                           progress=status.update)
         except TinyVaeRefused as e:
             _print_exported(e.manifest, out, t0)
             _fail(str(e))
@@ -241,6 +244,12 @@ def generate(
     ov_precision: str = typer.Option("auto", "--ov-precision", help="OpenVINO execution precision: auto (bf16 where the CPU has it), f32, bf16, f16"),
     lora: Optional[list[str]] = typer.Option(None, "--lora", help="a LoRA .safetensors merged in at load, FILE or FILE:SCALE (default scale 1.0); repeat for several (kohya/A1111, LoCon, LCM-LoRA, diffusers/PEFT)"),
     embedding: Optional[list[Path]] = typer.Option(None, "--embedding", help="a textual-inversion .safetensors whose word the prompt can then use (its token, or the file's name for A1111 and SDXL files); repeat for several"),
+    control: Optional[list[str]] = typer.Option(None, "--control", help="NAME=IMAGE or NAME=IMAGE:SCALE: steer with the artifact's ControlNet NAME (export --controlnet) and its control image (resized to the generation's size); repeat for several, summed"),
+    control_start: float = typer.Option(0.0, "--control-start", help="the ControlNets act from this fraction of the steps on, in [0, 1)"),
+    control_end: float = typer.Option(1.0, "--control-end", help="... until this fraction, in (0, 1]"),
+    preprocess: Optional[list[str]] = typer.Option(None, "--preprocess", help="NAME=canny: make that --control's image into canny edges first (default: the image is the control map: depth, pose, scribble, edges...)"),
+    canny_low: float = typer.Option(100, "--canny-low", help="canny preprocessor: the low threshold"),
+    canny_high: float = typer.Option(200, "--canny-high", help="canny preprocessor: the high threshold"),
     hires: Optional[float] = typer.Option(None, "--hires", help="hires fix: draw at the model's size, enlarge this many times (e.g. 2), redraw with img2img at that size"),
     hires_strength: float = typer.Option(0.5, "--hires-strength", help="hires fix: the redraw's strength, in (0, 1]"),
     hires_upscaler: Optional[Path] = typer.Option(None, "--hires-upscaler", help="hires fix: an exported upscaler folder (export-upscaler) instead of Lanczos"),
@@ -273,8 +282,11 @@ def generate(
         settings = GenerationSettings((prompt,), (negative,) if negative else None, steps, guidance, seed, width,
                                       height, scheduler, num_images, rng, strength, cfg_until, cache_interval)
         paths = output_paths(output, settings.batch, overwrite)
+        controls = _controls(control or [], preprocess or [], control_start, control_end, canny_low, canny_high)
     except ValueError as e:
         _fail(str(e))
+    if controls and hires is not None:
+        _fail("--hires does not carry --control to its second pass yet; run the two apart (generate, then --image)")
     try:
         t0 = time.perf_counter()
         pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, vae=vae, fast=fast, fallback=fallback,
@@ -293,7 +305,8 @@ def generate(
                 bar.update(task, completed=done, total=total)
 
             result = pipe.generate(settings, image=image, mask=mask, extend=sides, fill=fill, mask_blur=mask_blur,
-                                   keep_unmasked=keep_unmasked or sides is not None, callback=on_step)
+                                   keep_unmasked=keep_unmasked or sides is not None, controls=controls,
+                                   callback=on_step)
             if hires is not None:
                 from edgediff.runtime.upscale import Upscaler
 
@@ -314,6 +327,24 @@ def generate(
         typer.echo(f"wrote {p}")
     if verbose:
         _print_timings(load_s, result)
+
+
+def _controls(texts: list[str], preprocess: list[str], start: float, end: float, low: float, high: float):
+    """--control NAME=IMAGE[:SCALE] with --preprocess NAME=canny and the shared guidance window."""
+    from edgediff.runtime import Control
+
+    methods = {}
+    for text in preprocess:
+        name, sep, method = text.partition("=")
+        if not sep:
+            raise ValueError(f"--preprocess takes NAME=canny, got {text!r:.60}")
+        methods[name.strip()] = method.strip()
+    parsed = [Control.parse(t) for t in texts]
+    unknown = set(methods) - {c.name for c in parsed}
+    if unknown:
+        raise ValueError(f"--preprocess names a --control that is not given: {', '.join(sorted(unknown))}")
+    return [Control(c.name, c.image, c.scale, start, end, methods.get(c.name, "none"), low, high).checked()
+            for c in parsed]
 
 
 def _parse_sides(text: str):

@@ -1,6 +1,7 @@
 """The lean runtime: numpy + tokenizers + pillow + ONNX Runtime or OpenVINO. No PyTorch."""
 
 from .backends import BackendError, available_devices
+from .control import Control
 from .lora import LoraError, LoraSpec
 from .manifest import ArtifactError, Manifest, load_manifest
 from .outputs import save_result
@@ -9,5 +10,5 @@ from .result import Result
 from .settings import GenerationSettings
 from .schedulers import SCHEDULER_NAMES
 
-__all__ = ["ArtifactError", "BackendError", "GenerationError", "GenerationSettings", "LoraError", "LoraSpec",
+__all__ = ["ArtifactError", "BackendError", "Control", "GenerationError", "GenerationSettings", "LoraError", "LoraSpec",
            "Manifest", "Pipeline", "PrecisionError", "Result", "SCHEDULER_NAMES", "available_devices", "load_manifest", "save_result"]

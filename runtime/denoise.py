@@ -59,6 +59,7 @@ class Job:
     timings: Timings = field(default_factory=Timings)
     denoiser: str = "unet"  # the manifest's denoiser component
     shallow_denoiser: str | None = None  # DeepCache's shallow graph, where the artifact has one
+    controls: list = field(default_factory=list)  # control.PreparedControl: the ControlNets steering this call
 
     def call(self, component: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """Run ``component``, timed; NaN/Inf in any output is an error naming it."""

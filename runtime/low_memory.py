@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 from .backends import Session
 
-STAGE_OF_ROLE = {"text_encoder": "text", "denoiser": "denoise", "shallow_denoiser": "denoise",
+STAGE_OF_ROLE = {"text_encoder": "text", "denoiser": "denoise", "shallow_denoiser": "denoise", "controlnet": "denoise",
                  "vae_encoder": "encode", "vae_decoder": "decode"}
 
 

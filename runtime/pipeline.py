@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from . import compile_cache
+from . import control as controlnet
 from . import device_check
 from .backends import BackendOptions, Session, open_session
 from .low_memory import StageSessions
@@ -359,7 +360,7 @@ class Pipeline:
                 steps: int | None = None, guidance: float | None = None, seed: int = 0, width: int | None = None,
                 height: int | None = None, scheduler: str | None = None, num_images: int = 1, rng: str = "numpy",
                 cfg_until: float | None = None, cache_interval: int | None = None,
-                latents: np.ndarray | None = None,
+                latents: np.ndarray | None = None, controls: list[controlnet.Control] = (),
                 callback: Progress | None = None) -> Result:
         """Generate ``num_images`` images per prompt from noise; ``latents`` overrides the seeded noise.
 
@@ -368,30 +369,31 @@ class Pipeline:
         checkpoint's. Image ``k`` is seeded ``seed + k``. ``rng="torch"``
         reproduces diffusers' images for a seed. ``cfg_until`` stops the guidance after that fraction of
         the steps (the rest run at half the UNet batch); ``cache_interval`` N runs the full UNet every N steps and
-        DeepCache's shallow branch between.
+        DeepCache's shallow branch between. ``controls``: ``Control`` objects, each a ControlNet of the artifact
+        with its image (``edgediff.runtime.control``; several are summed).
         """
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, width, height, scheduler,
                                       num_images, rng, cfg_until=cfg_until,
                                       cache_interval=cache_interval)
-        return self.generate(settings, latents=latents, callback=callback)
+        return self.generate(settings, latents=latents, controls=controls, callback=callback)
 
     def img2img(self, prompt: str | list[str], image: Image.Image | str | Path,
                 negative_prompt: str | list[str] | None = None, *, strength: float = 0.6, steps: int | None = None,
                 guidance: float | None = None, seed: int = 0, width: int | None = None, height: int | None = None,
                 scheduler: str | None = None, num_images: int = 1, rng: str = "numpy",
                 cfg_until: float | None = None, cache_interval: int | None = None,
-                callback: Progress | None = None) -> Result:
+                controls: list[controlnet.Control] = (), callback: Progress | None = None) -> Result:
         """Redraw ``image`` after noising it to ``strength`` (0 < strength <= 1) of the schedule."""
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, width, height, scheduler,
                                       num_images, rng, strength, cfg_until, cache_interval)
-        return self.generate(settings, image=image, callback=callback)
+        return self.generate(settings, image=image, controls=controls, callback=callback)
 
     def inpaint(self, prompt: str | list[str], image: Image.Image | str | Path, mask: Image.Image | str | Path,
                 negative_prompt: str | list[str] | None = None, *, strength: float = 1.0, mask_blur: float = 0.0,
                 keep_unmasked: bool = False, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                 width: int | None = None, height: int | None = None, scheduler: str | None = None,
                 num_images: int = 1, rng: str = "numpy", cfg_until: float | None = None,
-                cache_interval: int | None = None,
+                cache_interval: int | None = None, controls: list[controlnet.Control] = (),
                 callback: Progress | None = None) -> Result:
         """Repaint the white part of ``mask`` in ``image``.
 
@@ -403,7 +405,7 @@ class Pipeline:
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, width, height, scheduler,
                                       num_images, rng, strength, cfg_until, cache_interval)
         return self.generate(settings, image=image, mask=mask, mask_blur=mask_blur, keep_unmasked=keep_unmasked,
-                             callback=callback)
+                             controls=controls, callback=callback)
 
     def hires_fix(self, result: Result, scale: float = 2.0, strength: float = 0.5, *, upscaler: Any = None,
                   steps: int | None = None, callback: Progress | None = None) -> Result:
@@ -453,10 +455,12 @@ class Pipeline:
     def generate(self, settings: GenerationSettings, *, image: Image.Image | str | Path | None = None,
                  mask: Image.Image | str | Path | None = None, extend: dict[str, int] | None = None,
                  fill: str = "edge", mask_blur: float = 0.0, keep_unmasked: bool = False,
-                 latents: np.ndarray | None = None, callback: Progress | None = None) -> Result:
+                 latents: np.ndarray | None = None, controls: list[controlnet.Control] = (),
+                 callback: Progress | None = None) -> Result:
         """Run ``settings``: txt2img, or with ``image`` img2img, with ``mask`` inpainting, with ``extend``
-        outpainting. Everything is checked before any model runs; at most ``max_batch`` images go through
-        the UNet at once (image ``k`` is the same whatever batch it is in)."""
+        outpainting, steered by ``controls`` (ControlNets) in any of them. Everything is checked before any
+        model runs; at most ``max_batch`` images go through the UNet at once (image ``k`` is the same whatever
+        batch it is in)."""
         task = "outpaint" if extend is not None else "inpaint" if mask is not None else "img2img" if image is not None \
             else "txt2img"
         settings = dataclasses.replace(settings, **{k: v for k, v in self.fast.items() if getattr(settings, k) is None})
@@ -499,6 +503,7 @@ class Pipeline:
             self._variant_of("vae_encoder") if self.low_memory else self.session("vae_encoder")
         if settings.cache_interval not in (None, 1):
             self._check_step_cache()
+        prepared = self._prepare_controls(list(controls), settings)
 
         timings = Timings()
         images: list[Image.Image] = []
@@ -510,19 +515,21 @@ class Pipeline:
             chunk_latents = None if latents is None else latents[start : start + chunk.batch]
             images += self._with_fallback(lambda sessions: self._run(
                 task, chunk, sessions, progress, timings, latents=chunk_latents, pixels=pixels, binary=binary,
-                mask_blur=mask_blur, keep_unmasked=keep_unmasked))
+                mask_blur=mask_blur, keep_unmasked=keep_unmasked, controls=prepared))
         if self.embeddings:
             inputs["embeddings"] = {e.name: str(e.path) for e in self.embeddings}
+        if prepared:
+            inputs["controls"] = [p.control.record() for p in prepared]
         return Result(tuple(images), settings, task, timings, self.describe(), str(self.root), inputs,
                       tuple(spec.record() for spec in self.loras))
 
     # -- one chunk, task by task, each top to bottom -------------------------------------
 
     def _run(self, task: str, settings: GenerationSettings, sessions: dict[str, Session], callback: Progress | None,
-             timings: Timings, *, latents, pixels, binary, mask_blur, keep_unmasked) -> list[Image.Image]:
+             timings: Timings, *, latents, pixels, binary, mask_blur, keep_unmasked, controls) -> list[Image.Image]:
         shallow = self.manifest.shallow_denoiser
         job = Job(settings, sessions, ImageNoise(settings.rng, settings.seeds), Guidance(settings.guidance), callback,
-                  denoiser=self.manifest.denoiser.name, shallow_denoiser=shallow and shallow.name)
+                  denoiser=self.manifest.denoiser.name, shallow_denoiser=shallow and shallow.name, controls=controls)
         conditioning = self.conditioning(job.call, settings, job.cfg)
         sched = self._make_scheduler(settings.scheduler, settings.steps)
         if task == "txt2img":
@@ -542,7 +549,7 @@ class Pipeline:
         shape = self._latent_shape(job.settings)
         x = latents.astype(np.float32) if latents is not None else job.noise.randn(shape)
         x = (x * np.float32(sched.init_noise_sigma)).astype(np.float32)
-        x = denoise(job, sched, x, 0, DenoiserInputs(conditioning))
+        x = self._denoise(job, sched, x, 0, DenoiserInputs(conditioning))
         return self._decode(job, x)
 
     def _img2img(self, job: Job, sched, conditioning: dict[str, np.ndarray], pixels: np.ndarray):
@@ -550,7 +557,7 @@ class Pipeline:
         # diffusers' order of random draws: the VAE's latent sample, then the noise
         init = self._encode_sample(job, pixels)
         x = sched.add_noise(init, job.noise.randn(init.shape), start).astype(np.float32)
-        x = denoise(job, sched, x, start, DenoiserInputs(conditioning))
+        x = self._denoise(job, sched, x, start, DenoiserInputs(conditioning))
         return self._decode(job, x)
 
     def _inpaint(self, job: Job, sched, conditioning: dict[str, np.ndarray], pixels: np.ndarray, binary: np.ndarray):
@@ -577,10 +584,33 @@ class Pipeline:
             inputs = InpaintingUNetInputs(conditioning, job.cfg.model_input(np.concatenate([small, masked], axis=1)))
         else:
             inputs = KnownRegionBlend(conditioning, small, image_latents, noise)
-        x = denoise(job, sched, x, start, inputs)
+        x = self._denoise(job, sched, x, start, inputs)
         return self._decode(job, x)
 
     # -- the stages they share ---------------------------------------------------------
+
+    def _denoise(self, job: Job, sched, x: np.ndarray, start: int, inputs: DenoiserInputs) -> np.ndarray:
+        """The denoising loop; a UNet exported with ControlNets also gets their residuals (zeros without any)."""
+        residuals = controlnet.residual_inputs(job.sessions[job.denoiser].variant.inputs)
+        if residuals:
+            inputs = controlnet.ControlledInputs(inputs, job, residuals, job.controls, start, len(sched.timesteps))
+        return denoise(job, sched, x, start, inputs)
+
+    def _prepare_controls(self, controls: list[controlnet.Control], settings: GenerationSettings):
+        """The control images checked, read and sized; their ControlNets opened (before any model runs)."""
+        if not controls:
+            return []
+        prepared = controlnet.prepare(controls, self.manifest, settings.width, settings.height)
+        if settings.cache_interval not in (None, 1):
+            raise ValueError("DeepCache (cache_interval) skips the UNet layers a ControlNet steers; with controls "
+                             "run every step in full (cache_interval 1 / no --cache-interval)")
+        variant = self._variant_of(self.manifest.denoiser.name)
+        if not controlnet.residual_inputs(variant.inputs):
+            raise ArtifactError(f"{self.manifest.denoiser.name} {variant.precision} ({variant.file}) takes no ControlNet "
+                                "residuals (made from a graph without them); use its fp32 variant or re-quantize it")
+        for p in prepared:
+            self._variant_of(p.component) if self.low_memory else self.session(p.component)
+        return prepared
 
     def _latent_shape(self, settings: GenerationSettings) -> tuple[int, int, int, int]:
         m = self.manifest

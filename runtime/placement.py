@@ -18,7 +18,7 @@ from typing import Any
 from .backends import DEVICES, BackendError, require_device, resolve
 
 GROUPS = {"vae": "vae", "text_encoders": "text_encoder"}  # group name -> the role it covers
-FOLLOWS = {"shallow_denoiser": "denoiser", "vae_encoder": "vae_decoder"}  # a role -> the role it runs beside
+FOLLOWS = {"shallow_denoiser": "denoiser", "controlnet": "denoiser", "vae_encoder": "vae_decoder"}  # a role -> the role it runs beside
 
 
 def parse_devices(spec: str | dict[str, str] | None, roles: dict[str, str]) -> tuple[str, dict[str, str]]:

@@ -76,7 +76,10 @@ class Result(Sequence):
                 + (", LoRAs: " + ", ".join(f"{Path(x['file']).stem}:{x['scale']:g}" for x in self.loras)
                    if self.loras else "")
                 + (f", Hires upscale: {h['scale']:g}, Hires upscaler: {h['upscaler']}"
-                   if (h := self.inputs.get("hires")) else ""))
+                   if (h := self.inputs.get("hires")) else "")
+                + "".join(f", ControlNet {j}: Model: {c['name']}, Module: {c['preprocess']}, Weight: {c['scale']:g}, "
+                          f"Guidance Start: {c['start']:g}, Guidance End: {c['end']:g}"
+                          for j, c in enumerate(self.inputs.get("controls", ()))))
 
     def metadata(self, k: int) -> dict[str, Any]:
         """edgediff's JSON record of image ``k``: enough to regenerate it alone."""
