@@ -43,7 +43,7 @@ def test_artifact_is_small_and_described():
     m = load_manifest(ARTIFACT)
     assert m.sample_size == 128 and m.vae_scale_factor == 8 and not m.random_weights
     total = sum(f.stat().st_size for f in ARTIFACT.rglob("*") if f.is_file())
-    assert total < 30e6
+    assert total < 34e6  # 31.8 MB: 4.4 of them the ControlNet "mask"
     # trained on a zero terminal SNR schedule with v-prediction; its recommended settings travel with it
     assert m.prediction_type == "v_prediction"
     assert m.defaults == {"steps": 20, "guidance": 4.0}

@@ -104,27 +104,36 @@ def star_points(cx: float, cy: float, r: float, inner: float = 0.45) -> list[tup
 
 def draw(scene: Scene, rng: np.random.Generator) -> Image.Image:
     """Render ``scene`` with a random exact size in its range and a random position that fits."""
+    return draw_with_mask(scene, rng)[0]
+
+
+def draw_with_mask(scene: Scene, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """``draw``'s render and the object's mask (an "L" image, 255 on the object): the ControlNet's data."""
     img = Image.new("RGB", (SIZE, SIZE), COLORS[scene.background])
-    d = ImageDraw.Draw(img)
+    mask = Image.new("L", (SIZE, SIZE), 0)
     lo, hi = SIZE_RANGE[scene.size]
     side = rng.uniform(lo, hi) * SIZE
     margin = 4
     cx = rng.uniform(margin + side / 2, SIZE - margin - side / 2)
     cy = rng.uniform(margin + side / 2, SIZE - margin - side / 2)
-    r = side / 2
-    fill = COLORS[scene.color]
-    if scene.shape == "circle":
+    paint(ImageDraw.Draw(img), scene.shape, cx, cy, side / 2, COLORS[scene.color])
+    paint(ImageDraw.Draw(mask), scene.shape, cx, cy, side / 2, 255)
+    return img, mask
+
+
+def paint(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    """One shape of half-side ``r`` centred at (cx, cy)."""
+    if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif scene.shape == "square":
+    elif shape == "square":
         d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif scene.shape == "triangle":
+    elif shape == "triangle":
         d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
-    elif scene.shape == "diamond":
+    elif shape == "diamond":
         d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
     else:
         # the star's bounding box is ~0.95 r below the centre: shift so it is centred
         d.polygon(star_points(cx, cy + 0.1 * r, r * 1.05), fill=fill)
-    return img
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:

@@ -73,18 +73,30 @@ def _hull_area(points: np.ndarray) -> float:
     return float(0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
 
 
+def _segment(img: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
+    """(background name, each pixel's palette index, the foreground mask) of a float RGB image: the background is
+    the median colour of the border ring, the foreground the pixels of another palette colour far from it."""
+    h, w, _ = img.shape
+    ring = np.concatenate([img[:3].reshape(-1, 3), img[-3:].reshape(-1, 3), img[:, :3].reshape(-1, 3), img[:, -3:].reshape(-1, 3)])
+    bg_rgb = np.median(ring, axis=0)
+    background = _PALETTE_NAMES[int(_snap(bg_rgb[None])[0])]
+    labels = _snap(img.reshape(-1, 3)).reshape(h, w)
+    mask = (labels != _PALETTE_NAMES.index(background)) & (np.abs(img - bg_rgb).sum(-1) > 90)
+    return background, labels, mask
+
+
+def foreground(image: np.ndarray) -> np.ndarray:
+    """The drawn object's pixels (a boolean HxW mask), as ``classify`` finds them: the ControlNet's IoU."""
+    return _segment(np.asarray(image)[..., :3].astype(np.float32))[2]
+
+
 def classify(image: np.ndarray, new_shapes: tuple[str, ...] = ()) -> Reading:
     """Read colour, background, shape and size off one RGB uint8 image; ``new_shapes`` (of
     ``dataset.NEW_SHAPES``) are told apart too: a diamond is a convex half-filled box, like a triangle, but
     widest in the middle rather than at the bottom."""
     img = np.asarray(image)[..., :3].astype(np.float32)
     h, w, _ = img.shape
-    ring = np.concatenate([img[:3].reshape(-1, 3), img[-3:].reshape(-1, 3), img[:, :3].reshape(-1, 3), img[:, -3:].reshape(-1, 3)])
-    bg_rgb = np.median(ring, axis=0)
-    background = _PALETTE_NAMES[int(_snap(bg_rgb[None])[0])]
-    labels = _snap(img.reshape(-1, 3)).reshape(h, w)
-    bg_index = _PALETTE_NAMES.index(background)
-    mask = (labels != bg_index) & (np.abs(img - bg_rgb).sum(-1) > 90)
+    background, labels, mask = _segment(img)
     if mask.sum() < 0.005 * h * w:
         return Reading(None, background, None, None)
     counts = np.bincount(labels[mask], minlength=len(_PALETTE_NAMES))
@@ -138,6 +150,20 @@ def prompt_set(n: int | None = None, held_out: bool | None = None, seed: int = 0
 def plain_scenes(held_out: bool | None = None) -> list[dataset.Scene]:
     """One scene per distinct plain prompt ("a red circle on a blue background", no size word): 224 in all."""
     return [sc for sc in dataset.all_scenes(held_out) if sc.size == dataset.SIZES[0]]
+
+
+def control_cases(n: int, seed: int = 1000) -> list[tuple[dataset.Scene, np.ndarray]]:
+    """``n`` scenes over the whole vocabulary (held-out colour-shape pairs included), each with its object's mask
+    (boolean HxW) at a position and size drawn with ``seed``: the ControlNet's held-out set (its training used
+    seed 0 and no held-out pair)."""
+    rng = np.random.default_rng(seed)
+    return [(scene, np.asarray(dataset.draw_with_mask(scene, rng)[1]) > 127) for scene in prompt_set(n, seed=seed)]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    union = float((a | b).sum())
+    return float((a & b).sum()) / union if union else 1.0
 
 
 def evaluate(
