@@ -685,6 +685,10 @@ def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omi
                               quality_words(v.quality) + (f"; {speed}" if speed else ""))
         Console().print(table)
         Console().print(fast_profile_words(m.fast_profile), soft_wrap=True)
+        if m.controlnets:
+            Console().print("ControlNets (generate --control NAME=IMAGE): "
+                            + "; ".join(f"{c.control} (from {c.source})" for c in m.controlnets), soft_wrap=True,
+                            markup=False)
         provenance = json.dumps(m.provenance)
         if len(provenance) > INFO_PROVENANCE_CHARS:
             provenance = provenance[:INFO_PROVENANCE_CHARS] + f"... ({len(provenance) - INFO_PROVENANCE_CHARS:,} more characters in manifest.json)"

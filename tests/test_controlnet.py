@@ -261,6 +261,8 @@ def test_cli_generate_with_controls_records_them(sd1, tmp_path):
     assert "ControlNet 1: Model: depth, Module: none, Weight: 1" in text["parameters"]
     record = json.loads(text["edgediff"])
     assert [c["name"] for c in record["controls"]] == ["edges", "depth"] and record["controls"][0]["low"] == 100
+    info = run_cli("info", str(artifact))
+    assert "ControlNets (generate --control NAME=IMAGE): edges (from" in info.output and "depth (from" in info.output
     for args, message in ((["--control", "pose=x.png"], "unknown control 'pose'"),
                           (["--control", f"edges={maps[0]}", "--control-start", "0.5", "--control-end", "0.5"],
                            "must be below end"),
