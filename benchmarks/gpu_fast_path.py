@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_check  # noqa: E402  (parity, latency, diffusers_latency: the plain fp32 GPU check)
 
 from edgediff.runtime.metrics import psnr  # noqa: E402
+from edgediff.runtime.manifest import residual_inputs, zero_residuals  # noqa: E402
 
 SECTIONS = ("sd15_step", "sd15_e2e", "sdxl_step")
 PROMPT = "a photo of an astronaut riding a horse"
@@ -125,7 +126,9 @@ def unet_feeds(manifest, size: int, batch: int = 2, seed: int = 0) -> dict[str, 
     latent = size // manifest.vae_scale_factor
     dims = {"batch": batch, "height": latent, "width": latent, "sequence": 77}
     feeds = {}
-    for spec in manifest.variant(manifest.denoiser.name).inputs:
+    specs = manifest.variant(manifest.denoiser.name).inputs
+    residuals = residual_inputs(specs)  # a UNet exported with ControlNets: zeros, its plain step
+    for spec in (s for s in specs if s not in residuals):
         shape = tuple(dims[d] if isinstance(d, str) else d for d in spec.shape)
         if spec.name == "timestep":
             feeds[spec.name] = np.full(shape, 999.0, np.float32)
@@ -133,7 +136,7 @@ def unet_feeds(manifest, size: int, batch: int = 2, seed: int = 0) -> dict[str, 
             feeds[spec.name] = np.tile(np.array([size, size, 0, 0, size, size], np.float32), (batch, 1))
         else:
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-    return feeds
+    return feeds | zero_residuals(residuals, feeds["sample"].shape)
 
 
 # ---------------------------------------------------------------------------

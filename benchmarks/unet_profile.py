@@ -32,7 +32,7 @@ import numpy as np
 
 from edgediff.bench import machine, machine_label
 from edgediff.runtime import load_manifest
-from edgediff.runtime.manifest import MODEL_SUFFIXES, artifact_file
+from edgediff.runtime.manifest import MODEL_SUFFIXES, artifact_file, residual_inputs, zero_residuals
 
 # (bucket, test on (op type, node name, precision)) in order: the first that matches takes the node
 INT8_OPS = {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "QLinearAdd",
@@ -84,13 +84,15 @@ def unet_feeds(manifest, size: int, seed: int = 0) -> dict[str, np.ndarray]:
     latent, tokens = size // 8, 77
     dims = {"batch": 2, "height": latent, "width": latent, "sequence": tokens}
     feeds = {}
-    for spec in manifest.variant(manifest.denoiser.name).inputs:
+    specs = manifest.variant(manifest.denoiser.name).inputs
+    residuals = residual_inputs(specs)  # a UNet exported with ControlNets: zeros, its plain step
+    for spec in (s for s in specs if s not in residuals):
         shape = [d if isinstance(d, int) else dims.get(d, 2) for d in spec.shape]
         if spec.name == "timestep":
             feeds[spec.name] = np.full(shape, 500, dtype=spec.dtype)
         else:
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-    return feeds
+    return feeds | zero_residuals(residuals, feeds["sample"].shape)
 
 
 def profile_ort(path: Path, feeds: dict, threads: int, calls: int) -> tuple[list[dict], float]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import compile_cache
 from .lora import WeightPatch
-from .manifest import MODEL_SUFFIXES, ArtifactError, TensorSpec, Variant, artifact_file
+from .manifest import MODEL_SUFFIXES, ArtifactError, TensorSpec, Variant, artifact_file, residual_inputs, zero_residuals
 
 BACKENDS = ("onnxruntime", "openvino")
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
@@ -92,6 +92,11 @@ class Session:
 
 
 def check_inputs(component: str, specs: tuple[TensorSpec, ...], inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The feeds, checked against the signature. A UNet exported with ControlNets gets zeros for the residuals
+    not given (its output without a ControlNet, exactly), so callers that know nothing of them run it as before."""
+    absent = [t for t in residual_inputs(specs) if t.name not in inputs]
+    if absent and isinstance(inputs.get("sample"), np.ndarray):
+        inputs = inputs | zero_residuals(absent, inputs["sample"].shape)
     expected = {s.name: s for s in specs}
     missing = sorted(set(expected) - set(inputs))
     extra = sorted(set(inputs) - set(expected))

@@ -4,8 +4,8 @@ An artifact exported with ``--controlnet NAME=PATH`` has one graph per ControlNe
 UNet that takes those residuals (``edgediff.export.controlnet``). A ``Control`` names one of them, its
 image and how strongly and when it steers; ``ControlledInputs`` wraps the task's ``DenoiserInputs`` and, at
 each UNet call, runs every ControlNet inside its guidance window on the same latents, timestep and text
-conditioning, scales its residuals and sums them (diffusers' ``MultiControlNetModel``), or feeds zeros
-when none is active (the UNet's own output, exactly). The arithmetic is diffusers'
+conditioning, scales its residuals and sums them (diffusers' ``MultiControlNetModel``); where none is active
+the UNet's session feeds zeros (the UNet's own output, exactly). The arithmetic is diffusers'
 ``StableDiffusionControlNetPipeline`` (and its SDXL, img2img and inpainting variants) with guess mode off:
 
 - the control image: RGB, resized to the generation's size with Lanczos, scaled to [0, 1] (its
@@ -29,7 +29,7 @@ from PIL import Image
 from .canny import DEFAULT_HIGH, DEFAULT_LOW, canny, check_thresholds
 from .denoise import DenoiserInputs
 from .images import open_image
-from .manifest import DOWN_RESIDUAL, MID_RESIDUAL, ArtifactError, Manifest, TensorSpec
+from .manifest import ArtifactError, Manifest, TensorSpec
 
 PREPROCESSORS = ("none", "canny")  # "none": the image is the control map already (depth, pose, scribble, mask...)
 MAX_SCALE = 5.0
@@ -126,27 +126,14 @@ def _label(image: Any) -> str:
     return str(image) if isinstance(image, (str, Path)) else "in memory"
 
 
-def residual_inputs(specs: tuple[TensorSpec, ...]) -> list[TensorSpec]:
-    """The denoiser inputs that take ControlNet residuals (none: exported without ControlNets)."""
-    return [t for t in specs if t.name.startswith(DOWN_RESIDUAL) or t.name == MID_RESIDUAL]
-
-
-def zero_residuals(specs: list[TensorSpec], batch: int, height: int, width: int) -> dict[str, np.ndarray]:
-    """Zeros for every residual input at this latent size: dims "height/F" are the size divided by F, rounded up."""
-    out = {}
-    for t in specs:
-        f = int(str(t.shape[2]).split("/")[1])
-        out[t.name] = np.zeros((batch, int(t.shape[1]), -(-height // f), -(-width // f)), np.float32)
-    return out
-
-
 def keeps(control: Control, k: int, n: int) -> bool:
     """Whether the ControlNet acts at step ``k`` of the ``n`` run (diffusers' ``controlnet_keep``)."""
     return not (k / n < control.start or (k + 1) / n > control.end)
 
 
 class ControlledInputs(DenoiserInputs):
-    """A task's denoiser inputs plus the ControlNet residuals (zeros where no ControlNet acts at a step)."""
+    """A task's denoiser inputs plus the ControlNet residuals (none where no ControlNet acts at a step: the
+    session then feeds zeros, ``backends.check_inputs``)."""
 
     def __init__(self, inner: DenoiserInputs, job, specs: list[TensorSpec], prepared: list[PreparedControl],
                  start: int, total: int):
@@ -170,9 +157,7 @@ class ControlledInputs(DenoiserInputs):
             scale = np.float32(control.scale)
             scaled = {t.name: outputs[t.name] * scale for t in self.specs}
             summed = scaled if summed is None else {name: summed[name] + scaled[name] for name in summed}
-        if summed is None:
-            summed = zero_residuals(self.specs, x_in.shape[0], x_in.shape[2], x_in.shape[3])
-        return feeds | summed
+        return feeds | (summed or {})  # no ControlNet at this step: the session feeds the UNet zeros
 
     def after_step(self, x: np.ndarray, i: int, sched) -> np.ndarray:
         return self.inner.after_step(x, i, sched)

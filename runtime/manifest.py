@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import numpy as np
+
 from .schedulers import SCHEDULER_NAMES
 
 FORMAT_NAME = "edgediff-artifact"
@@ -323,6 +325,22 @@ class ShallowDenoiserSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"role": "shallow_denoiser", "method": self.method, "branch": self.branch}
+
+
+def residual_inputs(specs: tuple[TensorSpec, ...]) -> list[TensorSpec]:
+    """The denoiser inputs that take ControlNet residuals (none: exported without ControlNets)."""
+    return [t for t in specs if t.name.startswith(DOWN_RESIDUAL) or t.name == MID_RESIDUAL]
+
+
+def zero_residuals(specs: list[TensorSpec], sample_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Zeros for these residual inputs beside a ``sample`` of this shape (the UNet's own output, exactly): dims
+    "height/F" are the latent size divided by F, rounded up."""
+    batch, height, width = sample_shape[0], sample_shape[-2], sample_shape[-1]
+    out = {}
+    for t in specs:
+        f = int(str(t.shape[2]).split("/")[1])
+        out[t.name] = np.zeros((batch, int(t.shape[1]), -(-height // f), -(-width // f)), np.float32)
+    return out
 
 
 @dataclass(frozen=True)

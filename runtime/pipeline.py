@@ -41,7 +41,8 @@ from .embeddings import plan as embedding_plan
 from .embeddings import read_embedding
 from .lora import LoraSpec, WeightPatch, combine
 from .lora import plan as lora_plan
-from .manifest import DEEP_FEATURE, ArtifactError, Manifest, artifact_file, load_manifest, read_manifest_json
+from .manifest import (DEEP_FEATURE, ArtifactError, Manifest, artifact_file, load_manifest, read_manifest_json,
+                       residual_inputs)
 from .result import Result, Timings
 from .rng import ImageNoise
 from .schedulers import make_scheduler
@@ -590,9 +591,9 @@ class Pipeline:
     # -- the stages they share ---------------------------------------------------------
 
     def _denoise(self, job: Job, sched, x: np.ndarray, start: int, inputs: DenoiserInputs) -> np.ndarray:
-        """The denoising loop; a UNet exported with ControlNets also gets their residuals (zeros without any)."""
-        residuals = controlnet.residual_inputs(job.sessions[job.denoiser].variant.inputs)
-        if residuals:
+        """The denoising loop; with controls the UNet also gets the ControlNets' residuals."""
+        if job.controls:
+            residuals = residual_inputs(job.sessions[job.denoiser].variant.inputs)
             inputs = controlnet.ControlledInputs(inputs, job, residuals, job.controls, start, len(sched.timesteps))
         return denoise(job, sched, x, start, inputs)
 
@@ -605,7 +606,7 @@ class Pipeline:
             raise ValueError("DeepCache (cache_interval) skips the UNet layers a ControlNet steers; with controls "
                              "run every step in full (cache_interval 1 / no --cache-interval)")
         variant = self._variant_of(self.manifest.denoiser.name)
-        if not controlnet.residual_inputs(variant.inputs):
+        if not residual_inputs(variant.inputs):
             raise ArtifactError(f"{self.manifest.denoiser.name} {variant.precision} ({variant.file}) takes no ControlNet "
                                 "residuals (made from a graph without them); use its fp32 variant or re-quantize it")
         for p in prepared:

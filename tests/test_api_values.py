@@ -113,7 +113,7 @@ def test_a_bare_precision_applies_where_it_exists(tmp_path):
     shutil.copytree(default_model_path(), artifact)
     quantize_artifact(artifact, "int8", ("text_encoder",), force=True,
                       settings=GateSettings(prompts=("x",), seeds=(0,), steps=2))
-    with pytest.warns(UserWarning, match="int8 applies to text_encoder; unet, unet_shallow, vae_decoder, vae_encoder have no int8"):
+    with pytest.warns(UserWarning, match="int8 applies to text_encoder; unet, unet_shallow, controlnet_mask, vae_decoder, vae_encoder have no int8"):
         pipe = Pipeline.load(artifact, backend="onnxruntime", precision="int8")
     assert pipe.describe()["text_encoder"]["precision"] == "int8" and pipe.describe()["unet"]["precision"] == "fp32"
     with pytest.raises(ArtifactError, match="unet has no 'int8' variant"):

@@ -300,3 +300,25 @@ def test_a_unet_variant_without_residual_inputs_is_refused(sd1, tiny_sd1, tmp_pa
     with pytest.raises(ArtifactError, match=r"unet plain \(unet/model.plain.onnx\) takes no ControlNet residuals"):
         pipe.txt2img(PROMPT, steps=2, width=W, height=H, controls=controls((0,), (1.0,)))
     pipe.txt2img(PROMPT, steps=2, width=W, height=H)
+
+
+def test_the_embedded_models_training_script_runs(tmp_path):
+    """train_controlnet.py: its data (renders, captions, masks or outlines) and two steps of training give a
+    ControlNet that fits the embedded model's UNet and changes its output."""
+    import diffusers
+
+    from edgediff.export.controlnet import check_fits
+    from edgediff.models import default_model_source
+
+    from .conftest import load_script
+
+    script = load_script("models/shapes/training/train_controlnet.py")
+    images, captions, controls = script.training_set(6, seed=0)
+    assert images.shape == (6, 128, 128, 3) and len(captions) == 6 and controls.shape == (6, 128, 128, 3)
+    assert set(np.unique(controls)) <= {0, 255} and all(c.any() for c in controls)
+    controlnet, steps, _ = script.train(steps=2, batch=2, lr=1e-4, images=8, device="cpu", seed=0, max_minutes=None)
+    assert steps == 2
+    unet = diffusers.UNet2DConditionModel.from_pretrained(default_model_source(), subfolder="unet")
+    check_fits(controlnet, unet, 8, "trained")
+    zero_convs = [p for b in controlnet.controlnet_down_blocks for p in b.parameters()]
+    assert any(float(p.abs().max()) > 0 for p in zero_convs)  # the zero convolutions moved: it is trained

@@ -79,7 +79,8 @@ def test_each_component_runs_where_it_is_placed_and_says_so(artifact):
     desc = pipe.describe()
     assert desc["text_encoder"]["requested_device"] == "cpu" and desc["unet"]["requested_device"] == "auto"
     assert desc["unet"]["device"] == "CPU"  # what AUTO chose is reported, not "auto"
-    assert pipe.device == "text_encoder=cpu, unet=auto, unet_shallow=auto, vae_decoder=cpu, vae_encoder=cpu"
+    assert pipe.device == ("text_encoder=cpu, unet=auto, unet_shallow=auto, controlnet_mask=auto, vae_decoder=cpu, "
+                           "vae_encoder=cpu")  # the ControlNet goes where the UNet goes
     whole = Pipeline.load(artifact, backend="openvino", device="cpu", ov_precision="f32")
     assert psnr(image(pipe), image(whole)) >= 60
 

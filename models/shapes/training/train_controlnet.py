@@ -7,7 +7,7 @@ object's mask (white on black) or, a third of the time, its outline as the runti
 draws it (``edgediff.runtime.canny``), so ``--preprocess NAME=canny`` on a drawing works too.
 10% of the captions are empty, as in the base training, so guidance works with the control on.
 
-    python models/shapes/training/train_controlnet.py --out models/shapes/controlnet
+    python models/shapes/training/train_controlnet.py --out models/shapes/controlnet --stop-at-step 2714
     edgediff export models/shapes/diffusers models/shapes/artifact --force --default-steps 20 \\
         --default-guidance 4 --tiny-vae models/shapes/tiny_vae --controlnet mask=models/shapes/controlnet
     python models/shapes/training/train_controlnet.py --measure models/shapes/controlnet
@@ -15,7 +15,8 @@ draws it (``edgediff.runtime.canny``), so ``--preprocess NAME=canny`` on a drawi
 ``--measure`` draws held-out prompts (every colour-shape pair, the held-out ones included) with masks at
 positions and sizes never trained on (another seed), through the runtime with and without the ControlNet,
 and reports the intersection-over-union of the drawn foreground with the mask and the colour/shape
-accuracy (``models/shapes/evaluate.py``). CPU: minutes on 2 cores; ``--device cuda`` on a GPU.
+accuracy (``models/shapes/evaluate.py``). The shipped one: 2,714 steps (``--max-minutes 26`` on this machine's 2
+cores; ``--stop-at-step 2714`` replays it); ``--device cuda`` on a GPU.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def training_set(n: int, seed: int):
     return np.stack(images), [dataset.caption(s, rng) for s in picks], np.stack(controls)
 
 
-def train(steps: int, batch: int, lr: float, images: int, device: str, seed: int, max_minutes: float | None):
+def train(steps: int, batch: int, lr: float, images: int, device: str, seed: int, max_minutes: float | None,
+          stop_at: int | None = None):
     import torch
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -112,6 +114,9 @@ def train(steps: int, batch: int, lr: float, images: int, device: str, seed: int
         if max_minutes and elapsed > 60 * max_minutes:
             log(f"stopping at step {step + 1}/{steps}: --max-minutes {max_minutes} reached")
             break
+        if stop_at and step + 1 >= stop_at:
+            log(f"stopping at step {step + 1}/{steps} (--stop-at-step)")
+            break
     return controlnet.eval(), step + 1, time.time() - t0
 
 
@@ -159,6 +164,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--images", type=int, default=8000)
     p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="stop after this many steps (replays a --max-minutes run: the shipped one ran 2714)")
     p.add_argument("--scenes", type=int, default=64, help="held-out scenes measured")
     p.add_argument("--seeds", type=int, default=2, help="seeds per measured scene")
     p.add_argument("--device", default="cpu")
@@ -175,7 +182,7 @@ def main() -> None:
     import torch
 
     controlnet, steps_run, seconds = train(args.steps, args.batch, args.lr, args.images, args.device, args.seed,
-                                           args.max_minutes)
+                                           args.max_minutes, args.stop_at_step)
     controlnet.save_pretrained(args.out)
     record = {"steps": args.steps, "steps_run": steps_run, "batch": args.batch, "lr": args.lr, "images": args.images,
               "outline_share": round(OUTLINE_SHARE, 3), "seed": args.seed, "device": args.device,
