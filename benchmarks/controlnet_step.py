@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 
 
-def build(work: Path) -> Path:
+def build(work: Path, source: Path | None) -> Path:
     artifact = work / "artifact"
     if (artifact / "manifest.json").is_file():
         return artifact
     from edgediff.export.recipes import build_controlnet, build_pipeline
 
-    src = build_pipeline("sd15", work / "diffusers", seed=0)
+    src = source or build_pipeline("sd15", work / "diffusers", seed=0)
     net = build_controlnet(src, work / "controlnet", seed=1, copy_unet=False)
     subprocess.run([sys.executable, "-m", "edgediff.cli", "export", str(src), str(artifact), "--no-deepcache",
                     f"--controlnet=canny={net}"], check=True)
@@ -35,12 +35,13 @@ def build(work: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--source", type=Path, default=None, help="an sd15 random-weights diffusers folder already built")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--backends", default="openvino,onnxruntime")
     args = ap.parse_args()
-    artifact = build(args.work)
+    artifact = build(args.work, args.source)
     from PIL import Image
 
     from edgediff.bench import machine, machine_label
