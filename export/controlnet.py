@@ -136,7 +136,7 @@ def check_fits(controlnet, unet, vae_scale: int, label: str) -> None:
     """Refuse a ControlNet made for another model: its residuals must be the UNet's, its text conditioning the
     same, its control image embedding must shrink images by the VAE's factor."""
     cn, un = controlnet.config, unet.config
-    ours = [(r.channels) for r in residuals_of(unet)]
+    ours = [r.channels for r in residuals_of(unet)]
     theirs = [b.out_channels for b in controlnet.controlnet_down_blocks] + [controlnet.controlnet_mid_block.out_channels]
     problems = []
     if cn.cross_attention_dim != un.cross_attention_dim:

@@ -106,6 +106,9 @@ def prepare(controls: list[Control], manifest: Manifest, width: int, height: int
         if spec is None:
             have = ", ".join(by_name) or "none (export it with --controlnet NAME=PATH)"
             raise ValueError(f"unknown control {control.name!r:.40}; this artifact's ControlNets: {have}")
+        if spec.conditioning_channels != 3:
+            raise ArtifactError(f"ControlNet {control.name} takes {spec.conditioning_channels}-channel control images; "
+                                "this edgediff feeds RGB images (3 channels)")
         image = open_image(control.image, f"control image for {control.name}")
         if control.preprocess == "canny":
             image = canny(image, control.low, control.high)
@@ -115,9 +118,6 @@ def prepare(controls: list[Control], manifest: Manifest, width: int, height: int
                           f" resized to the generation's {width}x{height}", stacklevel=3)
             image = image.resize((width, height), Image.LANCZOS)
         array = (np.asarray(image, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None]
-        if spec.conditioning_channels != 3:
-            raise ArtifactError(f"ControlNet {control.name} takes {spec.conditioning_channels}-channel control images; "
-                                "this edgediff feeds RGB images (3 channels)")
         prepared.append(PreparedControl(control, spec.name, np.ascontiguousarray(array)))
     return prepared
 

@@ -17,6 +17,7 @@ from edgediff.runtime.manifest import MID_RESIDUAL, ArtifactError
 from edgediff.runtime.metrics import psnr
 
 from .conftest import run_cli
+from .test_img2img_inpaint import mask_image, photo  # the same 64x48 input image and mask
 
 PROMPT, NEGATIVE = "a red circle on a blue background", "blurry"
 W, H, STEPS, SEED = 64, 48, 8, 3
@@ -27,20 +28,6 @@ NAMES = ("edges", "depth")
 def control_images(w: int = W, h: int = H) -> list[Image.Image]:
     rng = np.random.default_rng(0)
     return [Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)) for _ in NAMES]
-
-
-def photo() -> Image.Image:
-    rng = np.random.default_rng(5)
-    base = np.zeros((H, W, 3), np.float32)
-    base[..., 0] = np.linspace(0, 255, W)[None]
-    base[12:36, 20:44] = (250, 220, 30)
-    return Image.fromarray(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8))
-
-
-def mask_image() -> Image.Image:
-    m = np.zeros((H, W), np.uint8)
-    m[8:40, 16:48] = 255
-    return Image.fromarray(m)
 
 
 def _export_with_controlnets(tmp_path_factory, recipe: str):
@@ -64,6 +51,10 @@ def sdxl(tmp_path_factory):
     return _export_with_controlnets(tmp_path_factory, "tiny-sdxl")
 
 
+def guidance_of(kind: str) -> float:
+    return 5.0 if kind == "sdxl" else 7.5  # each pipeline's default
+
+
 def reference(kind: str, src, nets, which, scales, start=0.0, end=1.0, **kw) -> np.ndarray:
     import diffusers
 
@@ -79,7 +70,7 @@ def reference(kind: str, src, nets, which, scales, start=0.0, end=1.0, **kw) -> 
     key = "control_image" if kind in ("img2img", "inpaint") else "image"
     single = len(which) == 1
     out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
-               guidance_scale=5.0 if kind == "sdxl" else 7.5, width=W, height=H,
+               guidance_scale=guidance_of(kind), width=W, height=H,
                controlnet_conditioning_scale=scales[0] if single else list(scales),
                control_guidance_start=start, control_guidance_end=end, **{key: images[0] if single else images},
                generator=torch.Generator().manual_seed(SEED), output_type="np", **kw).images[0]
@@ -110,20 +101,26 @@ def test_manifest_and_graph_contract(sd1):
             assert figure["max_rel_err"] < 1e-4
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_txt2img_matches_diffusers(sd1, backend, case, parity_log):
-    src, nets, artifact = sd1
+def check_txt2img(exported, kind: str, backend: str, case: str, parity_log) -> None:
+    """Our txt2img with ``case``'s ControlNets against diffusers' pipeline ``kind``, and far from the image without."""
+    src, nets, artifact = exported
     which, scales, start, end = CASES[case]
     pipe = Pipeline.load(artifact, backend=backend, device="cpu", ov_precision="f32", cache=False)
-    expected = reference("txt2img", src, nets, which, scales, start, end)
-    kw = dict(steps=STEPS, guidance=7.5, seed=SEED, width=W, height=H, rng="torch")
+    expected = reference(kind, src, nets, which, scales, start, end)
+    kw = dict(steps=STEPS, guidance=guidance_of(kind), seed=SEED, width=W, height=H, rng="torch")
     ours = np.asarray(pipe.txt2img(PROMPT, NEGATIVE, controls=controls(which, scales, start, end), **kw)[0])
     plain = np.asarray(pipe.txt2img(PROMPT, NEGATIVE, **kw)[0])
     score = psnr(ours, expected)
-    parity_log(("tiny-sd1 controlnet " + case, backend, "pndm", score))
+    model, scheduler = ("tiny-sdxl", "euler") if kind == "sdxl" else ("tiny-sd1", "pndm")  # the recipes' own
+    parity_log((f"{model} controlnet {case}", backend, scheduler, score))
     assert score >= MIN_DB, f"{case} on {backend}: {score:.1f} dB"
     assert psnr(plain, expected) < score - 15  # the ControlNets change the image: a test they can fail
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_txt2img_matches_diffusers(sd1, backend, case, parity_log):
+    check_txt2img(sd1, "txt2img", backend, case, parity_log)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
@@ -146,17 +143,7 @@ def test_img2img_and_inpaint_match_diffusers(sd1, backend, parity_log):
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("case", ["one", "two-windowed"])
 def test_sdxl_matches_diffusers(sdxl, backend, case, parity_log):
-    src, nets, artifact = sdxl
-    which, scales, start, end = CASES[case]
-    pipe = Pipeline.load(artifact, backend=backend, device="cpu", ov_precision="f32", cache=False)
-    expected = reference("sdxl", src, nets, which, scales, start, end)
-    kw = dict(steps=STEPS, guidance=5.0, seed=SEED, width=W, height=H, rng="torch")
-    ours = np.asarray(pipe.txt2img(PROMPT, NEGATIVE, controls=controls(which, scales, start, end), **kw)[0])
-    plain = np.asarray(pipe.txt2img(PROMPT, NEGATIVE, **kw)[0])
-    score = psnr(ours, expected)
-    parity_log(("tiny-sdxl controlnet " + case, backend, "euler", score))
-    assert score >= MIN_DB, f"{case} on {backend}: {score:.1f} dB"
-    assert psnr(plain, expected) < score - 15
+    check_txt2img(sdxl, "sdxl", backend, case, parity_log)
 
 
 def test_without_controls_the_unet_is_the_plain_one(sd1):

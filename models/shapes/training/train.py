@@ -175,13 +175,21 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, steps:
         elapsed = time.time() - t0
         if step % 200 == 0 or step == steps - 1:
             log(f"unet step {step}/{steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} ({elapsed:.0f} s)")
-        if max_minutes and elapsed > 60 * max_minutes:
-            log(f"stopping at step {step + 1}/{steps}: --max-minutes {max_minutes} reached")
-            break
-        if stop_at and step + 1 >= stop_at:
-            log(f"stopping at step {step + 1}/{steps} (--stop-at-step)")
+        if stops(step, steps, elapsed, max_minutes, stop_at):
             break
     return ema_unet, ema_text, step + 1
+
+
+def stops(step: int, steps: int, elapsed: float, max_minutes: float | None, stop_at: int | None) -> bool:
+    """Whether a training loop ends after ``step``: ``--max-minutes`` reached, or ``--stop-at-step`` (which
+    replays a run that ``--max-minutes`` ended)."""
+    if max_minutes and elapsed > 60 * max_minutes:
+        log(f"stopping at step {step + 1}/{steps}: --max-minutes {max_minutes} reached")
+        return True
+    if stop_at and step + 1 >= stop_at:
+        log(f"stopping at step {step + 1}/{steps} (--stop-at-step)")
+        return True
+    return False
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train import SCHEDULER, encode_all, log  # noqa: E402  (the base model's training script, beside this one)
+from train import SCHEDULER, encode_all, log, stops  # noqa: E402  (the base model's training script, beside this one)
 
 from edgediff.models.shapes import dataset  # noqa: E402
 
@@ -111,11 +111,7 @@ def train(steps: int, batch: int, lr: float, images: int, device: str, seed: int
         elapsed = time.time() - t0
         if step % 100 == 0 or step == steps - 1:
             log(f"controlnet step {step}/{steps} loss {loss.item():.4f} ({elapsed:.0f} s)")
-        if max_minutes and elapsed > 60 * max_minutes:
-            log(f"stopping at step {step + 1}/{steps}: --max-minutes {max_minutes} reached")
-            break
-        if stop_at and step + 1 >= stop_at:
-            log(f"stopping at step {step + 1}/{steps} (--stop-at-step)")
+        if stops(step, steps, elapsed, max_minutes, stop_at):
             break
     return controlnet.eval(), step + 1, time.time() - t0
 
