@@ -198,6 +198,8 @@ class TensorSpec:
                 for a in shape):
             raise ValueError(f"{name}: shape must be a list of at most 8 axes, each a size in 1..2^20 or an axis "
                              f"name, got {shape!r:.80}")
+        if is_residual(name):
+            residual_factor(shape, name)  # a ControlNet residual's shape is what zero_residuals reads
         return cls(name, dtype, tuple(shape))
 
 
@@ -327,9 +329,25 @@ class ShallowDenoiserSpec:
         return {"role": "shallow_denoiser", "method": self.method, "branch": self.branch}
 
 
+def is_residual(name: str) -> bool:
+    return name.startswith(DOWN_RESIDUAL) or name == MID_RESIDUAL
+
+
 def residual_inputs(specs: tuple[TensorSpec, ...]) -> list[TensorSpec]:
     """The denoiser inputs that take ControlNet residuals (none: exported without ControlNets)."""
-    return [t for t in specs if t.name.startswith(DOWN_RESIDUAL) or t.name == MID_RESIDUAL]
+    return [t for t in specs if is_residual(t.name)]
+
+
+def residual_factor(shape: Any, name: str) -> int:
+    """F of a residual's shape [batch, channels, "height/F", "width/F"] (F a power of two); ValueError otherwise."""
+    if isinstance(shape, (list, tuple)) and len(shape) == 4 and isinstance(shape[1], int) \
+            and isinstance(shape[2], str) and isinstance(shape[3], str):
+        height, _, f = shape[2].partition("/")
+        if height == "height" and f.isdigit() and 0 < int(f) <= 2**10 and not int(f) & (int(f) - 1) \
+                and shape[3] == f"width/{f}":
+            return int(f)
+    raise ValueError(f"{name}: a ControlNet residual's shape must be [batch, channels, \"height/F\", \"width/F\"] "
+                     f"with F a power of two, got {shape!r:.80}")
 
 
 def zero_residuals(specs: list[TensorSpec], sample_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -338,8 +356,8 @@ def zero_residuals(specs: list[TensorSpec], sample_shape: tuple[int, ...]) -> di
     batch, height, width = sample_shape[0], sample_shape[-2], sample_shape[-1]
     out = {}
     for t in specs:
-        f = int(str(t.shape[2]).split("/")[1])
-        out[t.name] = np.zeros((batch, int(t.shape[1]), -(-height // f), -(-width // f)), np.float32)
+        f = residual_factor(t.shape, t.name)
+        out[t.name] = np.zeros((batch, t.shape[1], -(-height // f), -(-width // f)), np.float32)
     return out
 
 

@@ -58,3 +58,22 @@ def test_cli_control_from_a_file(tmp_path):
     assert evaluate.iou(evaluate.foreground(drawn), mask) >= 0.6
     assert "ControlNet 0: Model: mask, Module: canny" in Image.open(out).text["parameters"]
     assert np.asarray(canny(canvas)).any()
+
+
+@pytest.mark.parametrize("shape", [["batch", 32, "height"], ["batch", 32, "height/3", "width/3"],
+                                   ["batch", 32, "height/2", "width/4"], ["batch", "c", "height/2", "width/2"]])
+def test_a_residual_input_of_another_shape_is_refused_at_load(embedded_copy, shape):
+    """The residuals' shapes are what the runtime builds zeros from: a manifest saying otherwise does not load."""
+    import json
+
+    from edgediff.runtime import load_manifest
+    from edgediff.runtime.manifest import ArtifactError
+
+    path = embedded_copy / "manifest.json"
+    d = json.loads(path.read_text())
+    residual = next(t for t in d["components"]["unet"]["variants"]["fp32"]["inputs"]
+                    if t["name"] == "down_block_residual_0")
+    residual["shape"] = shape
+    path.write_text(json.dumps(d))
+    with pytest.raises(ArtifactError, match=r"a ControlNet residual's shape must be \[batch, channels"):
+        load_manifest(embedded_copy)
