@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from .prompts import BREAK_MARKER, CHUNK, MAX_CHUNKS, parse
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_WEIGHT = float(np.finfo(np.float32).max)  # a token's weight, stored as float32
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,10 @@ class PromptTokenizer:
                     groups.append(([], []))
                 continue
             text, weight = fragment
+            if not abs(weight) <= MAX_WEIGHT:  # NaN too
+                raise ValueError(f"the prompt's brackets and weights multiply to {weight:.3g} for {text[:40]!r}, more than "
+                                 "the encoder's float32 holds; nest fewer brackets or give a smaller (word:WEIGHT) (A1111's "
+                                 f"weights are mostly 0.5 to 1.5; the prompt starts {prompt[:60]!r})")
             for token in (t for first in self._tok.encode(text, add_special_tokens=False).ids
                           for t in self._expand.get(first, (first,))):
                 if len(groups[-1][0]) == self.chunk_tokens:
