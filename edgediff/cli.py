@@ -46,7 +46,7 @@ def _fail(message: str) -> None:
 def export(
     source: Optional[str] = typer.Argument(None, help="diffusers folder, .safetensors/.ckpt file, or hub id"),
     out: Optional[Path] = typer.Argument(None, help="artifact folder to write"),
-    force: bool = typer.Option(False, "--force", help="replace OUT if it is an edgediff artifact or an empty folder (never other files)"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it is an empty folder or an edgediff artifact holding only the files its manifest names; OUT holding anything else (a LoRA, a folder of yours) or an input (SOURCE, --controlnet, --tiny-vae) is refused before anything is written"),
     config: Optional[str] = typer.Option(None, help="for single-file checkpoints: a diffusers folder or hub id giving the component configs"),
     random_weights: Optional[str] = typer.Option(
         None, "--random-weights", help="export an architecture built from a recipe with seeded random weights (then the only argument is OUT)"
@@ -63,7 +63,7 @@ def export(
     """Export a Stable Diffusion checkpoint to an artifact folder (ONNX + manifest)."""
     try:
         from edgediff.export import ExportError, export_artifact
-        from edgediff.export.exporter import check_target
+        from edgediff.export.exporter import check_target, export_inputs
         from edgediff.export.recipes import RECIPES, build_pipeline
     except ImportError as e:
         _fail(f"export needs the export extra ({e.name} is missing): pip install 'edgediff[export]'")
@@ -91,7 +91,7 @@ def export(
         _fail("--tiny-vae random (a tiny VAE with random weights) goes with --random-weights; otherwise give an "
               "AutoencoderTiny folder or hub id")
     try:
-        check_target(out, force, source)  # before anything loads; again under OUT's lock
+        check_target(out, force, source, export_inputs(controlnet or (), tiny_vae))  # before anything loads; again under OUT's lock
         if tiny_vae not in (None, "random"):
             from edgediff.export.tiny_vae import check_source
 

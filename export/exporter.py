@@ -5,7 +5,11 @@ only after every component passed its parity check, so an interrupted or
 failed export never leaves a folder that looks valid. OUT is locked for the
 whole export (a second export to it waits, then finds it taken), and
 ``--force`` replaces only what an export wrote: an edgediff artifact, or an
-empty folder, never a folder of the user's files or the source itself.
+empty folder, never a folder of the user's files or the source itself. An
+artifact holding anything its manifest does not name (a LoRA put beside it, a
+folder of the user's) is refused before anything is written, naming those
+files; no input (the source, a ``--controlnet``, ``--tiny-vae``) may lie
+inside OUT. The replaced artifact loses only the files its manifest names.
 """
 
 from __future__ import annotations
@@ -14,17 +18,19 @@ import gc
 import json
 import os
 import platform
+import posixpath
 import shutil
 import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
-from typing import Any, Callable
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable
 
 from edgediff import __version__
 from edgediff.runtime.locking import folder_lock
-from edgediff.runtime.manifest import (MANIFEST_FILE, ControlNetSpec, DenoiserSpec, Manifest, ShallowDenoiserSpec,
-                                       TextEncoderSpec, check_defaults, current_umask, is_artifact)
+from edgediff.runtime.manifest import (MANIFEST_FILE, MODEL_SUFFIXES, ArtifactError, ControlNetSpec, DenoiserSpec,
+                                       Manifest, ShallowDenoiserSpec, TextEncoderSpec, check_defaults, current_umask,
+                                       is_artifact, read_manifest_json)
 from edgediff.runtime.schedulers import default_scheduler_name
 
 from . import components as C
@@ -42,12 +48,14 @@ WEIGHTS_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"
 PARTIAL_MARKER = ".edgediff-partial"  # inside an export's temporary folder: only such folders are cleaned up
 
 
-def check_target(out: str | Path, force: bool, source: str | None = None) -> None:
+def check_target(out: str | Path, force: bool, source: str | None = None,
+                 inputs: Iterable[tuple[str, str | Path]] = ()) -> None:
     """Refuse an OUT that the export must not write: run before anything loads, and again under OUT's lock.
 
-    OUT may be new, or (with ``force``) an edgediff artifact or an empty
-    folder. Never a file, a symlink, a folder of other files, the source, a
-    folder holding the source, or a folder inside the source.
+    OUT may be new, or (with ``force``) an edgediff artifact holding only what its manifest names (and
+    edgediff's own temporary files), or an empty folder. Never a file, a symlink, a folder of other files, the
+    source, a folder holding the source, a folder inside the source, or a folder holding another input:
+    ``inputs`` are (option, path) pairs such as ``("--controlnet mask=cn", "cn")`` (``export_inputs``).
     """
     out = Path(out)
     if out.is_symlink():
@@ -66,24 +74,133 @@ def check_target(out: str | Path, force: bool, source: str | None = None) -> Non
         return
     if not out.is_dir():
         raise ExportError(f"{out} is a file; OUT must be a folder (new, or with --force an edgediff artifact)")
+    for option, path in inputs:
+        if Path(path).exists() and (Path(path).resolve() == out.resolve() or out.resolve() in Path(path).resolve().parents):
+            raise ExportError(f"{option}: {path} is inside {out}, which the export replaces (with --force, deletes); "
+                              "move it out of OUT or choose another OUT")
     entries = sorted(e.name for e in out.iterdir())
     if entries and not is_artifact(out):
-        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-        raise ExportError(f"{out} already exists and is not an edgediff artifact: it holds {shown}. "
+        raise ExportError(f"{out} already exists and is not an edgediff artifact: it holds {_shown(entries)}. "
                           + ("--force would have deleted them; it " if force else "--force ")
                           + "replaces only an edgediff artifact (a folder with an edgediff manifest.json) or an empty "
                           "folder. Choose another OUT")
     if not force:
         raise ExportError(f"{out} already exists ({'an edgediff artifact' if entries else 'an empty folder'}); "
                           "pass --force to replace it")
+    foreign = foreign_files(out) if entries else []
+    if foreign:
+        raise ExportError(f"{out} holds files that are not this artifact's: {_shown(foreign)}. --force replaces only "
+                          "what the artifact's manifest names; move them out or choose another OUT")
+
+
+def export_inputs(controlnets: Iterable[str] = (), tiny_vae: str | Path | None = None) -> list[tuple[str, str]]:
+    """The (option, path) pairs of an export's inputs besides the source, for ``check_target``."""
+    pairs = [(f"--controlnet {c}", c.partition("=")[2].strip() if "=" in c else c) for c in controlnets]
+    return pairs + ([("--tiny-vae", str(tiny_vae))] if tiny_vae not in (None, "random") else [])
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(n[:200] for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+# edgediff's own temporary files inside an artifact, left by an interrupted run: the manifest's temporary copy
+# (Manifest.save, in the root), quantize's candidates and fp16 shape-inference copies (in a component's folder),
+# and the writability probe of quantize and tune (there for an instant)
+ROOT_BOOKKEEPING = (f".{MANIFEST_FILE}.*.tmp", PARTIAL_MARKER, ".edgediff-probe-*")
+COMPONENT_BOOKKEEPING = ("model.*.partial-*", "model.*.shapes-*.onnx", ".edgediff-probe-*")
+
+
+def owned_files(folder: Path) -> set[str]:
+    """The files (relative POSIX paths) that the manifest of the artifact ``folder`` names: each variant's graph
+    with its external data or IR weights, weight maps, tokenizers, the scheduler config and the manifest itself.
+    Read leniently (a damaged artifact still owns the files it names); only paths inside the folder with an
+    artifact file's ending count."""
+    try:
+        d = read_manifest_json(folder / MANIFEST_FILE)
+    except ArtifactError:
+        d = {}
+    d = d if isinstance(d, dict) else {}
+    names: list[Any] = [MANIFEST_FILE, Manifest.scheduler_file]
+    comps = d.get("components")
+    for entry in comps.values() if isinstance(comps, dict) else ():
+        if not isinstance(entry, dict):
+            continue
+        names.append(("tokenizer", entry.get("tokenizer")))
+        variants = entry.get("variants")
+        for v in variants.values() if isinstance(variants, dict) else ():
+            file = v.get("file") if isinstance(v, dict) else None
+            if isinstance(file, str) and file.endswith(MODEL_SUFFIXES):
+                names += [file, str(PurePosixPath(file).with_suffix(".bin")) if file.endswith(".xml") else file + ".data"]
+            if isinstance(v, dict):
+                names.append(("weights", v.get("weights")))
+    if d.get("format_version") == 1:  # tokenizers named by the format, not the manifest
+        text_2 = d.get("text_2")
+        names += ["tokenizer/tokenizer.json", ("tokenizer", text_2.get("tokenizer") if isinstance(text_2, dict) else None)]
+    owned = set()
+    for name in names:
+        if isinstance(name, tuple):  # a tokenizer or weight map: a .json file
+            name = name[1] if isinstance(name[1], str) and name[1].endswith(".json") else None
+        if not isinstance(name, str) or "\\" in name or "\0" in name:
+            continue
+        norm = posixpath.normpath(name)
+        if not norm.startswith(("/", "../")) and norm not in ("..", "."):
+            owned.add(norm)
+    return owned
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """What the artifact ``folder`` holds besides the files its manifest names and edgediff's temporary files:
+    files, symlinks and empty folders, relative to ``folder``, sorted. Symlinked folders are not entered."""
+    owned = owned_files(folder)
+    used_dirs = {str(p) for name in owned for p in PurePosixPath(name).parents if str(p) != "."}
+    foreign = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        rel_dir = here.relative_to(folder).as_posix()
+        patterns = ROOT_BOOKKEEPING if rel_dir == "." else COMPONENT_BOOKKEEPING if rel_dir in used_dirs else ()
+        for name in sorted(filenames + [d for d in dirnames if (here / d).is_symlink()]):
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if rel in owned or (rel in used_dirs and (here / name).is_symlink()):
+                continue
+            if not any(PurePosixPath(name).match(p) for p in patterns) or (here / name).is_symlink():
+                foreign.append(rel)
+        for name in dirnames:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if not (here / name).is_symlink() and rel not in used_dirs and not any((here / name).iterdir()):
+                foreign.append(rel + "/")
+    return sorted(foreign)
+
+
+def _discard(old: Path, progress: Callable[[str], Any]) -> None:
+    """Delete a replaced artifact: only the files its manifest names and edgediff's temporary files (the manifest
+    last, so an interrupted run leaves a folder the next export still recognises), then its empty folders. What
+    else it holds (a file put there while the export ran) stays, with the manifest and the folders on its way."""
+    keep = set(foreign_files(old))
+    for dirpath, dirnames, filenames in os.walk(old):
+        for name in filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
+            path = Path(dirpath) / name
+            if path.relative_to(old).as_posix() not in keep and path != old / MANIFEST_FILE:
+                path.unlink(missing_ok=True)
+    if keep:
+        progress(f"kept {old}: it holds files that are not the artifact's ({_shown(sorted(keep))})")
+    else:
+        (old / MANIFEST_FILE).unlink(missing_ok=True)
+    for dirpath, _, _ in sorted(os.walk(old), key=lambda w: -len(Path(w[0]).parts)):
+        try:
+            Path(dirpath).rmdir()
+        except OSError:
+            pass
 
 
 def _clean_stale(out: Path, progress: Callable[[str], Any]) -> None:
     """Remove what interrupted exports to OUT left beside it (we hold OUT's lock: no export is writing them)."""
     for leftover in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
-        if (leftover / PARTIAL_MARKER).is_file() or is_artifact(leftover):
+        if (leftover / PARTIAL_MARKER).is_file():
             progress(f"removing {leftover}, left by an interrupted export")
             shutil.rmtree(leftover, ignore_errors=True)
+        elif is_artifact(leftover):  # a replaced artifact: only what its manifest names goes
+            progress(f"removing {leftover}, left by an interrupted export")
+            _discard(leftover, progress)
 
 
 def load_source(source: str, config: str | None = None):
@@ -190,12 +307,13 @@ def export_artifact(
     for name, path in named:  # before the checkpoint loads
         if not Path(path).exists() and path.count("/") != 1:
             raise ExportError(f"--controlnet {name}={path}: no such file or folder (nor a hub id owner/name)")
-    check_target(out, force, source)
+    inputs = [(f"--controlnet {name}={path}", path) for name, path in named] + export_inputs((), tiny_vae)
+    check_target(out, force, source, inputs)
     if tiny_vae is not None:
         check_tiny_vae_source(tiny_vae)
     out.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, progress):
-        check_target(out, force, source)  # another export may have finished meanwhile
+        check_target(out, force, source, inputs)  # another export may have finished meanwhile
         _clean_stale(out, progress)
         return _export(source, out, force, config, random_weights, source_label, defaults, tiny_vae, force_tiny_vae,
                        gate_settings, deepcache_branch, named, progress)
@@ -322,12 +440,12 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
                                             progress=progress)
         (tmp / PARTIAL_MARKER).unlink()
         manifest.save(tmp)  # written last: a folder without it is never taken for an artifact
-        check_target(out, force)  # OUT may have changed during the export
+        check_target(out, force)  # OUT may have changed during the export (a file of the user's put in it)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{time.time_ns()}")
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old, progress)
         else:
             tmp.rename(out)
         progress(f"wrote {out / MANIFEST_FILE}")

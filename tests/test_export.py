@@ -66,6 +66,9 @@ def test_force_replaces_an_artifact(tiny_sd1, tmp_path):
     out = tmp_path / "a"
     shutil.copytree(tiny_sd1[1], out)
     (out / "unet" / "model.fp16.onnx").write_bytes(b"a variant of the old export")
+    d = json.loads((out / "manifest.json").read_text())  # named by the old manifest: --force replaces only those
+    d["components"]["unet"]["variants"]["fp16"] = dict(d["components"]["unet"]["variants"]["fp32"], file="unet/model.fp16.onnx")
+    (out / "manifest.json").write_text(json.dumps(d))
     r = run_cli("export", str(tiny_sd1[0]), str(out), "--force")
     assert r.exit_code == 0, r.output
     assert not (out / "unet" / "model.fp16.onnx").exists()

@@ -1,0 +1,124 @@
+"""Issue #24, the writing side: export --force, remove_variant, quantize and tune on a read-only artifact, the
+gate's thresholds. Each case asserts the exact outcome: the user's files still there byte for byte, one error line
+and exit code 2, nothing half-written left behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from edgediff.runtime import ArtifactError, load_manifest
+
+from .conftest import run_cli
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file and folder under ``folder`` with its content's digest (folders: '/')."""
+    return {p.relative_to(folder).as_posix(): "/" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))}
+
+
+def one_line(output: str) -> str:
+    return " ".join(output.split())
+
+
+# -- 1. export --force: only what the old manifest names is replaced ----------------------------------------------
+
+
+@pytest.fixture
+def user_files(embedded_copy):
+    """An artifact with the user's LoRA put in it, and an empty folder of theirs."""
+    (embedded_copy / "loras").mkdir()
+    (embedded_copy / "loras" / "mine.safetensors").write_bytes(b"my LoRA, trained for a week")
+    (embedded_copy / "outputs").mkdir()
+    return embedded_copy
+
+
+def test_force_refuses_an_artifact_holding_the_users_files(user_files):
+    pytest.importorskip("torch")
+    before = tree(user_files.parent)
+    t0 = time.perf_counter()
+    r = run_cli("export", "--random-weights", "tiny-sd1", str(user_files), "--force")
+    assert r.exit_code == 2, r.output
+    assert f"error: {user_files} holds files that are not this artifact's: loras/mine.safetensors, outputs/. --force " \
+           "replaces only what the artifact's manifest names; move them out or choose another OUT" in one_line(r.output)
+    assert "Traceback" not in r.output
+    assert time.perf_counter() - t0 < 60  # refused before the random checkpoint is built
+    assert tree(user_files.parent) == before  # nothing written beside it either (no partial folder, no lock)
+
+
+def test_force_refuses_an_input_inside_out(embedded_copy, tmp_path):
+    pytest.importorskip("torch")
+    from edgediff.export import ExportError, export_artifact
+
+    cn = embedded_copy / "cn"  # the issue's case: a ControlNet source inside OUT
+    cn.mkdir()
+    (cn / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+    source = tmp_path / "src"
+    source.mkdir()
+    before = tree(tmp_path)
+    for args, said in [
+        (["--controlnet", f"mask={cn}"], f"--controlnet mask={cn}: {cn} is inside {embedded_copy}"),
+        # an input the manifest names itself: not a foreign file, still read by the export that would replace it
+        (["--controlnet", f"mask={embedded_copy / 'controlnet_mask' / 'model.onnx'}"], "is inside"),
+        (["--tiny-vae", str(embedded_copy / "vae_decoder")], f"--tiny-vae: {embedded_copy / 'vae_decoder'} is inside"),
+    ]:
+        r = run_cli("export", str(source), str(embedded_copy), "--force", *args)
+        assert r.exit_code == 2, r.output
+        assert said in one_line(r.output) and "move it out of OUT or choose another OUT" in one_line(r.output)
+    with pytest.raises(ExportError, match="is inside"):  # the API checks it too
+        export_artifact(str(source), embedded_copy, force=True, controlnets=[f"mask={cn}"])
+    assert tree(tmp_path) == before
+
+
+def test_force_replaces_only_what_the_old_manifest_names(embedded_copy, tmp_path):
+    """One real export (tens of seconds): edgediff's own leftovers go with the old artifact; a replaced artifact
+    left beside OUT by an interrupted export loses only its named files, never a file of the user's in it."""
+    pytest.importorskip("torch")
+    art = embedded_copy
+    (art / ".manifest.json.x1y2.tmp").write_text("{")  # Manifest.save interrupted
+    (art / "unet" / "model.int8.partial-0123456789ab.onnx").write_bytes(b"half")  # a killed quantize
+    (art / "text_encoder" / ".edgediff-probe-abc").touch()
+    stale_mine = tmp_path / ".artifact.old-1"  # a replaced artifact the user had put a file in
+    shutil.copytree(art, stale_mine)
+    (stale_mine / "unet" / "notes.txt").write_text("mine")
+    stale = tmp_path / ".artifact.old-2"
+    shutil.copytree(models_artifact(), stale)
+    r = run_cli("export", "--random-weights", "tiny-sd1", str(art), "--force", "--no-deepcache")
+    assert r.exit_code == 0, r.output
+    m = load_manifest(art)
+    assert m.random_weights and m.prediction_type == "epsilon"  # the new artifact, not the embedded v-prediction one
+    assert not (art / ".manifest.json.x1y2.tmp").exists() and not (art / "unet_shallow").exists()
+    assert sorted(p.name for p in (art / "unet").iterdir()) == ["model.onnx", "weights.json"]
+    assert not stale.exists()
+    assert tree(stale_mine) == {"manifest.json": tree(models_artifact())["manifest.json"], "unet": "/",
+                                "unet/notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".artifact.lock", ".artifact.old-1", "artifact"]
+
+
+def models_artifact() -> Path:
+    from edgediff.models import default_model_path
+
+    return default_model_path()
+
+
+def test_a_replaced_artifact_keeps_a_file_put_in_it_during_the_export(embedded_copy):
+    """The last check before the swap and the swap are not one step: a file put in OUT between them survives."""
+    pytest.importorskip("torch")
+    from edgediff.export.exporter import _discard
+
+    (embedded_copy / "vae_decoder" / "late.png").write_bytes(b"png")
+    notes = []
+    _discard(embedded_copy, notes.append)
+    assert tree(embedded_copy) == {"manifest.json": tree(models_artifact())["manifest.json"], "vae_decoder": "/",
+                                   "vae_decoder/late.png": hashlib.sha256(b"png").hexdigest()}
+    assert notes and "late.png" in notes[0]
