@@ -552,7 +552,9 @@ def _with_variant(manifest: Manifest, component: str, variant: Variant) -> Manif
 
 
 def remove_variant(root: str | Path, component: str, precision: str) -> None:
-    """Drop a variant (never fp32) from the artifact and its manifest; only files inside the artifact are deleted."""
+    """Drop a variant (never fp32) from the artifact and its manifest; only files inside the artifact are deleted,
+    and never one that another variant, component or the manifest still names (a variant whose ``file`` is the
+    fp32 graph's loses its entry, not the graph)."""
     if precision == "fp32":
         raise ValueError("the fp32 originals stay")
     root = Path(root)
@@ -563,7 +565,19 @@ def remove_variant(root: str | Path, component: str, precision: str) -> None:
                  for f in variant.files()]  # checked again right before anything is deleted
         comps = {c: dict(v) for c, v in manifest.components.items()}
         del comps[component][precision]
-        replace(manifest, components=comps).save(root)
+        kept = replace(manifest, components=comps)
+        in_use = {(root / f).resolve() for f in _named_files(kept)}
+        kept.save(root)
         for f in files:
-            if f.exists() or f.is_symlink():
+            if (f.exists() or f.is_symlink()) and f.resolve() not in in_use:
                 f.unlink()
+
+
+def _named_files(manifest: Manifest) -> list[str]:
+    """Every file ``manifest`` names, relative to the artifact: the variants' (with external data, IR weights and
+    weight maps), the tokenizers, the scheduler config and the manifest itself."""
+    named = ["manifest.json", manifest.scheduler_file] + [t.tokenizer for t in manifest.text_encoders]
+    for variants in manifest.components.values():
+        for v in variants.values():
+            named += v.files() + ([v.weights] if v.weights else [])
+    return named

@@ -122,3 +122,41 @@ def test_a_replaced_artifact_keeps_a_file_put_in_it_during_the_export(embedded_c
     assert tree(embedded_copy) == {"manifest.json": tree(models_artifact())["manifest.json"], "vae_decoder": "/",
                                    "vae_decoder/late.png": hashlib.sha256(b"png").hexdigest()}
     assert notes and "late.png" in notes[0]
+
+
+# -- 4. remove_variant never deletes a file another variant or component uses -----------------------------------
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("file", ["unet/model.onnx", "vae_decoder/model.onnx", "unet/./model.onnx"])
+def test_remove_variant_keeps_a_file_another_variant_uses(embedded_copy, file):
+    from edgediff.quantize import remove_variant
+
+    art = embedded_copy
+    d = json.loads((art / "manifest.json").read_text())
+    fp32 = d["components"]["unet"]["variants"]["fp32"]
+    d["components"]["unet"]["variants"]["fp16"] = dict(fp32, file=file, bytes=(art / file).stat().st_size)
+    (art / "manifest.json").write_text(json.dumps(d))
+    before = tree(art)
+    remove_variant(art, "unet", "fp16")
+    assert "fp16" not in load_manifest(art).components["unet"]  # the entry goes, every graph loads
+    assert {k: v for k, v in tree(art).items() if k != "manifest.json"} == \
+           {k: v for k, v in before.items() if k != "manifest.json"}
+
+
+@pytest.mark.fast
+def test_remove_variant_keeps_a_file_two_variants_share(embedded_copy):
+    from edgediff.quantize import remove_variant
+
+    art = embedded_copy
+    shutil.copy(art / "unet" / "model.onnx", art / "unet" / "model.fp16.onnx")
+    d = json.loads((art / "manifest.json").read_text())
+    fp32 = d["components"]["unet"]["variants"]["fp32"]
+    for precision in ("fp16", "int8"):
+        d["components"]["unet"]["variants"][precision] = dict(fp32, file="unet/model.fp16.onnx")
+    (art / "manifest.json").write_text(json.dumps(d))
+    remove_variant(art, "unet", "fp16")
+    assert (art / "unet" / "model.fp16.onnx").exists()  # int8 still names it
+    remove_variant(art, "unet", "int8")
+    assert not (art / "unet" / "model.fp16.onnx").exists()  # the last user gone: the file goes
+    assert set(load_manifest(art).components["unet"]) == {"fp32"}
