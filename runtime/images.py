@@ -8,6 +8,8 @@ files are decoded only after their header says they are not too large
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +18,37 @@ from PIL import Image
 from .limits import MAX_INPUT_PIXELS, check_pixels
 
 
-def open_image(image: Image.Image | str | Path, what: str = "image") -> Image.Image:
-    """A PIL image from a path (or as given), decoded only after its header says it is not too large."""
+def open_image(image: Image.Image | str | Path, what: str = "image", limit: int = MAX_INPUT_PIXELS,
+               why: str | None = None) -> Image.Image:
+    """A PIL image from a path (or as given), decoded only after its header says it has at most ``limit``
+    pixels; ``why`` is the error's reason past that (default: the input limit, ``MAX_INPUT_PIXELS``)."""
+    why = why or f"input images are read up to {limit:,} pixels: downscale it first"
+    name = "" if isinstance(image, Image.Image) else f"{image} "
     if isinstance(image, Image.Image):
         size = image.size
     elif isinstance(image, (str, Path)):
         try:
-            opened = Image.open(image)  # reads the header only
+            with warnings.catch_warnings():  # PIL's warning of a large image: the size is checked here instead
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                opened = Image.open(image)  # reads the header only
         except MemoryError:
             raise
-        except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError... per format
+        except Image.DecompressionBombError as e:  # over twice PIL's MAX_IMAGE_PIXELS: it says the count only
+            count = re.search(r"\((\d+) pixels\)", str(e))
+            pixels = int(count.group(1)) if count else None
+            if pixels is not None and pixels > limit:
+                raise ValueError(f"{what} {name}is {pixels:,} pixels; {why}") from None
+            raise ValueError(f"{what} {name}is {'' if pixels is None else f'{pixels:,} pixels, '}more than PIL "
+                             "decodes (its guard against decompression bombs, Image.MAX_IMAGE_PIXELS); downscale "
+                             "it first") from None
+        except Exception as e:  # PIL raises OSError, SyntaxError... per format
             raise ValueError(f"cannot read {what} {image} as an image ({_first_line(e)}); accepted: a file in a "
                              "format PIL opens (PNG, JPEG, WebP...)") from None
         size = opened.size
     else:
         raise ValueError(f"{what} must be a PIL image or a file path, got {type(image).__name__}")
-    if size[0] * size[1] > MAX_INPUT_PIXELS:
-        raise ValueError(f"{what} {'' if isinstance(image, Image.Image) else str(image) + ' '}is {size[0]}x{size[1]} = "
-                         f"{size[0] * size[1]:,} pixels; input images are read up to {MAX_INPUT_PIXELS:,} pixels: "
-                         "downscale it first")
+    if size[0] * size[1] > limit:
+        raise ValueError(f"{what} {name}is {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels; {why}")
     if isinstance(image, Image.Image):
         return image
     try:
