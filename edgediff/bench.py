@@ -12,6 +12,7 @@ different machines compare.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -244,16 +245,17 @@ def read_rows(paths: list[Path]) -> list[dict[str, Any]]:
 
 def machine_label(machine: dict[str, Any]) -> str:
     """The CPU and its vector extensions, as rows record them: "AMD EPYC (avx2, fma, avx512_bf16)"."""
-    flags = machine.get("cpu_flags") or []
-    return f"{machine.get('cpu', '?')}" + (f" ({', '.join(map(str, flags))})" if flags else "")
+    flags = machine.get("cpu_flags")
+    flags = [str(f) for f in flags] if isinstance(flags, list) else []  # a hand-edited row may hold anything
+    return f"{machine.get('cpu', '?')}" + (f" ({', '.join(flags)})" if flags else "")
 
 
 def label(row: dict[str, Any]) -> str:
     prec = sorted({str(v) for v in row["precision"].values()})
-    savings = row.get("savings") or {}
+    savings = row.get("savings") if isinstance(row.get("savings"), dict) else {}
     saved = "".join(f" {k}={v}" for k, v in savings.items() if v not in (None, "full", 1))
     saved += " low-memory" * bool(row.get("low_memory")) + " static" * bool(row.get("static_shapes"))
-    return (f"{Path(row['artifact']).name} {row['backend']}/{row['device']} {'+'.join(prec)}{saved} "
+    return (f"{Path(str(row['artifact'])).name} {row['backend']}/{row['device']} {'+'.join(prec)}{saved} "
             f"{row['width']}x{row['height']} on {str(row['machine'].get('cpu', '?'))[:24]}")
 
 
@@ -271,6 +273,15 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "machine": machine_label(group[0]["machine"])}
                    | {s: statistics.median(r[s] for r in group) for s in STAGES})
     return out
+
+
+def ratio(value: float, base: float) -> str:
+    """``value / base`` as "1.23x"; "-" where that is no number (a base of 0, as a hand-edited row may hold)."""
+    try:
+        r = value / base
+    except ZeroDivisionError:
+        return "-"
+    return f"{r:.2f}x" if math.isfinite(r) else "-"
 
 
 def chart(summary: list[dict[str, Any]], path: Path):
