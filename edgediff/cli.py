@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import sys
@@ -40,6 +41,43 @@ def _fail(message: str) -> None:
 
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, emoji=False)  # a path "x:abc:" is no emoji
     raise typer.Exit(code=2)
+
+
+def _nothing_written_on_interrupt(command):
+    """Ctrl-C in a command whose outputs are written at its end, all or none (``runtime.outputs.write_pngs``):
+    one line saying so, exit code 130 (as a shell reports SIGINT)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            console.print("interrupted; nothing written", markup=False, highlight=False)
+            raise typer.Exit(code=130) from None
+
+    return run
+
+
+def _utf8(text: str, what: str) -> None:
+    """A ValueError naming ``what`` where ``text`` is not UTF-8 (bytes the shell passed that are not: Python
+    keeps them as surrogate escapes, which the tokenizer cannot take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        try:
+            shown = "byte " + text[e.start : e.end].encode("utf-8", "surrogateescape")[:4].hex(" ")
+        except UnicodeEncodeError:
+            shown = f"code point U+{ord(text[e.start]):04X}"
+        raise ValueError(f"{what} is not valid UTF-8 text ({shown} at character {e.start}); prompts must be "
+                         "UTF-8: convert the file it came from, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _size_words(width: int | None, height: int | None) -> str:
+    if width and height:
+        return f"{width}x{height}"
+    if width or height:
+        return f"{'width' if width else 'height'} {width or height} (the other side the model's default)"
+    return "the model's default size"
 
 
 @app.command()
@@ -206,6 +244,7 @@ def quantize(
 
 
 @app.command()
+@_nothing_written_on_interrupt
 def generate(
     prompt: str = typer.Argument(..., help="what to draw"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="artifact folder (default: the embedded shapes model)"),
@@ -278,6 +317,8 @@ def generate(
     if hires is not None and image is not None:
         _fail("--hires redraws a txt2img image larger; for an input image use --image with --width/--height")
     try:
+        _utf8(prompt, "the prompt (PROMPT)")
+        _utf8(negative, "--negative")
         sides = dict(_parse_sides(extend)) if extend is not None else None
         settings = GenerationSettings((prompt,), (negative,) if negative else None, steps, guidance, seed, width,
                                       height, scheduler, num_images, rng, strength, cfg_until, cache_interval)
@@ -317,10 +358,12 @@ def generate(
     except (ArtifactError, BackendError, GenerationError, ValueError) as e:
         _fail(str(e))
     except MemoryError:
-        _fail(f"out of memory generating {num_images} image(s) at {width or 'the model'}x{height or 'default'} size; "
-              "ask for a smaller size, fewer images or a smaller --max-batch")
+        _fail(f"out of memory generating {num_images} image(s) at {_size_words(width, height)}; ask for a smaller "
+              "size, fewer images or a smaller --max-batch")
     try:
-        write_result(result, paths)
+        write_result(result, paths, overwrite)  # all or none; a name another process took meanwhile is refused
+    except ValueError as e:
+        _fail(str(e))
     except OSError as e:
         _fail(f"cannot write {e.filename or output}: {e.strerror}")
     for p in paths:
@@ -405,14 +448,15 @@ def bench(
         if not summary:
             _fail("no rows in " + ", ".join(map(str, compare)))
         base = summary[0]
-        table = Table(title=f"medians; ratio = time / first row's ({base['config']})")
+        table = Table(title=f"medians; ratio = time / first row's ({base['config']})"
+                            + ("; -: the first row's total is 0" if not base["end_to_end_s"] else ""))
         for col in ("config", "runs", "load s", "text enc s", "unet 1st s", "unet step s", "vae s", "total s",
                     "ratio", "peak MB", "disk GB"):
             table.add_column(col)
         for s in summary:
             table.add_row(s["config"], str(s["runs"]), f"{s['load_s']:.2f}", f"{s['text_encoder_s']:.3f}",
                           f"{s['unet_first_s']:.3f}", f"{s['unet_rest_median_s']:.3f}", f"{s['vae_decode_s']:.3f}",
-                          f"{s['end_to_end_s']:.2f}", f"{s['end_to_end_s'] / base['end_to_end_s']:.2f}x",
+                          f"{s['end_to_end_s']:.2f}", B.ratio(s["end_to_end_s"], base["end_to_end_s"]),
                           f"{s['peak_rss_mb']:.0f}", f"{s['disk_gb']:.3f}")
         Console(width=200).print(table)
         if chart:
@@ -531,6 +575,7 @@ def export_upscaler_command(
 
 
 @app.command()
+@_nothing_written_on_interrupt
 def upscale(
     image: Path = typer.Argument(..., help="the image to enlarge"),
     upscaler: Path = typer.Option(..., "--upscaler", help="a folder written by export-upscaler"),
@@ -541,34 +586,33 @@ def upscale(
     backend: str = typer.Option("auto", help="auto, onnxruntime or openvino"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, dml, gpu, npu"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads"),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="the upscaler's result at most this many pixels (default: 64 million, an 8000x8000 result; an input at most that over the scale squared), checked before the image is decoded"),
 ) -> None:
     """Enlarge an image with an exported upscaler, in overlapping tiles (no PyTorch needed)."""
-    from PIL import Image, UnidentifiedImageError
-
     from edgediff.runtime import ArtifactError, BackendError
-    from edgediff.runtime.upscale import Upscaler, UpscalerError
-
+    from edgediff.runtime.limits import UPSCALE_MAX_PIXELS
     from edgediff.runtime.outputs import output_paths, png_info, write_png
+    from edgediff.runtime.upscale import Upscaler
 
     try:
         output_paths(output, 1, overwrite)
-    except ValueError as e:
-        _fail(str(e))
-    try:
-        with Image.open(image) as opened:
-            picture = opened.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        _fail(f"cannot read {image} as an image ({e})")
-    try:
         model = Upscaler.load(upscaler, backend=backend, device=device, threads=threads)
         t0 = time.perf_counter()
-        result = model.upscale(picture, scale, tile=tile)
+        result = model.upscale(image, scale, tile=tile, max_pixels=max_pixels or UPSCALE_MAX_PIXELS)  # UpscalerError is a ValueError
         seconds = time.perf_counter() - t0
-    except (UpscalerError, ArtifactError, BackendError) as e:
+    except (ArtifactError, BackendError, ValueError) as e:
         _fail(str(e))
-    write_png(result, output, png_info(f"Upscaled x{result.width // picture.width} with {model.architecture}",
-                                       {"upscaler": str(upscaler), "architecture": model.architecture,
-                                        "scale": result.width // picture.width, "source": str(image)}))
+    except MemoryError:
+        _fail(f"out of memory upscaling {image}; use a smaller --tile, or a smaller image (--max-pixels bounds it)")
+    factor = scale or model.scale
+    try:
+        write_png(result, output, png_info(f"Upscaled x{factor} with {model.architecture}",
+                                           {"upscaler": str(upscaler), "architecture": model.architecture,
+                                            "scale": factor, "source": str(image)}), overwrite=overwrite)
+    except ValueError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write {e.filename or output}: {e.strerror}")
     typer.echo(f"wrote {output} ({result.width}x{result.height}, {model.architecture}, {seconds:.1f} s)")
 
 
@@ -664,6 +708,8 @@ def check(
 @app.command()
 def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omit for the installed backends only)")) -> None:
     """Show an artifact's manifest (components, precisions, parity) and the devices of the installed backends."""
+    from rich.markup import escape
+
     from edgediff.runtime import ArtifactError, available_devices, load_manifest
 
     if model is not None:
@@ -671,9 +717,10 @@ def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omi
             m = load_manifest(model)
         except ArtifactError as e:
             _fail(str(e))
-        table = Table(title=f"{model}: {m.family}, {m.prediction_type}, {m.sample_size}px default, scheduler {m.scheduler}, "
-                      "{} steps, guidance {:g}".format(*m.settings())
-                      + (" [random weights]" if m.random_weights else ""))
+        # every text from the manifest escaped: a "[/x]" in it is text, not rich markup
+        table = Table(title=escape(f"{model}: {m.family}, {m.prediction_type}, {m.sample_size}px default, scheduler "
+                                   f"{m.scheduler}, " + "{} steps, guidance {:g}".format(*m.settings())
+                                   + (" [random weights]" if m.random_weights else "")))
         for col in ("component", "precision", "MB", "inputs", "quality"):
             table.add_column(col)
         for comp, variants in m.components.items():
@@ -681,10 +728,10 @@ def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omi
                 ins = ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in v.inputs)
                 only = f" ({', '.join(v.backends)} only)" if v.backends else ""
                 speed = speed_words(m.fast_profile, comp, prec) if comp == m.denoiser.name else ""
-                table.add_row(comp, prec + only, f"{v.bytes / 1e6:.1f}", ins,
-                              quality_words(v.quality) + (f"; {speed}" if speed else ""))
+                table.add_row(*map(escape, (comp, prec + only, f"{v.bytes / 1e6:.1f}", ins,
+                                            quality_words(v.quality) + (f"; {speed}" if speed else ""))))
         Console().print(table)
-        Console().print(fast_profile_words(m.fast_profile), soft_wrap=True)
+        Console().print(fast_profile_words(m.fast_profile), soft_wrap=True, markup=False)
         if m.controlnets:
             Console().print("ControlNets (generate --control NAME=IMAGE): "
                             + "; ".join(f"{c.control} (from {c.source})" for c in m.controlnets), soft_wrap=True,
@@ -697,13 +744,18 @@ def info(model: Optional[Path] = typer.Argument(None, help="artifact folder (omi
 
 
 INFO_PROVENANCE_CHARS = 2000
+# what reading a malformed optional record raises: a field of the wrong type, missing, or a number that is none
+UNREADABLE = (AttributeError, KeyError, TypeError, ValueError, IndexError, OverflowError, ZeroDivisionError)
 
 
 def fast_profile_words(profile: dict | None) -> str:
     """``info``'s line on the tuned fast profile: what --fast uses, its speed-up and quality cost."""
     if profile is None:
         return "fast profile: none (run `edgediff tune ARTIFACT` to measure one for generate --fast)"
-    settings = ", ".join(f"{k}={v}" for k, v in profile["settings"].items()) or "full compute (no saving kept the bounds)"
+    try:  # the manifest checks the settings; the rest is tune's record, read as far as it is readable
+        settings = ", ".join(f"{k}={v}" for k, v in profile["settings"].items()) or "full compute (no saving kept the bounds)"
+    except UNREADABLE:
+        return "fast profile (generate --fast): unreadable"
     try:
         q = profile.get("quality", {})
         words = (f"fast profile (generate --fast): {settings}: {float(profile['speedup']):.2f}x faster per image, "
@@ -713,24 +765,23 @@ def fast_profile_words(profile: dict | None) -> str:
                                               for k, v in q["accuracy"].items())
         measured = profile.get("measured", {})
         return words + f"; measured on {measured.get('machine', '?')}, {measured.get('backend', '?')}"
-    except (KeyError, TypeError, ValueError):
+    except UNREADABLE:
         return f"fast profile (generate --fast): {settings} (its record is unreadable)"
 
 
 def speed_words(profile: dict | None, component: str, precision: str) -> str:
     """What ``tune`` measured of a UNet variant alone against full compute on its machine, and whether that makes
     it recommended: a variant no faster than fp32 there is not ("" where tune did not measure it)."""
-    if precision == "fp32" or not isinstance(profile, dict):
+    if precision == "fp32" or not isinstance(profile, dict) or "candidates" not in profile:
         return ""
     try:
-        full = float(profile["full_seconds_per_image"])
-        row = next((r for r in profile.get("candidates", []) if r.get("settings") == {component: precision}), None)
+        row = next((r for r in profile["candidates"] if r.get("settings") == {component: precision}), None)
         if row is None:
             return ""
-        ratio = float(row["seconds_per_image"]) / full
+        ratio = float(row["seconds_per_image"]) / float(profile["full_seconds_per_image"])
         where = f"on {profile.get('measured', {}).get('machine', '?')}, {profile.get('measured', {}).get('backend', '?')}"
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        return ""
+    except UNREADABLE:
+        return "speed record unreadable (edgediff tune measures it again)"
     if ratio >= 1:
         return f"not recommended: no faster than fp32 {where} ({ratio:.2f}x its time per image, edgediff tune)"
     return f"{1 / ratio:.2f}x faster per image than fp32 {where} (edgediff tune)"
@@ -750,7 +801,7 @@ def quality_words(quality: dict) -> str:
             if isinstance(quality.get("gate"), dict) and quality["gate"].get("forced"):
                 words += " (below the gate, added with --force)"
             return words
-    except (KeyError, TypeError, ValueError):
+    except UNREADABLE:
         return "quality record unreadable"
     return "not measured"
 
