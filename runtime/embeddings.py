@@ -5,6 +5,11 @@ token of the tokenizer (several tokens for a multi-vector embedding, written onc
 ``load_textual_inversion`` expands it) and its vectors new rows of the encoder's token-embedding table, which
 the weight map names (``edgediff.export.weight_map``), merged as LoRAs are (``edgediff.runtime.lora``).
 
+A word is matched as a whole word: where it begins or ends with a letter, digit or ``_`` (``shiny``, ``ircl``),
+no such character may touch it there, so ``ircl`` is not found inside "a red circle" (diffusers would turn
+that into ``c <ircl> e``). A word with other characters at both ends (``<cat-toy>``) is delimited by them and
+matches wherever it is written, as in diffusers. Case is ignored, as the tokenizer lowercases prompts.
+
 Files (``.safetensors`` only, as for LoRAs):
 
 - diffusers: one tensor named by its token (``{"<cat-toy>": (n, 768)}``);
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .lora import LoraError, WeightPatch, check_float, file_identity, read_tensors, weight_maps
+from .lora import LoraError, WeightPatch, check_float, file_identity, read_tensors, shown_list, weight_maps
 from .manifest import ArtifactError, Manifest
 from .text import PromptTokenizer
 
@@ -60,7 +65,7 @@ def read_embedding(path: Path, manifest: Manifest) -> Embedding:
         found = {encoders[0].name: value}
     else:
         raise LoraError(f"{path} is not a textual-inversion embedding: it holds {len(tensors)} tensors "
-                        f"({', '.join(sorted(tensors)[:5])}); accepted: one tensor (diffusers: named by its token; "
+                        f"({shown_list(sorted(tensors))}); accepted: one tensor (diffusers: named by its token; "
                         "A1111: emb_params) or, for SDXL, clip_l and clip_g")
     if not name.strip() or any(c.isspace() for c in name):
         raise LoraError(f"{path}: the embedding's word {name!r:.60} must be one word without spaces (it is written in "

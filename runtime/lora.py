@@ -34,8 +34,10 @@ import numpy as np
 from .manifest import ArtifactError, Manifest, artifact_file, read_manifest_json
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+MAX_ALPHA = 1e30  # a file's alpha, in size: scale x alpha / rank stays inside float32 (real ones: 1 to thousands)
 MAX_LORA_BYTES = 8 * 2**30
 SHOWN = 8  # keys or layers named in an error
+SHOWN_CHARS = 80  # of each name a file controls, in an error (a name may be megabytes long)
 
 MODELS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
@@ -49,6 +51,20 @@ PROCESSOR = re.compile(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)$")  # diffuser
 
 class LoraError(ValueError):
     """A LoRA file that cannot be applied to this artifact: the message names the file and what is accepted."""
+
+
+def shown(name: str, limit: int = SHOWN_CHARS) -> str:
+    """A string a file controls (a tensor's or layer's name, a metadata key) as an error shows it: on one line
+    (control characters escaped), cut after ``limit`` characters as prompts are, with its length when cut."""
+    cut = name if len(name) <= limit else name[:limit]
+    text = cut if cut.isprintable() else repr(cut)[1:-1]
+    return text if cut is name else f"{text}... ({len(name):,} characters)"
+
+
+def shown_list(names: list[str]) -> str:
+    """The first ``SHOWN`` names, each cut, and how many more."""
+    more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+    return ", ".join(shown(n) for n in names[:SHOWN]) + more
 
 
 @dataclass(frozen=True)
@@ -192,31 +208,46 @@ def read_updates(path: Path) -> list[Update]:
             name = key[: -len(down_suffix)]
             up_key = name + up_suffix
             if up_key not in tensors:
-                raise LoraError(f"{path}: {key} has no {up_key} beside it; the file is incomplete")
+                raise LoraError(f"{path}: {shown(key)} has no {shown(up_key)} beside it; the file is incomplete")
             down, up = tensors[key], tensors[up_key]
             if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] \
                     or (up.ndim == 4 and up.shape[2:] != (1, 1)):
-                raise LoraError(f"{path}: {name}'s factors do not form a low-rank update (down {list(down.shape)}, "
-                                f"up {list(up.shape)}; accepted: down (rank, in[, kh, kw]), up (out, rank[, 1, 1]))")
+                raise LoraError(f"{path}: {shown(name)}'s factors do not form a low-rank update (down "
+                                f"{list(down.shape)}, up {list(up.shape)}; accepted: down (rank, in[, kh, kw]), up "
+                                "(out, rank[, 1, 1]) with rank >= 1)")
+            if down.shape[0] == 0:
+                raise LoraError(f"{path}: {shown(name)} has rank 0 (down {list(down.shape)}): an empty update; the "
+                                "file is damaged")
             alpha = alphas.get(name.partition(".")[0])
             if alpha is not None:
                 alpha = alpha(down.shape[0])
             for alpha_key in (name + ".alpha", name.removesuffix(".lora") + ".alpha"):
                 if alpha_key in tensors:
-                    alpha = float(tensors[alpha_key].reshape(-1)[0])
+                    alpha = _alpha(path, alpha_key, tensors[alpha_key])
                     used.add(alpha_key)
             used.update((key, up_key))
             updates.append(Update(name, down, up, alpha))
     unused = sorted(set(tensors) - used)
     if unused:
-        shown = ", ".join(unused[:SHOWN]) + (f" and {len(unused) - SHOWN} more" if len(unused) > SHOWN else "")
         raise LoraError(f"{path}: {len(unused)} of its {len(tensors)} tensors are not part of a LoRA edgediff reads: "
-                        f"{shown}. Accepted: kohya/A1111 (lora_down/lora_up/alpha, LoCon, LCM-LoRA) and "
+                        f"{shown_list(unused)}. Accepted: kohya/A1111 (lora_down/lora_up/alpha, LoCon, LCM-LoRA) and "
                         "diffusers/PEFT (lora_A/lora_B, lora.down/lora.up, to_q_lora.down) LoRAs; LoHa, LoKr, DoRA and Tucker "
                         "(lora_mid) files are not supported")
     if not updates:
         raise LoraError(f"{path} holds no LoRA layers")
     return updates
+
+
+def _alpha(path: Path, key: str, value: np.ndarray) -> float:
+    """A kohya ``.alpha``: one number (read_tensors has checked it is floating point and finite)."""
+    if value.size != 1:
+        raise LoraError(f"{path}: {shown(key)} holds {value.size} values (shape {list(value.shape)}); an alpha is one "
+                        "number (kohya writes a scalar)")
+    alpha = float(value.reshape(-1)[0])
+    if not abs(alpha) <= MAX_ALPHA:
+        raise LoraError(f"{path}: {shown(key)} is {alpha:g}; accepted: at most {MAX_ALPHA:g} in size (alpha is "
+                        "usually the rank or less)")
+    return alpha
 
 
 def _peft_alphas(path: Path, metadata: dict[str, str]) -> dict[str, Callable[[int], float]]:
@@ -227,18 +258,26 @@ def _peft_alphas(path: Path, metadata: dict[str, str]) -> dict[str, Callable[[in
         return {}
     try:
         config = json.loads(raw)
-        models = {key.partition(".")[0] for key in config}
-    except (ValueError, TypeError, AttributeError) as e:
-        raise LoraError(f"{path}: its lora_adapter_metadata is not the JSON diffusers writes ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise LoraError(f"{path}: its lora_adapter_metadata is not the JSON diffusers writes ({shown(str(e))})") \
+            from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{path}: its lora_adapter_metadata is a JSON {type(config).__name__}, not the object "
+                        "diffusers writes ({\"unet.lora_alpha\": 8, \"unet.r\": 8, ...})")
     out = {}
-    for model in models:
+    for model in {key.partition(".")[0] for key in config}:
         if config.get(f"{model}.alpha_pattern") or config.get(f"{model}.use_dora"):
-            raise LoraError(f"{path}: its {model} adapter uses "
+            raise LoraError(f"{path}: its {shown(model)} adapter uses "
                             + ("DoRA" if config.get(f"{model}.use_dora") else "per-module alphas (alpha_pattern)")
                             + ", which edgediff does not merge; accepted: plain LoRA (one lora_alpha per model)")
         lora_alpha = config.get(f"{model}.lora_alpha")
-        if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool):
+        if lora_alpha is None:
             continue
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) \
+                or not abs(lora_alpha) <= MAX_ALPHA:  # NaN and Infinity too (Python's json reads them)
+            raise LoraError(f"{path}: its lora_adapter_metadata gives {shown(model)}.lora_alpha = "
+                            f"{shown(json.dumps(lora_alpha))}; accepted: a finite number at most {MAX_ALPHA:g} in "
+                            "size (PEFT's lora_alpha, usually the rank or less)")
         rslora = bool(config.get(f"{model}.use_rslora"))
         # PEFT's scaling is lora_alpha / r (rsLoRA: / sqrt(r)); Update.factors divides alpha by the rank
         out[model] = (lambda r, a=float(lora_alpha), rs=rslora: a * math.sqrt(r) if rs else a)
@@ -340,10 +379,9 @@ def resolve(updates: list[Update], path: Path, maps: dict[str, list[WeightMap]],
             continue
         u.model, u.module = model, module
     if unknown:
-        shown = ", ".join(unknown[:SHOWN]) + (f" and {len(unknown) - SHOWN} more" if len(unknown) > SHOWN else "")
         raise LoraError(f"{path}: {len(unknown)} of its {len(updates)} layers name modules this {manifest.family} "
-                        f"artifact does not have: {shown}. Was the LoRA made for another model (SD 1.x, SD 2.x and "
-                        "SDXL LoRAs are not interchangeable)?")
+                        f"artifact does not have: {shown_list(unknown)}. Was the LoRA made for another model (SD 1.x, "
+                        "SD 2.x and SDXL LoRAs are not interchangeable)?")
 
 
 def _lookup(graphs: list[WeightMap]) -> dict[str, str]:
@@ -416,8 +454,8 @@ def plan(loras: list[LoraSpec], root: Path, manifest: Manifest, precision: dict[
             for component, (initializer, layout, shape) in targets:
                 want = u.target_shape()
                 if math.prod(want) != math.prod(shape) or want[0] != shape[0]:
-                    raise LoraError(f"{spec.path}: layer {u.name} is {list(want)} but {u.model}'s {u.module} weight "
-                                    f"is {list(shape)}: the LoRA was made for another model (SD 1.x, SD 2.x and "
+                    raise LoraError(f"{spec.path}: layer {shown(u.name)} is {list(want)} but {u.model}'s {u.module} "
+                                    f"weight is {list(shape)}: the LoRA was made for another model (SD 1.x, SD 2.x and "
                                     "SDXL LoRAs are not interchangeable)")
                 per_initializer.setdefault((component, initializer, layout), []).append((u, spec.scale))
     changes: dict[str, dict[str, Callable[[np.ndarray], np.ndarray]]] = {}

@@ -7,15 +7,17 @@ to 75 tokens, ``<|endoftext|>``, padding. A longer prompt, or one with ``BREAK``
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from .prompts import BREAK_MARKER, CHUNK, MAX_CHUNKS, parse
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+WORD_CHAR = re.compile(r"\w")  # a letter, digit or underscore: what a whole word may not touch
 MAX_WEIGHT = float(np.finfo(np.float32).max)  # a token's weight, stored as float32
 
 
@@ -49,14 +51,17 @@ class PromptTokenizer:
 
     def add_word(self, word: str, count: int, source: Path) -> list[int]:
         """A textual-inversion word as ``count`` new tokens (``word``, ``word_1``...: diffusers' names); the
-        ids they got, in order. Written once in a prompt, the word stands for all of them."""
+        ids they got, in order. Written once in a prompt, the word stands for all of them. A word with a letter,
+        digit or ``_`` at an end matches whole words only (``ircl`` is not found in "circle"); one delimited by
+        other characters at both ends (``<cat-toy>``) matches wherever it is written, as in diffusers."""
         names = [word] + [f"{word}_{k}" for k in range(1, count)]
         taken = [n for n in names if self._tok.token_to_id(n) is not None]
         if taken:
-            raise ValueError(f"{source}: the embedding's word {taken[0]!r} is already a token of the tokenizer (a word "
-                             "of its vocabulary, or another embedding's); rename the file or its token")
+            raise ValueError(f"{source}: the embedding's word {taken[0]!r:.80} is already a token of the tokenizer (a "
+                             "word of its vocabulary, or another embedding's); rename the file or its token")
         start = self._tok.get_vocab_size(with_added_tokens=True)
-        self._tok.add_tokens(names)
+        self._tok.add_tokens([AddedToken(n, single_word=bool(WORD_CHAR.match(n[0]) or WORD_CHAR.match(n[-1])))
+                              for n in names])
         ids = [self._tok.token_to_id(n) for n in names]
         if ids != list(range(start, start + count)):
             raise ValueError(f"{source}: the tokenizer numbered the new tokens {ids}, not {start}..{start + count - 1}")
@@ -69,6 +74,12 @@ class PromptTokenizer:
 
     def chunks(self, prompt: str) -> Chunks:
         """``prompt``'s chunks: 75 tokens each (a ``BREAK`` ends one early), at least one."""
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8, kept by Python as escapes
+            raise ValueError(f"the prompt is not valid text: character {e.start} is U+{ord(prompt[e.start]):04X}, a "
+                             f"lone surrogate (bytes that were not UTF-8?); prompts are UTF-8 text (it starts "
+                             f"{prompt[:60]!r})") from None
         groups: list[tuple[list[int], list[float]]] = [([], [])]
         for fragment in parse(prompt):
             if fragment is BREAK_MARKER:
