@@ -32,9 +32,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgediff.quantize.quantize import DEFAULT_PROMPTS  # the quantize gate's prompt set (numpy only, no onnx)
+# the quantize gate's prompt set and checks (numpy only, no onnx)
+from edgediff.quantize.quantize import DEFAULT_PROMPTS, check_thresholds, check_writable
 from edgediff.runtime import ArtifactError, Pipeline, PrecisionError, load_manifest
-from edgediff.runtime.locking import folder_lock
+from edgediff.runtime.locking import folder_lock, lock_path
 from edgediff.runtime.metrics import PSNR_CAP, psnr, ssim
 
 # each saving's levels, mildest first
@@ -52,6 +53,9 @@ class Bounds:
     min_psnr: float = 20.0
     min_ssim: float = 0.70
     max_accuracy_drop: float = 0.02  # absolute, per attribute; the embedded shapes model only
+
+    def __post_init__(self):
+        check_thresholds(self.min_psnr, self.min_ssim, self.max_accuracy_drop)  # finite and in range (not NaN)
 
 
 def applicable(pipe: Pipeline, steps: int, guidance: float) -> tuple[dict[str, tuple[Any, ...]], dict[str, str]]:
@@ -149,6 +153,8 @@ def tune(root: str | Path, *, backend: str = "onnxruntime", threads: int | None 
     if not prompts or not seeds:
         raise ValueError("tune needs at least one prompt and one seed: a profile measured on no image proves nothing")
     manifest = load_manifest(root)
+    # the profile is saved into the manifest (under a lock beside the folder): checked before any measurement
+    check_writable([root, lock_path(root).parent], "tune saves the fast profile in the artifact's manifest")
     steps, guidance = manifest.settings()
     scenes = None
     if root.resolve() == default_model_path().resolve() and prompts == DEFAULT_PROMPTS:
@@ -199,5 +205,9 @@ def tune(root: str | Path, *, backend: str = "onnxruntime", threads: int | None 
     with folder_lock(root, progress):
         latest = load_manifest(root)  # under the lock: what another writer added meanwhile stays
         latest.fast_profile = profile
-        latest.save(root)
+        try:
+            latest.save(root)
+        except OSError as e:  # checked writable at the start; a disk that filled meanwhile
+            raise ArtifactError(f"cannot save {root / 'manifest.json'} ({e.strerror}); the fast profile was not "
+                                "recorded") from None
     return profile

@@ -43,12 +43,16 @@ in the manifest with their figures.
 Writes hold the artifact's lock (``edgediff.runtime.locking``) from reading
 the manifest to saving it, so concurrent runs queue and each keeps the
 other's variants; candidates are written under unique temporary names.
+The folders written are checked writable before any conversion, and the
+gate's thresholds must be finite and in range (``check_thresholds``).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -111,6 +115,36 @@ class Gate:
     min_psnr: float = 20.0  # dB, mean over the prompt set's images
     min_ssim: float = 0.70
     max_accuracy_drop: float = 0.10  # embedded shapes model only: attribute accuracy, absolute
+
+    def __post_init__(self):
+        check_thresholds(self.min_psnr, self.min_ssim, self.max_accuracy_drop)
+
+
+def check_thresholds(min_psnr: float, min_ssim: float, max_accuracy_drop: float) -> None:
+    """The gate's (and tune's bounds') thresholds are numbers a measurement can be compared with: PSNR 0 to
+    ``PSNR_CAP`` dB (what identical images record), SSIM 0 to 1, an accuracy drop 0 to 1. NaN compares false
+    with everything, so a NaN threshold would pass every candidate: ValueError naming the option."""
+    for name, value, hi, unit in (("min_psnr", min_psnr, PSNR_CAP, " dB"), ("min_ssim", min_ssim, 1.0, ""),
+                                  ("max_accuracy_drop", max_accuracy_drop, 1.0, "")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= hi:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a finite number from 0 to {hi:g}{unit}, "
+                             f"got {value!r:.40}")
+
+
+def check_writable(folders: list[Path], why: str) -> None:
+    """Create and remove a file in each folder, before any work: the one check that holds for root, ACLs and
+    read-only mounts alike (``os.access`` answers yes to root). ArtifactError naming the folder otherwise."""
+    for folder in folders:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=PROBE, dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ArtifactError(f"cannot write into {folder} ({e.strerror}): {why}; nothing was changed. Make it "
+                                "writable, or copy the artifact to a folder you can write") from None
+
+
+PROBE = ".edgediff-probe-"  # check_writable's file, there for an instant
 
 
 @dataclass
@@ -407,7 +441,6 @@ def quantize_artifact(
                          "a variant measured on no image would pass unmeasured")
     load_manifest(root)  # a damaged artifact fails before waiting for the lock
     with folder_lock(root, progress):
-        _remove_partials(root)
         return _quantize(root, precision, components, force, gate, settings, conv, progress)
 
 
@@ -433,6 +466,9 @@ def _quantize(root: Path, precision: str, components: tuple[str, ...] | None, fo
         if not force:
             raise ValueError(f"{precision}: {unmeasured}. Run it where onnxruntime-gpu sees a CUDA GPU, or pass "
                              "--force to add it unmeasured")
+    folders = [root] + sorted({(root / _variant_file(c, precision)).parent for c in components})
+    check_writable(folders, f"quantize writes the {precision} variants and the manifest there")
+    _remove_partials(root)
     settings.size = settings.size or manifest.sample_size
     results: dict[str, dict[str, Any]] = {}
     refused: list[str] = []
@@ -471,11 +507,18 @@ def _quantize(root: Path, precision: str, components: tuple[str, ...] | None, fo
                 refused.append(f"{comp} {precision}: " + "; ".join(failures))
                 results[comp] = quality
                 continue
+            new = [f for f in (dst, Path(str(dst) + ".data"), dst.with_suffix(".bin")) if not f.exists()]
             _move(partial, dst)
             final = replace(candidate, file=dst.relative_to(root).as_posix(), bytes=disk_bytes(dst),
                             quality=quality | {"size_ratio_vs_fp32": round(disk_bytes(dst) / manifest.variant(comp).bytes, 3)})
+            try:
+                _with_variant(manifest, comp, final).save(root)
+            except OSError as e:  # the manifest could not be written: the variant's files go, no orphan stays
+                for f in new:
+                    f.unlink(missing_ok=True)
+                raise ArtifactError(f"cannot save {root / 'manifest.json'} ({e.strerror}); {comp} {precision} was "
+                                    "not added") from None
             manifest = _with_variant(manifest, comp, final)
-            manifest.save(root)
             results[comp] = final.quality
         finally:
             for leftover in (partial, Path(str(partial) + ".data"), partial.with_suffix(".bin")):

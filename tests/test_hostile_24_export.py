@@ -160,3 +160,140 @@ def test_remove_variant_keeps_a_file_two_variants_share(embedded_copy):
     remove_variant(art, "unet", "int8")
     assert not (art / "unet" / "model.fp16.onnx").exists()  # the last user gone: the file goes
     assert set(load_manifest(art).components["unet"]) == {"fp32"}
+
+
+# -- 18. quantize and tune on a read-only artifact: refused before any work ---------------------------------------
+
+
+@contextmanager
+def read_only(*folders: Path):
+    """Make ``folders`` refuse new files: chmod for a user; for root (whom chmod and os.access do not stop) the
+    immutable attribute (chattr +i). Skips where neither holds, after trying a write."""
+    if os.geteuid() == 0:
+        def attr(flag: str):
+            return subprocess.run(["chattr", flag, *map(str, folders)], capture_output=True, text=True)
+
+        if shutil.which("chattr") is None or attr("+i").returncode:
+            pytest.skip("running as root without chattr +i: no way to make a folder read-only here")
+        undo = lambda: attr("-i")  # noqa: E731
+    else:
+        modes = {f: f.stat().st_mode for f in folders}
+        for f in folders:
+            f.chmod(modes[f] & ~0o222)
+        undo = lambda: [f.chmod(m) for f, m in modes.items()]  # noqa: E731
+    try:
+        for f in folders:
+            try:
+                fd, probe = tempfile.mkstemp(dir=f)
+            except OSError:
+                continue
+            os.close(fd)
+            os.unlink(probe)
+            pytest.skip(f"{f} still takes new files: this file system ignores the read-only technique")
+        yield
+    finally:
+        undo()
+
+
+def _no_work(*_a, **_k):
+    raise AssertionError("the work started before the folder was checked")
+
+
+QUANTIZE = ["-p", "fp16", "--components", "text_encoder", "--steps", "2", "--seeds", "1", "--prompts", "a red circle"]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("which", ["artifact", "root", "component"])
+def test_quantize_refuses_a_read_only_artifact_before_converting(embedded_copy, monkeypatch, which):
+    pytest.importorskip("onnx")
+    from edgediff.quantize import quantize as q
+
+    monkeypatch.setattr(q, "_convert", _no_work)
+    art = embedded_copy
+    folders = {"artifact": [art] + [p for p in art.iterdir() if p.is_dir()], "root": [art],
+               "component": [art / "text_encoder"]}[which]
+    before = tree(art)
+    with read_only(*folders):
+        r = run_cli("quantize", str(art), *QUANTIZE)
+    assert r.exit_code == 2, r.output
+    blocked = art if which != "component" else art / "text_encoder"
+    assert f"error: cannot write into {blocked} (" in one_line(r.output)
+    assert "quantize writes the fp16 variants and the manifest there; nothing was changed" in one_line(r.output)
+    assert "Traceback" not in r.output
+    assert tree(art) == before
+
+
+@pytest.mark.fast
+def test_quantize_leaves_no_orphan_when_the_manifest_cannot_be_saved(embedded_copy, monkeypatch):
+    """The issue's orphan model.fp16.onnx: the variant moved into place, then the manifest's save failed."""
+    pytest.importorskip("onnx")
+    from edgediff.quantize import GateSettings, quantize_artifact
+    from edgediff.runtime.manifest import Manifest
+
+    def full_disk(self, root):
+        raise OSError(28, "No space left on device")
+
+    before = tree(embedded_copy)
+    monkeypatch.setattr(Manifest, "save", full_disk)
+    with pytest.raises(ArtifactError, match=r"cannot save .*manifest.json \(No space left on device\); text_encoder "
+                                            "fp16 was not added"):
+        quantize_artifact(embedded_copy, "fp16", ("text_encoder",), force=True,
+                          settings=GateSettings(prompts=("a red circle",), seeds=(0,), steps=2))
+    assert tree(embedded_copy) == before
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("which", ["artifact", "lock folder"])
+def test_tune_refuses_a_read_only_artifact_before_measuring(embedded_copy, monkeypatch, which):
+    import edgediff.tune
+
+    monkeypatch.setattr(edgediff.tune, "Measure", _no_work)
+    art = embedded_copy
+    blocked = art if which == "artifact" else art.parent
+    before = tree(art.parent)
+    with read_only(blocked):
+        r = run_cli("tune", str(art), "--prompts", "a red circle", "--seeds", "1")
+    assert r.exit_code == 2, r.output
+    assert f"error: cannot write into {blocked} (" in one_line(r.output)
+    assert "tune saves the fast profile in the artifact's manifest; nothing was changed" in one_line(r.output)
+    assert tree(art.parent) == before
+
+
+# -- 19. the gate's and tune's thresholds: finite and in range ----------------------------------------------------
+
+
+BAD_THRESHOLDS = [("--min-psnr", "nan"), ("--min-psnr", "inf"), ("--min-psnr", "-1"), ("--min-psnr", "101"),
+                  ("--min-ssim", "nan"), ("--min-ssim", "-0.1"), ("--min-ssim", "1.5"),
+                  ("--max-accuracy-drop", "nan"), ("--max-accuracy-drop", "2")]
+ACCEPTED = {"--min-psnr": "from 0 to 100 dB", "--min-ssim": "from 0 to 1", "--max-accuracy-drop": "from 0 to 1"}
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("option,value", BAD_THRESHOLDS)
+@pytest.mark.parametrize("command", ["quantize", "tune"])
+def test_thresholds_must_be_finite_and_in_range(embedded_copy, monkeypatch, command, option, value):
+    import edgediff.tune
+    from edgediff.quantize import quantize as q
+
+    monkeypatch.setattr(q, "_convert", _no_work)
+    monkeypatch.setattr(edgediff.tune, "Measure", _no_work)
+    before = tree(embedded_copy)
+    args = QUANTIZE if command == "quantize" else ["--prompts", "a red circle", "--seeds", "1"]
+    r = run_cli(command, str(embedded_copy), *args, option, value)
+    assert r.exit_code == 2, r.output
+    name = option[2:].replace("-", "_")
+    assert f"error: {name} ({option}) must be a finite number {ACCEPTED[option]}, got {float(value)!r}" \
+           in one_line(r.output)
+    assert tree(embedded_copy) == before
+
+
+@pytest.mark.fast
+def test_thresholds_at_their_ends_are_accepted():
+    from edgediff.quantize import Gate
+    from edgediff.tune import Bounds
+
+    for cls in (Gate, Bounds):
+        cls(min_psnr=0, min_ssim=0, max_accuracy_drop=0)
+        cls(min_psnr=100, min_ssim=1, max_accuracy_drop=1)
+        with pytest.raises(ValueError, match="min_ssim"):
+            cls(min_ssim=float("nan"))

@@ -163,9 +163,9 @@ def test_gate_refuses_a_broken_variant(tiny_sd1, tmp_path, monkeypatch):
     quantize_artifact(root, "int4", ("unet",), force=True, settings=GateSettings(**FAST))
     v = load_manifest(root).variant("unet", "int4")
     assert v.quality["gate"] == {"min_psnr": 20.0, "min_ssim": 0.7, "passed": False, "forced": True}
-    # a stricter gate refuses even a good variant
+    # a stricter gate refuses even a good variant (SSIM 1.0: only identical images pass; fp16 draws them here)
     with pytest.raises(QualityGateError, match="SSIM"):
-        quantize_artifact(root, "fp16", ("text_encoder",), gate=Gate(min_psnr=0, min_ssim=1.01),
+        quantize_artifact(root, "int8", ("text_encoder",), gate=Gate(min_psnr=0, min_ssim=1.0),
                           settings=GateSettings(**FAST))
 
 
