@@ -49,11 +49,20 @@ class Upscaler:
         root = Path(folder)
         path = root / MANIFEST
         try:
+            if not path.is_file():  # missing, or a FIFO that would block the read
+                raise OSError("missing, or not a regular file")
+            if path.stat().st_size > 1 << 20:
+                raise OSError(f"{path.stat().st_size:,} bytes; the ones export-upscaler writes are under 1 KB")
             record = json.loads(path.read_text())
+            if not isinstance(record, dict):
+                raise TypeError(f"a JSON {type(record).__name__}, not an object")
             arch, scale, file = record["architecture"], record["scale"], record["file"]
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-            raise UpscalerError(f"{root} is not an exported upscaler (its {MANIFEST} is missing or unreadable: "
-                                f"{str(e)[:200]}); make one with `edgediff export-upscaler FILE {root}`") from e
+        except KeyError as e:
+            raise UpscalerError(f"{root} is not an exported upscaler ({MANIFEST} has no {str(e)[:60]} field); make "
+                                f"one with `edgediff export-upscaler FILE {root}`") from e
+        except (OSError, ValueError, TypeError, RecursionError) as e:
+            raise UpscalerError(f"{root} is not an exported upscaler ({MANIFEST}: {str(e)[:200]}); make one with "
+                                f"`edgediff export-upscaler FILE {root}`") from e
         if not isinstance(arch, str) or not 0 < len(arch) <= 100:
             raise UpscalerError(f"{path}: architecture must be a name such as RRDBNet, got {arch!r:.60}")
         if not isinstance(scale, int) or isinstance(scale, bool) or not 1 <= scale <= MAX_SCALE:

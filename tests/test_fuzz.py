@@ -134,3 +134,57 @@ def test_generate_arguments_succeed_or_fail_cleanly(pipe, prompt, negative, kwar
     size = (kwargs.get("width") or pipe.manifest.sample_size, kwargs.get("height") or pipe.manifest.sample_size)
     assert all(image.size == size for image in images)
     assert all(math.isfinite(float(np.asarray(image).mean())) for image in images)
+
+
+# -- upscaler manifests (issue 24): upscaler.json's fields and values mutated ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def fuzz_upscaler(tmp_path_factory):
+    from edgediff.models import shapes_upscaler
+
+    dst = tmp_path_factory.mktemp("fuzz-upscaler") / "upscaler"
+    shutil.copytree(shapes_upscaler(), dst)
+    return dst
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_upscaler_manifests_load_or_fail_cleanly(fuzz_upscaler, data):
+    """Success (a x2 result of the right size) or UpscalerError / ArtifactError, in bounded time: a scale the
+    graph does not do, a file elsewhere, any type anywhere."""
+    from PIL import Image
+
+    from edgediff.models import shapes_upscaler
+    from edgediff.runtime.upscale import MANIFEST, Upscaler, UpscalerError
+
+    d = json.loads((shapes_upscaler() / MANIFEST).read_text())
+    if data.draw(st.integers(0, 9), label="whole record") == 0:
+        d = data.draw(hostile_values, label="record")
+    else:
+        for _ in range(data.draw(st.integers(1, 3), label="mutations")):
+            paths = [p for p in _paths(d) if p]
+            path = data.draw(st.sampled_from(paths + [("scale",), ("file",), ("architecture",), ("extra",)]),
+                             label="path")
+            parent = d
+            for key in path[:-1]:
+                parent = parent[key] if isinstance(parent, (dict, list)) else {}
+            if not isinstance(parent, (dict, list)):
+                continue
+            if isinstance(parent, dict) and data.draw(st.booleans(), label="delete"):
+                parent.pop(path[-1], None)
+            elif isinstance(parent, dict) or (isinstance(path[-1], int) and path[-1] < len(parent)):
+                parent[path[-1]] = data.draw(st.one_of(hostile_values, st.integers(-3, 10)), label="value")
+    (fuzz_upscaler / MANIFEST).write_text(json.dumps(d))
+    scale = data.draw(st.one_of(st.none(), st.integers(-1, 5)), label="scale asked")
+    t0 = time.perf_counter()
+    try:
+        up = Upscaler.load(fuzz_upscaler, backend="onnxruntime", device="cpu")
+        result = up.upscale(Image.new("RGB", (20, 24), (200, 30, 30)), scale)
+    except (UpscalerError, ArtifactError) as e:
+        event(f"{type(e).__name__}: {str(e).split(':')[-1][:40]}")
+        return
+    finally:
+        assert time.perf_counter() - t0 < 30
+    event("upscaled")
+    assert up.scale == 2 and result.size == (20 * (scale or 2), 24 * (scale or 2))

@@ -23,7 +23,6 @@ import pytest
 from PIL import Image
 
 from edgediff.models import shapes_upscaler
-from edgediff.runtime import ArtifactError
 from edgediff.runtime.outputs import output_paths, write_png, write_pngs
 from edgediff.runtime.upscale import Upscaler, UpscalerError
 
@@ -301,6 +300,30 @@ def test_a_wrong_scale_is_refused_on_load(upscaler_copy, tmp_path, value, messag
     r = run_cli("upscale", str(tmp_path / "in.png"), "--upscaler", str(upscaler_copy), "--backend", "onnxruntime",
                 "-o", str(tmp_path / "up.png"))
     assert r.exit_code == 2 and message in one_line(r.output) and not (tmp_path / "up.png").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("fifo", "(upscaler.json: missing, or not a regular file)"),  # reading it would block forever
+    ("list", "(upscaler.json: a JSON list, not an object)"),
+    ("no scale", "(upscaler.json has no 'scale' field)"),
+    ("file elsewhere", "names '../upscaler.onnx', which is not a file in"),
+])
+def test_a_malformed_upscaler_json_is_refused(upscaler_copy, case, message):
+    record = json.loads((upscaler_copy / "upscaler.json").read_text())
+    (upscaler_copy / "upscaler.json").unlink()
+    if case == "fifo":
+        os.mkfifo(upscaler_copy / "upscaler.json")
+    else:
+        record = [record] if case == "list" else record
+        if case == "no scale":
+            del record["scale"]
+        if case == "file elsewhere":
+            shutil.copy(upscaler_copy / "upscaler.onnx", upscaler_copy.parent / "upscaler.onnx")
+            record["file"] = "../upscaler.onnx"
+        (upscaler_copy / "upscaler.json").write_text(json.dumps(record))
+    with pytest.raises(UpscalerError) as e:
+        Upscaler.load(upscaler_copy, backend="onnxruntime", device="cpu")
+    assert message in str(e.value)
 
 
 def test_the_right_scale_loads_and_upscales(upscaler_copy):
