@@ -1,28 +1,20 @@
-"""Prompts -> the denoiser's conditioning inputs, one class per model family, chosen once at load.
+"""Prompts -> the denoiser's conditioning inputs: what every family's conditioner shares.
 
 ``Guidance`` (classifier-free guidance, batched or off) is chosen once per
-generation; the conditioner is chosen once per pipeline, as the family's
-manifest says. Neither the tasks nor the denoising loop branch on the family.
+generation; the conditioner is chosen once per pipeline, by the manifest's
+family (``edgediff.runtime.families``: each family's file holds its
+conditioner). Neither the tasks nor the denoising loop branch on the family.
 
-- ``TextConditioning`` (SD 1.x/2.x): one CLIP text encoder's last hidden state
-  as ``encoder_hidden_states``.
-- ``XLConditioning`` (SDXL): both encoders' penultimate hidden states side by
-  side, the second's pooled projection as ``text_embeds`` and the
-  micro-conditioning ``time_ids`` (original size, crop, target size);
-  without a negative prompt, zeros for the unconditional half
-  (``force_zeros_for_empty_prompt``), as diffusers does.
-
-Both encode a prompt in 77-token chunks, with ``(word:1.3)`` weights and ``BREAK``
+The CLIP conditioners encode a prompt in 77-token chunks, with ``(word:1.3)`` weights and ``BREAK``
 (``edgediff.runtime.prompts``, ``encode_prompts``): the context grows by 77 tokens per chunk.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
-from .manifest import Manifest
 from .settings import GenerationSettings
 from .text import PromptTokenizer
 
@@ -59,7 +51,7 @@ class Conditioning(Protocol):
         ...
 
 
-def _per_image(a: np.ndarray, settings: GenerationSettings) -> np.ndarray:
+def per_image(a: np.ndarray, settings: GenerationSettings) -> np.ndarray:
     """One row per prompt -> one row per image."""
     return np.repeat(a, settings.images_per_prompt, axis=0)
 
@@ -106,57 +98,3 @@ def _weighted(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
     usable = (np.abs(original) > MEAN_FLOOR * magnitude) & (np.abs(new) > MEAN_FLOOR * magnitude)
     ratio = np.where(usable, original / np.where(usable, new, 1), 1).astype(np.float32)
     return (scaled * ratio).astype(np.float32)
-
-
-class TextConditioning:
-    def __init__(self, name: str, tokenizer: PromptTokenizer):
-        self.components = (name,)
-        self.tokenizer = tokenizer
-
-    def __call__(self, call: Call, settings: GenerationSettings, cfg: Guidance) -> dict[str, np.ndarray]:
-        prompts = list(settings.prompts)
-        negatives = list(settings.negative_prompts or [""] * len(prompts)) if cfg.enabled else []
-        # prompts and negative prompts in one call: the same number of chunks, as CFG's batch needs
-        (hidden,), _ = encode_prompts(call, [(self.components[0], self.tokenizer, "last_hidden_state")],
-                                      prompts + negatives)
-        cond = _per_image(hidden[: len(prompts)], settings)
-        uncond = _per_image(hidden[len(prompts):], settings) if cfg.enabled else None
-        return {"encoder_hidden_states": cfg.embeddings(cond, uncond)}
-
-
-class XLConditioning:
-    def __init__(self, names: tuple[str, str], tokenizers: list[PromptTokenizer], force_zeros_for_empty_prompt: bool):
-        self.components = names
-        self.tokenizer, self.tokenizer_2 = tokenizers
-        self.force_zeros = force_zeros_for_empty_prompt
-
-    def __call__(self, call: Call, settings: GenerationSettings, cfg: Guidance) -> dict[str, np.ndarray]:
-        prompts = list(settings.prompts)
-        zeros = self.force_zeros and settings.negative_prompts is None  # no negative prompt = zeros
-        negatives = [] if not cfg.enabled or zeros else list(settings.negative_prompts or [""] * len(prompts))
-        # both encoders' penultimate layers side by side, the second's pooled projection
-        encoders = [(self.components[0], self.tokenizer, "penultimate_hidden_state"),
-                    (self.components[1], self.tokenizer_2, "penultimate_hidden_state")]
-        hidden, pooled = encode_prompts(call, encoders, prompts + negatives, pooled="text_embeds")
-        context = np.concatenate(hidden, axis=-1)
-        cond, cond_pooled = (_per_image(a[: len(prompts)], settings) for a in (context, pooled))
-        uncond = uncond_pooled = None
-        if cfg.enabled:
-            if zeros:
-                uncond, uncond_pooled = np.zeros_like(cond), np.zeros_like(cond_pooled)
-            else:
-                uncond, uncond_pooled = (_per_image(a[len(prompts):], settings) for a in (context, pooled))
-        context = cfg.embeddings(cond, uncond)
-        # micro-conditioning: original size, crop top-left, target size (no crop, same size)
-        h, w = settings.height, settings.width
-        time_ids = np.array([h, w, 0, 0, h, w], dtype=np.float32)
-        return {"encoder_hidden_states": context, "text_embeds": cfg.embeddings(cond_pooled, uncond_pooled),
-                "time_ids": np.tile(time_ids, (len(context), 1))}
-
-
-def conditioning_for(manifest: Manifest, tokenizers: list[PromptTokenizer]) -> Any:
-    """The family's conditioner, from the manifest's text encoders: two is SDXL's, one is SD's."""
-    names = tuple(t.name for t in manifest.text_encoders)
-    if len(names) == 2:
-        return XLConditioning(names, tokenizers, manifest.force_zeros_for_empty_prompt)
-    return TextConditioning(names[0], tokenizers[0])

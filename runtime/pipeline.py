@@ -3,7 +3,7 @@
 ``Pipeline.load(path)`` opens an artifact folder; ``pipe.txt2img(prompt)`` runs::
 
     GenerationSettings --resolved (model defaults, sizes, limits)--> settings
-    prompts --tokenizer--> ids --text encoder(s)--> conditioning (uncond, cond)   [conditioning.py]
+    prompts --tokenizer--> ids --text encoder(s)--> conditioning (uncond, cond)   [families/, the manifest's]
     noise (one seeded stream per image) * init_noise_sigma --> latents           [rng.py]
     for each step: denoiser(scale_in(latents), t, conditioning) --guidance--> scheduler.step   [denoise.py]
     latents / scaling_factor --vae_decoder--> images --> Result                   [images.py, result.py]
@@ -32,13 +32,14 @@ from . import device_check
 from .backends import BackendOptions, Session, open_session
 from .low_memory import StageSessions
 from .placement import describe_placement, resolve_placement
-from .conditioning import Guidance, conditioning_for
+from .conditioning import Guidance
 from .denoise import (DenoiserInputs, GenerationError, InpaintingUNetInputs, Job, KnownRegionBlend, PrecisionError,
                       denoise)
 from .images import extend_canvas, load_image, load_mask, paste_unmasked, to_pil
 from .limits import DEFAULT_MAX_BATCH, pixel_budget
 from .embeddings import plan as embedding_plan
 from .embeddings import read_embedding
+from .families import family_of
 from .lora import LoraSpec, WeightPatch, combine
 from .lora import plan as lora_plan
 from .manifest import (DEEP_FEATURE, ArtifactError, Manifest, artifact_file, load_manifest, read_manifest_json,
@@ -50,7 +51,7 @@ from .settings import GenerationSettings
 from .text import PromptTokenizer
 from .vae_tiling import Tiling, decode_tiled, encode_tiled, needs_tiling
 
-__all__ = ["VAES", "GenerationError", "Pipeline", "PrecisionError", "choose_vae", "parse_precision", "start_index"]
+__all__ = ["VAES", "GenerationError", "Pipeline", "PrecisionError", "choose_vae", "parse_precision"]
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
 
@@ -140,9 +141,10 @@ class Pipeline:
         self._lock = threading.Lock()  # guards the sessions dict: lazy opens and fallbacks
         # the small files first: a broken tokenizer or scheduler config fails before any graph is compiled
         self.scheduler_config = self._scheduler_config()
+        self.family = family_of(manifest)
         tokenizers = [self._tokenizer(t.tokenizer, t.max_length, t.pad_token_id) for t in manifest.text_encoders]
         self.tokenizer = tokenizers[0]
-        self.conditioning = conditioning_for(manifest, tokenizers)
+        self.conditioning = self.family.conditioner(manifest, tokenizers)
         # every embedding and LoRA read and checked against the artifact before any graph is compiled
         self.embeddings = [read_embedding(Path(p), manifest) for p in embeddings]
         self._embedding_patches = embedding_plan(self.embeddings, dict(zip(self.conditioning.components, tokenizers)),
@@ -554,7 +556,7 @@ class Pipeline:
         return self._decode(job, x)
 
     def _img2img(self, job: Job, sched, conditioning: dict[str, np.ndarray], pixels: np.ndarray):
-        start = start_index(job.settings.steps, job.settings.strength, sched.order)
+        start = self.family.start_index(job.settings.steps, job.settings.strength, sched.order)
         # diffusers' order of random draws: the VAE's latent sample, then the noise
         init = self._encode_sample(job, pixels)
         x = sched.add_noise(init, job.noise.randn(init.shape), start).astype(np.float32)
@@ -563,7 +565,7 @@ class Pipeline:
 
     def _inpaint(self, job: Job, sched, conditioning: dict[str, np.ndarray], pixels: np.ndarray, binary: np.ndarray):
         m, s = self.manifest, job.settings
-        start = start_index(s.steps, s.strength, sched.order)
+        start = self.family.start_index(s.steps, s.strength, sched.order)
         full = s.strength >= 1.0
         dedicated = m.denoiser.in_channels == m.latent_channels * 2 + 1
 
@@ -725,8 +727,3 @@ def _record(s: Session) -> dict[str, Any]:
 def _identity(patch: WeightPatch | None) -> list[Any] | None:
     return None if patch is None else patch.identity
 
-
-def start_index(steps: int, strength: float, order: int) -> int:
-    """First UNet call of an image-to-image run (diffusers' ``get_timesteps``), at least one step."""
-    init = min(max(int(steps * strength), 1), steps)
-    return (steps - init) * order
