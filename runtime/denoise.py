@@ -20,10 +20,11 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
+from .errors import Cancelled, EdgediffError
 from . import step_cache
 from .backends import Session
 from .conditioning import Guidance
@@ -31,7 +32,7 @@ from .result import Timings
 from .settings import GenerationSettings
 
 
-class GenerationError(RuntimeError):
+class GenerationError(EdgediffError, RuntimeError):
     """A stage produced NaN/Inf values: the settings or the weights overflow."""
 
 
@@ -47,6 +48,36 @@ class PrecisionError(GenerationError):
         self.precision = precision
 
 
+class StepObserver(Protocol):
+    """Told after every denoising step of a call, with the latents so far (a preview decodes them, a progress bar
+    counts): ``done`` of ``total`` steps over the whole call (all its chunks). Returning False stops the call
+    between two steps: ``Cancelled`` is raised and nothing is returned. It runs on the generating thread."""
+
+    def on_step(self, done: int, total: int, latents: np.ndarray) -> bool | None: ...
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress function ``callback(done, total)`` as an observer; it too may return False to stop."""
+
+    callback: Callable[[int, int], bool | None]
+
+    def on_step(self, done: int, total: int, latents: np.ndarray) -> bool | None:
+        return self.callback(done, total)
+
+
+@dataclass(frozen=True)
+class ChunkSteps:
+    """An observer of the whole call, told of chunk ``index`` of ``chunks`` (each of the same steps)."""
+
+    observer: StepObserver
+    index: int
+    chunks: int
+
+    def on_step(self, done: int, total: int, latents: np.ndarray) -> bool | None:
+        return self.observer.on_step(self.index * total + done, self.chunks * total, latents)
+
+
 @dataclass
 class Job:
     """What one generation carries from stage to stage."""
@@ -55,7 +86,7 @@ class Job:
     sessions: dict[str, Session]  # a snapshot: a fallback elsewhere does not change this call's
     noise: object  # ImageNoise: one stream per image
     cfg: Guidance
-    callback: Callable[[int, int], None] | None = None
+    observer: StepObserver | None = None
     timings: Timings = field(default_factory=Timings)
     denoiser: str = "unet"  # the manifest's denoiser component
     shallow_denoiser: str | None = None  # DeepCache's shallow graph, where the artifact has one
@@ -154,6 +185,7 @@ def denoise(job: Job, sched, x: np.ndarray, start: int, inputs: DenoiserInputs) 
         if not np.isfinite(x).all():
             raise nan_error(job.denoiser, job.sessions[job.denoiser].variant.precision,
                             f" at step {i + 1} of {total} (guidance {job.cfg.scale:g})")
-        if job.callback:
-            job.callback(i + 1 - start, total - start)
+        if job.observer is not None and job.observer.on_step(i + 1 - start, total - start, x) is False:
+            raise Cancelled(f"cancelled by the step observer after step {i + 1 - start} of {total - start}; "
+                            "nothing was returned")
     return x

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .errors import EdgediffError
 from .manifest import ArtifactError, Manifest, artifact_file, read_manifest_json
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -49,7 +50,7 @@ PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.w
 PROCESSOR = re.compile(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)$")  # diffusers' attention-processor LoRAs
 
 
-class LoraError(ValueError):
+class LoraError(EdgediffError, ValueError):
     """A LoRA file that cannot be applied to this artifact: the message names the file and what is accepted."""
 
 
@@ -154,7 +155,7 @@ def read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
                 raise
             tensors = _read_with_bfloat16(path)
     except (SafetensorError, OSError, ValueError, TypeError, KeyError) as e:
-        raise LoraError(f"{path} is not a readable .safetensors file ({str(e)[:200]}); LoRAs and embeddings are "
+        raise LoraError(f"{path} is not a readable .safetensors file ({shown(str(e), 200)}); LoRAs and embeddings are "
                         "read from .safetensors only") from None
     out = {}
     for key, a in tensors.items():

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import EdgediffError
 from .schedulers import SCHEDULER_NAMES
 
 FORMAT_NAME = "edgediff-artifact"
@@ -122,7 +123,7 @@ def check_fast_profile(profile: Any, where: str = "fast_profile") -> dict[str, A
     return profile
 
 
-class ArtifactError(ValueError):
+class ArtifactError(EdgediffError, ValueError):
     """The artifact folder is missing, damaged, or of a format this version cannot read."""
 
 

@@ -33,8 +33,8 @@ from .backends import BackendOptions, Session, open_session
 from .low_memory import StageSessions
 from .placement import describe_placement, resolve_placement
 from .conditioning import Guidance
-from .denoise import (DenoiserInputs, GenerationError, InpaintingUNetInputs, Job, KnownRegionBlend, PrecisionError,
-                      denoise)
+from .denoise import (ChunkSteps, DenoiserInputs, GenerationError, InpaintingUNetInputs, Job, KnownRegionBlend,
+                      PrecisionError, Progress, StepObserver, denoise)
 from .images import extend_canvas, load_image, load_mask, paste_unmasked, to_pil
 from .limits import DEFAULT_MAX_BATCH, pixel_budget
 from .embeddings import plan as embedding_plan
@@ -53,7 +53,7 @@ from .vae_tiling import Tiling, decode_tiled, encode_tiled, needs_tiling
 
 __all__ = ["VAES", "GenerationError", "Pipeline", "PrecisionError", "choose_vae", "parse_precision"]
 
-Progress = Callable[[int, int], None]  # (steps done, steps in all)
+ProgressFunction = Callable[[int, int], "bool | None"]  # (steps done, steps in all) -> False to stop
 
 
 def parse_precision(spec: str | dict[str, str] | None, available: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -364,7 +364,7 @@ class Pipeline:
                 height: int | None = None, scheduler: str | None = None, num_images: int = 1, rng: str = "numpy",
                 cfg_until: float | None = None, cache_interval: int | None = None,
                 latents: np.ndarray | None = None, controls: list[controlnet.Control] = (),
-                callback: Progress | None = None) -> Result:
+                callback: ProgressFunction | None = None) -> Result:
         """Generate ``num_images`` images per prompt from noise; ``latents`` overrides the seeded noise.
 
         ``steps`` and ``guidance`` default to the artifact's recommended ones
@@ -385,7 +385,7 @@ class Pipeline:
                 guidance: float | None = None, seed: int = 0, width: int | None = None, height: int | None = None,
                 scheduler: str | None = None, num_images: int = 1, rng: str = "numpy",
                 cfg_until: float | None = None, cache_interval: int | None = None,
-                controls: list[controlnet.Control] = (), callback: Progress | None = None) -> Result:
+                controls: list[controlnet.Control] = (), callback: ProgressFunction | None = None) -> Result:
         """Redraw ``image`` after noising it to ``strength`` (0 < strength <= 1) of the schedule."""
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, width, height, scheduler,
                                       num_images, rng, strength, cfg_until, cache_interval)
@@ -397,7 +397,7 @@ class Pipeline:
                 width: int | None = None, height: int | None = None, scheduler: str | None = None,
                 num_images: int = 1, rng: str = "numpy", cfg_until: float | None = None,
                 cache_interval: int | None = None, controls: list[controlnet.Control] = (),
-                callback: Progress | None = None) -> Result:
+                callback: ProgressFunction | None = None) -> Result:
         """Repaint the white part of ``mask`` in ``image``.
 
         A 9-channel inpainting UNet is conditioned on the mask and the masked
@@ -411,7 +411,7 @@ class Pipeline:
                              controls=controls, callback=callback)
 
     def hires_fix(self, result: Result, scale: float = 2.0, strength: float = 0.5, *, upscaler: Any = None,
-                  steps: int | None = None, callback: Progress | None = None) -> Result:
+                  steps: int | None = None, callback: ProgressFunction | None = None) -> Result:
         """A1111's hires fix: each image of ``result`` (a txt2img at the model's size) enlarged ``scale`` times
         (by ``upscaler``, an ``edgediff.runtime.upscale.Upscaler``, or Lanczos), then redrawn at that size with
         img2img at ``strength``, with the same prompt, seed and settings (the VAE tiled where the size needs it).
@@ -448,7 +448,7 @@ class Pipeline:
                  keep_unmasked: bool = True, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                  scheduler: str | None = None, num_images: int = 1, rng: str = "numpy",
                  cfg_until: float | None = None, cache_interval: int | None = None,
-                 callback: Progress | None = None) -> Result:
+                 callback: ProgressFunction | None = None) -> Result:
         """Extend the canvas by ``extend`` pixels per side (left/right/top/bottom) and paint the new area."""
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, None, None, scheduler,
                                       num_images, rng, 1.0, cfg_until, cache_interval)
@@ -459,11 +459,12 @@ class Pipeline:
                  mask: Image.Image | str | Path | None = None, extend: dict[str, int] | None = None,
                  fill: str = "edge", mask_blur: float = 0.0, keep_unmasked: bool = False,
                  latents: np.ndarray | None = None, controls: list[controlnet.Control] = (),
-                 callback: Progress | None = None) -> Result:
+                 callback: ProgressFunction | None = None, observer: StepObserver | None = None) -> Result:
         """Run ``settings``: txt2img, or with ``image`` img2img, with ``mask`` inpainting, with ``extend``
         outpainting, steered by ``controls`` (ControlNets) in any of them. Everything is checked before any
         model runs; at most ``max_batch`` images go through the UNet at once (image ``k`` is the same whatever
-        batch it is in)."""
+        batch it is in). ``callback(done, total)`` is told of each step; ``observer`` (a ``StepObserver``) also
+        sees the latents; either returning False stops the call between two steps (``Cancelled``)."""
         task = "outpaint" if extend is not None else "inpaint" if mask is not None else "img2img" if image is not None \
             else "txt2img"
         settings = dataclasses.replace(settings, **{k: v for k, v in self.fast.items() if getattr(settings, k) is None})
@@ -475,6 +476,11 @@ class Pipeline:
             raise ValueError(f"latents replace txt2img's starting noise; {task} starts from the input image instead")
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be a function (done, total), got {type(callback).__name__}")
+        if observer is not None and not callable(getattr(observer, "on_step", None)):
+            raise ValueError(f"observer must have a method on_step(done, total, latents), got {type(observer).__name__}")
+        if callback is not None and observer is not None:
+            raise ValueError("give a callback or an observer, not both (an observer's on_step sees the steps too)")
+        observer = Progress(callback) if callback is not None else observer
         if not (isinstance(mask_blur, (int, float)) and not isinstance(mask_blur, bool) and 0 <= mask_blur <= 1000):
             raise ValueError(f"mask_blur must be a number of pixels in [0, 1000], got {mask_blur!r:.40}")
         m = self.manifest
@@ -513,8 +519,7 @@ class Pipeline:
         starts = range(0, settings.batch, self.max_batch)
         for k, start in enumerate(starts):
             chunk = settings.images(start, min(self.max_batch, settings.batch - start))
-            progress = None if callback is None else \
-                (lambda done, total, k=k: callback(k * total + done, len(starts) * total))
+            progress = None if observer is None else ChunkSteps(observer, k, len(starts))
             chunk_latents = None if latents is None else latents[start : start + chunk.batch]
             images += self._with_fallback(lambda sessions: self._run(
                 task, chunk, sessions, progress, timings, latents=chunk_latents, pixels=pixels, binary=binary,
@@ -528,10 +533,10 @@ class Pipeline:
 
     # -- one chunk, task by task, each top to bottom -------------------------------------
 
-    def _run(self, task: str, settings: GenerationSettings, sessions: dict[str, Session], callback: Progress | None,
+    def _run(self, task: str, settings: GenerationSettings, sessions: dict[str, Session], observer: StepObserver | None,
              timings: Timings, *, latents, pixels, binary, mask_blur, keep_unmasked, controls) -> list[Image.Image]:
         shallow = self.manifest.shallow_denoiser
-        job = Job(settings, sessions, ImageNoise(settings.rng, settings.seeds), Guidance(settings.guidance), callback,
+        job = Job(settings, sessions, ImageNoise(settings.rng, settings.seeds), Guidance(settings.guidance), observer,
                   denoiser=self.manifest.denoiser.name, shallow_denoiser=shallow and shallow.name, controls=controls)
         conditioning = self.conditioning(job.call, settings, job.cfg)
         sched = self._make_scheduler(settings.scheduler, settings.steps)

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .backends import BackendOptions, Session, open_session, resolve
+from .errors import EdgediffError
 from .images import open_image
 from .limits import UPSCALE_MAX_PIXELS, upscale_budget_words
 from .manifest import TensorSpec, Variant
@@ -33,7 +34,7 @@ MAX_SCALE = 8  # ESRGAN-family models are x1, x2 or x4 (RRDBNet), SRVGGNetCompac
 PROBE = 16  # the side of the load's probe image: a multiple of 4, as RRDBNet x1 needs
 
 
-class UpscalerError(ValueError):
+class UpscalerError(EdgediffError, ValueError):
     """An upscaler file or folder edgediff cannot use, or a scale it does not do."""
 
 
