@@ -628,16 +628,20 @@ def cache_list(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", hel
 
     root = cache_dir or compile_cache.default_root()
     found = compile_cache.entries(root)
+    staging = compile_cache.staging_folders(root)  # loads under way, or stopped (removed by clear and later loads)
     bound = compile_cache.max_bytes() / 1e9
-    table = Table(title=f"compile cache {root}: {len(found)} entries, {sum(e['bytes'] for e in found) / 1e9:.2f} GB "
+    table = Table(title=f"compile cache {root}: {len(found)} entries" + (f", {len(staging)} unfinished" if staging
+                        else "") + f", {sum(e['bytes'] for e in found + staging) / 1e9:.2f} GB "
                         f"(bound {bound:.0f} GB: $EDGEDIFF_CACHE_MAX_GB)")
     for col in ("backend", "graph", "compiled for", "MB", "last used", "graph still there"):
         table.add_column(col)
-    for e in sorted(found, key=lambda e: -e["last_used"]):
+    for e in sorted(found + staging, key=lambda e: -e["last_used"]):
         settings = e["settings"]
         shapes = settings.get("shapes")
         target = str(settings.get("device", "?")) + ("" if not shapes else " " + ", ".join(
             f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items()))
+        if "in_use" in e:
+            target = "unfinished: being written" if e["in_use"] else "unfinished: its load stopped"
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e["last_used"] else "?"
         table.add_row(e["backend"], e["graph"], target, f"{e['bytes'] / 1e6:.1f}", used,
                       "yes" if e["graph_exists"] else "no (stale)")
@@ -649,12 +653,13 @@ def cache_clear(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
     stale: bool = typer.Option(False, "--stale", help="only the entries whose graph file is gone"),
 ) -> None:
-    """Delete the entries (only the cache's own folders; nothing else there is touched)."""
+    """Delete the entries and unfinished ones (only the cache's own folders, and none a running load uses)."""
     from edgediff.runtime import compile_cache
 
     root = cache_dir or compile_cache.default_root()
-    count, size = compile_cache.clear(root, stale_only=stale)
-    typer.echo(f"removed {count} entries ({size / 1e9:.2f} GB) from {root}")
+    count, size, busy = compile_cache.clear(root, stale_only=stale)
+    typer.echo(f"removed {count} entries ({size / 1e9:.2f} GB) from {root}"
+               + (f"; kept {busy} in use by a running load" if busy else ""))
 
 
 @app.command()

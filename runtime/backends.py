@@ -248,11 +248,10 @@ def _open_ort(path: Path, device: str, options: BackendOptions, outputs: list[st
     provider = ORT_PROVIDERS[device]
     if device == "cuda" and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
-    so = ort_session_options(ort, device, options)
     providers = ort_providers(device, options)
     cache = _cache_entry(options, "onnxruntime", path, {"device": device}, patch) \
         if device == "cpu" else None  # CUDA/DirectML graphs are not saved: EP-specific fusions
-    sess, cached = _ort_session(ort, path, so, providers, cache, patch, device, options)
+    sess, cached = _ort_session(ort, path, providers, cache, patch, device, options)
     used = sess.get_providers()[0]
     if used != provider:
         raise BackendError(f"ONNX Runtime fell back to {used} for {path.parent.name} although {provider} was asked for")
@@ -383,38 +382,64 @@ def _check_patched(path: Path, patch: WeightPatch, found: int) -> None:
                             f"({patch.component}/weights.json): the graph was replaced after export; re-export it")
 
 
-def _ort_session(ort, path: Path, so, providers: list[Any], cache, patch: WeightPatch | None, device: str,
-                 options: BackendOptions):
-    """The session and how the cache served it: from the cache's optimized graph when it has one ("hit"), else
-    optimized here (with ``patch``'s weights) and saved there ("written"; "off" when there is no cache or it
-    cannot be written)."""
-    if cache is not None and cache.ready:
-        cached = ort_session_options(ort, device, options)
-        cached.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # it is optimized already
-        try:
-            sess = ort.InferenceSession(str(cache.folder / "model.onnx"), cached, providers=providers)
-            cache.touch()
-            return sess, "hit"
-        except Exception as e:  # a damaged entry: rebuilt below from the artifact's graph
-            warnings.warn(f"the compile cache's copy of {path} ({cache.folder}) does not load ({str(e)[:200]}); "
-                          "rebuilding it", stacklevel=5)
-            cache.discard(cache.folder)
-    staging = cache.staging() if cache is not None else None
-    if staging is not None:
-        so.optimized_model_filepath = str(staging / "model.onnx")
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
-        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    graph, patched = (str(path), []) if patch is None else _ort_patch(ort, so, path, patch)
-    try:
+def _ort_session(ort, path: Path, providers: list[Any], cache: compile_cache.Entry | None,
+                 patch: WeightPatch | None, device: str, options: BackendOptions):
+    """The session and how the cache served it: from the cache's optimized graph when it has one that is what it
+    wrote ("hit"), else optimized here (with ``patch``'s weights) and saved there ("written"); "off" when there is
+    no cache or it cannot be written. A save that fails (a full disk) costs a load without it and one warning; an
+    entry that does not load is dropped and rebuilt, with a warning."""
+
+    def build(save: Path | None):
+        so = ort_session_options(ort, device, options)
+        if save is not None:
+            so.optimized_model_filepath = str(save / "model.onnx")
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        graph, patched = (str(path), []) if patch is None else _ort_patch(ort, so, path, patch)
         sess = ort.InferenceSession(graph, so, providers=providers)
         sess.patched_weights = patched  # ONNX Runtime may use their buffers as they are: they live with the session
-    except Exception as e:  # onnxruntime raises its own exception types per failure
-        if staging is not None:
+        return sess
+
+    def uncached():
+        try:
+            return build(None)
+        except ArtifactError:
+            raise
+        except Exception as e:  # onnxruntime raises its own exception types per failure
+            raise BackendError(f"ONNX Runtime could not load {path}: {e}") from e
+
+    if cache is None:
+        return uncached(), "off"
+    with cache.held() as held:
+        if not held:
+            return uncached(), "off"
+        if cache.usable():
+            hit = ort_session_options(ort, device, options)
+            hit.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # it is optimized already
+            try:
+                sess = ort.InferenceSession(str(cache.folder / "model.onnx"), hit, providers=providers)
+                cache.touch()
+                return sess, "hit"
+            except Exception as e:  # a damaged entry: rebuilt below from the artifact's graph
+                warnings.warn(f"the compile cache's copy of {path} ({cache.folder}) does not load ({str(e)[:200]}); "
+                              "rebuilding it", stacklevel=5)
+                cache.drop()
+        staging = cache.staging()
+        if staging is None:
+            return uncached(), "off"
+        try:
+            sess = build(staging)
+        except Exception as e:
             cache.discard(staging)
-        raise BackendError(f"ONNX Runtime could not load {path}: {e}") from e
-    if staging is None:
-        return sess, "off"
-    return sess, "written" if cache.commit(staging) else "off"
+            if isinstance(e, ArtifactError):
+                raise
+            sess = uncached()  # the graph's own error, when it does not load without the cache either
+            cache.unwritable(e)  # it does: saving it was what failed (a full disk)
+            return sess, "off"
+        except BaseException:  # Ctrl-C: no staging folder left behind
+            cache.discard(staging)
+            raise
+        return sess, "written" if cache.commit(staging) else "off"
 
 
 def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str], patch: WeightPatch | None):
@@ -448,30 +473,57 @@ def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str
 def _ov_compile(core, source, path: Path, target: str, config: dict[str, Any], options: BackendOptions,
                 shapes: dict[str, Any], cacheable: bool):
     """``source`` (the graph's path, or a model read and changed in memory) compiled for ``target``, through the
-    compile cache where ``cacheable``: returns (compiled model, "hit" | "written" | "off").
+    compile cache where ``cacheable``: returns (compiled model, "hit" | "written" | "off"). As ``_ort_session``:
+    a cache that cannot be written costs a compile without it and one warning, an entry that is not what the
+    cache wrote or does not load is dropped and rebuilt.
 
     A patched graph (LoRAs merged) is compiled at each load: OpenVINO's cache finds an entry by the model it is
     given, so a hit would still need the merge, and its exported blob imported from memory loaded slower than a
     fresh compile (SD1.5 LoCon: 12.5 s vs 10.3 s; benchmarks/results/lora_load_sd15_cpu.md)."""
     settings = {"device": target, "config": config} | ({"shapes": shapes} if shapes else {})
     cache = _cache_entry(options, "openvino", path, settings, None) if cacheable else None
-    hit = cache is not None and cache.ready
-    staging = None if cache is None or hit else cache.staging()
-    config = dict(config)
-    if hit or staging is not None:
-        config["CACHE_DIR"] = str(cache.folder if hit else staging)  # OpenVINO's own model cache
-    try:
-        compiled = core.compile_model(str(source) if isinstance(source, Path) else source, target, config)
-    except Exception as e:  # OpenVINO raises RuntimeError subclasses with its own messages
-        if staging is not None:
+
+    def compile_with(cache_dir: Path | None):
+        extra = {"CACHE_DIR": str(cache_dir)} if cache_dir is not None else {}  # OpenVINO's own model cache
+        return core.compile_model(str(source) if isinstance(source, Path) else source, target, config | extra)
+
+    def uncached():
+        try:
+            return compile_with(None)
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses with its own messages
+            what = f" for the shapes {shapes}" if shapes else ""
+            hint = "; this device needs static shapes: pass static_shapes=True (--static-shapes)" \
+                if not shapes and "dynamic" in str(e).lower() else ""
+            raise BackendError(f"OpenVINO could not compile {path} for {target}{what}: {str(e)[:600]}{hint}") from e
+
+    if cache is None:
+        return uncached(), "off"
+    with cache.held() as held:
+        if not held:
+            return uncached(), "off"
+        if cache.usable():
+            try:
+                compiled = compile_with(cache.folder)
+                cache.touch()
+                return compiled, "hit"
+            except Exception as e:
+                warnings.warn(f"the compile cache's copy of {path} ({cache.folder}) does not load ({str(e)[:200]}); "
+                              "rebuilding it", stacklevel=5)
+                cache.drop()
+        staging = cache.staging()
+        if staging is None:
+            return uncached(), "off"
+        try:
+            compiled = compile_with(staging)
+        except Exception as e:
             cache.discard(staging)
-        what = f" for the shapes {shapes}" if shapes else ""
-        hint = "; this device needs static shapes: pass static_shapes=True (--static-shapes)" \
-            if not shapes and "dynamic" in str(e).lower() else ""
-        raise BackendError(f"OpenVINO could not compile {path} for {target}{what}: {str(e)[:600]}{hint}") from e
-    if hit:
-        cache.touch()
-    return compiled, "hit" if hit else "written" if staging is not None and cache.commit(staging) else "off"
+            compiled = uncached()  # the graph's own error, when it does not compile without the cache either
+            cache.unwritable(e)  # it does: the cache was what failed
+            return compiled, "off"
+        except BaseException:  # Ctrl-C: no staging folder left behind
+            cache.discard(staging)
+            raise
+        return compiled, "written" if cache.commit(staging) else "off"
 
 
 def _ov_report(compiled, target: str) -> tuple[str, str]:

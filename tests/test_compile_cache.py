@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-from edgediff.runtime import Pipeline
+from edgediff.runtime import Pipeline, compile_cache
 from edgediff.runtime.compile_cache import MARKER
 from edgediff.runtime.metrics import psnr
 
@@ -97,7 +97,8 @@ def test_an_unwritable_cache_folder_loads_without_it_with_a_warning(artifact, tm
 
 @pytest.mark.fast
 def test_a_damaged_or_half_written_entry_is_not_used(artifact, tmp_path):
-    """A staging folder (a load killed mid-write) is never read; an entry whose graph was damaged is rebuilt."""
+    """A staging folder (a load killed mid-write) is never read; an entry whose graph was damaged is rebuilt,
+    whether the damage shows in its files' digest or only when the backend reads it."""
     cache = tmp_path / "cache"
     plain = image(load(artifact, "onnxruntime", cache=False))
     load(artifact, "onnxruntime", cache_dir=cache)
@@ -105,6 +106,15 @@ def test_a_damaged_or_half_written_entry_is_not_used(artifact, tmp_path):
         (entry / "model.onnx").write_bytes(b"damaged")
         shutil.copytree(entry, entry.with_name(entry.name + ".staging-x"))
         (entry.with_name(entry.name + ".staging-x") / MARKER).unlink()
+    with pytest.warns(UserWarning, match=r"is not what it wrote \(model.onnx changed since it was written\); "
+                                         "dropped, rebuilding it"):
+        pipe = load(artifact, "onnxruntime", cache_dir=cache)
+    assert {d["compile_cache"] for d in pipe.describe().values()} == {"written"}
+    assert psnr(image(pipe), plain) >= 60
+    for entry in entries(cache, "onnxruntime"):  # damaged when written: its digest is the damaged file's
+        (entry / "model.onnx").write_bytes(b"damaged")
+        record = json.loads((entry / MARKER).read_text())
+        (entry / MARKER).write_text(json.dumps(record | {"content": compile_cache._content(entry)}))
     with pytest.warns(UserWarning, match="does not load .* rebuilding it"):
         pipe = load(artifact, "onnxruntime", cache_dir=cache)
     assert {d["compile_cache"] for d in pipe.describe().values()} == {"written"}
