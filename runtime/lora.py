@@ -155,8 +155,8 @@ def read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
                 raise
             tensors = _read_with_bfloat16(path)
     except (SafetensorError, OSError, ValueError, TypeError, KeyError) as e:
-        raise LoraError(f"{path} is not a readable .safetensors file ({shown(str(e), 200)}); LoRAs and embeddings are "
-                        "read from .safetensors only") from None
+        raise LoraError(f"{path} is not a readable .safetensors file ({shown(str(e), 200)}); LoRAs and embeddings "
+                        "are read from .safetensors only") from None  # the message may quote the header: one line
     out = {}
     for key, a in tensors.items():
         if not np.issubdtype(a.dtype, np.floating) and a.dtype.name != "bfloat16":  # ml_dtypes' bfloat16

@@ -188,3 +188,205 @@ def test_mutated_upscaler_manifests_load_or_fail_cleanly(fuzz_upscaler, data):
         assert time.perf_counter() - t0 < 30
     event("upscaled")
     assert up.scale == 2 and result.size == (20 * (scale or 2), 24 * (scale or 2))
+
+
+# -- LoRA and embedding files, prompts (issue 24): mutated safetensors headers and tensors; random prompt text --
+#
+# The only outcomes allowed: success, or LoraError (a ValueError: the CLI prints it as one error line) for a file,
+# ValueError for a prompt; each example within the hypothesis deadline (no hang, no quadratic blow-up).
+
+from datetime import timedelta  # noqa: E402
+
+FILE_FUZZ = settings(max_examples=60, deadline=timedelta(seconds=10),
+                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+LORA_FUZZ = settings(FILE_FUZZ, max_examples=200)  # a few ms each
+PROMPT_FUZZ = settings(max_examples=100, deadline=timedelta(seconds=10),
+                       suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+WIDTH = 48  # the embedded model's text width
+hostile_names = st.one_of(
+    st.text(max_size=12), st.sampled_from(["", "__metadata__", "lora_unet_", "x.alpha", "x.lora_down.weight",
+                                           "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
+                                           "unet.conv_in.lora_A.weight", "<fz>", "emb_params", "clip_l", "clip_g",
+                                           "a\nb\x1b[31m", "q" * 5_000, "ircl", "a b"]))
+
+
+def _base_tensors(kind: str) -> dict[str, np.ndarray]:
+    """A valid file's tensors: a kohya LoRA on a UNet convolution and a text-encoder Linear, or an embedding."""
+    rng = np.random.default_rng(0)
+    if kind == "embedding":
+        return {"<fz>": rng.standard_normal((2, WIDTH)).astype(np.float32)}
+    out = {}
+    for key, down, up in (("lora_unet_conv_in", (4, 4, 3, 3), (32, 4, 1, 1)),
+                          ("lora_te_text_model_encoder_layers_0_mlp_fc1", (4, WIDTH), (192, 4))):
+        out |= {f"{key}.lora_down.weight": rng.standard_normal(down).astype(np.float16),
+                f"{key}.lora_up.weight": rng.standard_normal(up).astype(np.float32),
+                f"{key}.alpha": np.array(2.0, np.float32)}
+    return out
+
+
+def _hostile_array(data, like: np.ndarray) -> np.ndarray:
+    """``like`` damaged: NaN, infinite, empty, another rank, shape or dtype, values past float16 and float32."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return data.draw(st.sampled_from([
+            np.full_like(like, np.nan), np.full_like(like, np.inf), np.zeros(0, like.dtype), np.array(1.0, like.dtype),
+            like.reshape(-1), like[..., None], like.T.copy(), like.astype(np.int8), like.astype(np.float64),
+            like.astype(bool), np.full_like(like, 3e38), np.zeros((3,), np.float32), np.zeros((2, 0), np.float32),
+            np.zeros((0, WIDTH), np.float32), np.zeros((76, WIDTH), np.float32), np.zeros((1, WIDTH + 1), np.float32),
+        ]), label="tensor")
+
+
+adapter_metadata = st.one_of(
+    st.text(max_size=30), st.sampled_from(['["unet.lora_alpha"]', '"x"', "8", "null", '{"unet.lora_alpha": NaN}',
+                                           '{"unet.lora_alpha": 1e999}', '{"unet.lora_alpha": "8"}', "[" * 5_000,
+                                           '{"unet.use_dora": true}', '{"unet.alpha_pattern": {"a": 1}}',
+                                           '{"unet.lora_alpha": 8, "unet.use_rslora": true}',
+                                           '{"text_encoder.lora_alpha": -3}']),
+    st.dictionaries(st.sampled_from(["unet.lora_alpha", "text_encoder.lora_alpha", "unet.r", "x", "unet.use_rslora"]),
+                    hostile_values, max_size=3).map(lambda d: json.dumps(d, default=str)))
+
+
+def _safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None) -> bytes:
+    from safetensors.numpy import save
+
+    return save(tensors, metadata=metadata)
+
+
+def _mutated_file(data, kind: str) -> bytes:
+    """A file of the kind, mutated: its tensors (values, shapes, dtypes, names), its metadata, its JSON header
+    (any field any hostile value) or its raw bytes."""
+    tensors = _base_tensors(kind)
+    metadata = None
+    for _ in range(data.draw(st.integers(0, 3), label="tensor mutations")):
+        key = data.draw(st.sampled_from(sorted(tensors)), label="key")
+        action = data.draw(st.sampled_from(["value", "rename", "delete", "add"]), label="action")
+        if action == "value":
+            tensors[key] = _hostile_array(data, tensors[key])
+        elif action == "rename":
+            tensors[data.draw(hostile_names, label="name")] = tensors.pop(key)
+        elif action == "delete" and len(tensors) > 1:
+            del tensors[key]
+        elif action == "add":
+            tensors[data.draw(hostile_names, label="name")] = _hostile_array(data, tensors[key])
+    tensors.pop("__metadata__", None)  # not a tensor name safetensors can write
+    if data.draw(st.booleans(), label="metadata"):
+        metadata = {"lora_adapter_metadata": data.draw(adapter_metadata, label="adapter metadata")}
+    try:
+        raw = _safetensors(tensors, metadata)
+    except Exception:  # safetensors refused to write it (an empty name...): start from the valid file
+        raw = _safetensors(_base_tensors(kind), None)
+    mode = data.draw(st.sampled_from(["as saved", "header", "bytes", "truncated"]), label="mode")
+    if mode == "header":
+        size = int.from_bytes(raw[:8], "little")
+        header, body = json.loads(raw[8:8 + size]), raw[8 + size:]
+        for _ in range(data.draw(st.integers(1, 3), label="header mutations")):
+            path = data.draw(st.sampled_from([p for p in _paths(header) if p]), label="path")
+            parent = header
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = data.draw(hostile_values, label="value")
+        text = json.dumps(header, default=str).encode()
+        raw = len(text).to_bytes(8, "little") + text + body
+    elif mode == "bytes":
+        at = data.draw(st.integers(0, len(raw) - 1), label="at")
+        raw = raw[:at] + bytes([data.draw(st.integers(0, 255), label="byte")]) + raw[at + 1:]
+    elif mode == "truncated":
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1), label="length")]
+    return raw
+
+
+@pytest.fixture(scope="module")
+def lora_target():
+    """The embedded model's root, manifest and precision, as Pipeline.load gives them to the LoRA planner."""
+    root = default_model_path()
+    manifest = load_manifest(root)
+    return root, manifest, {c: "fp32" for c in manifest.components}
+
+
+def _apply(patches, target, rows_added: int = 0) -> None:
+    """Each patch's merge run on zero weights of the shape the weight maps record (an embedding's adds rows)."""
+    from edgediff.runtime.lora import weight_maps
+
+    root, manifest, precision = target
+    shapes = {init: (tuple(reversed(shape)) if layout == "transposed" else shape)
+              for graphs in weight_maps(root, manifest, precision).values() for g in graphs
+              for init, layout, shape in g.weights.values()}
+    for patch in patches.values():
+        for name in patch.changes:
+            merged = patch.apply(name, np.zeros(shapes[name], np.float32))
+            assert merged.shape == (shapes[name][0] + rows_added, *shapes[name][1:]) and merged.dtype == np.float32
+
+
+@LORA_FUZZ
+@given(data=st.data())
+def test_mutated_lora_files_load_or_fail_cleanly(lora_target, tmp_path, data):
+    from edgediff.runtime.lora import LoraError, LoraSpec, plan
+
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(_mutated_file(data, "lora"))
+    root, manifest, precision = lora_target
+    try:
+        _apply(plan([LoraSpec(path)], root, manifest, precision), lora_target)
+    except LoraError as e:
+        assert len(str(e)) < 3_000 and "\n" not in str(e), str(e)[:300]
+        event("LoraError")
+        return
+    event("merged")
+
+
+@FILE_FUZZ
+@given(data=st.data())
+def test_mutated_embedding_files_load_or_fail_cleanly(lora_target, tmp_path, data):
+    from edgediff.runtime.embeddings import plan, read_embedding
+    from edgediff.runtime.text import PromptTokenizer
+
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(_mutated_file(data, "embedding"))
+    root, manifest, precision = lora_target
+    encoder = manifest.text_encoders[0]
+    tokenizer = PromptTokenizer(root / encoder.tokenizer, encoder.max_length, encoder.pad_token_id)
+    try:
+        embedding = read_embedding(path, manifest)
+        _apply(plan([embedding], {encoder.name: tokenizer}, root, manifest, precision), lora_target, embedding.count)
+    except ValueError as e:  # LoraError, or the word already a token
+        assert len(str(e)) < 3_000 and "\n" not in str(e), str(e)[:300]
+        event(type(e).__name__)
+        return
+    ids = tokenizer.chunks(f"a {embedding.name} b").ids
+    assert (ids >= 49408).sum() == embedding.count  # the word is found, as its vectors
+    event("added")
+
+
+PROMPT_PIECES = ["(", ")", "[", "]", "\\", ":", ":1.5)", ":0)", ":-2)", ":.5 )", ":" + "9" * 400 + ")", "BREAK",
+                 " BREAK ", "BREAKFAST", "\n", "\t", "  ", ",", "a", "red circle", "<|endoftext|>", "<|startoftext|>",
+                 "\udcff", "\ud800", "\x00", "é", "\U0010ffff", "\u2028", "\\(", "\\\\"]
+prompt_texts = st.recursive(
+    st.one_of(st.sampled_from(PROMPT_PIECES), st.text(max_size=8)),
+    lambda inner: st.one_of(
+        inner.map(lambda s: f"({s})"), inner.map(lambda s: f"[{s}]"),
+        st.tuples(inner, st.sampled_from(["1.3", "0", "-1", "1e5", "2.", ".5", "99999"])).map(lambda t: f"({t[0]}:{t[1]})"),
+        st.lists(inner, max_size=4).map(" ".join), inner.map(lambda s: s + " BREAK "),
+        st.tuples(inner, st.sampled_from([2, 10, 500, 20_000])).map(lambda t: t[0] * t[1])),
+    max_leaves=12)
+
+
+@PROMPT_FUZZ
+@given(prompt=prompt_texts, negative=st.one_of(st.none(), prompt_texts))
+def test_random_prompts_encode_or_fail_cleanly(pipe, prompt, negative):
+    """Nesting, weights, BREAK, escapes, invalid text and sizes past the cap: chunks of finite weights, or a
+    ValueError; generation then runs."""
+    try:
+        chunks = pipe.tokenizer.chunks(prompt)
+    except ValueError as e:
+        assert "\n" not in str(e) and len(str(e)) < 1_000, str(e)[:300]
+        event("refused")
+        return
+    assert np.isfinite(chunks.weights).all() and chunks.ids.shape[1] == 77
+    assert ((chunks.ids >= 0) & (chunks.ids < 49408)).all()
+    try:
+        images = pipe.txt2img(prompt, negative, steps=1, width=16, height=16)
+    except ValueError as e:  # the negative prompt refused
+        assert negative is not None, e
+        event("negative refused")
+        return
+    assert math.isfinite(float(np.asarray(images[0]).mean()))
+    event("generated")

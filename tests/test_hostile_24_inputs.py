@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -219,8 +220,16 @@ def _embedding_names(path):
     return kohya(path, None, alpha=None, name="e" * LONG)  # no single tensor: not an embedding, names listed
 
 
+def _quoting_header(path):
+    """A header the safetensors reader refuses, quoting its 100 KB dtype (with a newline) in its message."""
+    header = json.dumps({"k": {"dtype": "\n\x1b[31m" + "d" * LONG, "shape": [1], "data_offsets": [0, 4]}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    return path
+
+
 LONG_NAME_FILES = {"unused tensors": _unused_names, "unknown layers": _unknown_layers, "missing up": _missing_up,
-                   "bad factors": _bad_factors, "wrong shape": _wrong_shape, "DoRA model name": _dora_model_name}
+                   "bad factors": _bad_factors, "wrong shape": _wrong_shape, "DoRA model name": _dora_model_name,
+                   "header quoted": _quoting_header}
 
 
 @pytest.mark.parametrize("case", list(LONG_NAME_FILES))
@@ -240,7 +249,7 @@ def test_long_names_in_a_lora_are_cut_in_the_error(tmp_path, case):
 
 
 @pytest.mark.parametrize("option, case", [("--lora", "unused tensors"), ("--lora", "unknown layers"),
-                                          ("--embedding", "embedding names")])
+                                          ("--embedding", "embedding names"), ("--embedding", "header quoted")])
 def test_cli_fails_at_once_on_a_file_with_long_names(tmp_path, option, case):
     """The CLI printed 800 KB of names through its console: still printing after 120 s. Now one short line."""
     make = {**LONG_NAME_FILES, "embedding names": _embedding_names}[case]
