@@ -38,7 +38,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 MAX_ALPHA = 1e30  # a file's alpha, in size: scale x alpha / rank stays inside float32 (real ones: 1 to thousands)
 MAX_LORA_BYTES = 8 * 2**30
 SHOWN = 8  # keys or layers named in an error
-SHOWN_CHARS = 80  # of each name a file controls, in an error (a name may be megabytes long)
+SHOWN_CHARS = 160  # of each name a file controls, in an error (real ones are under 100; some are megabytes)
 
 MODELS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",

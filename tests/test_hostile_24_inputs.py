@@ -242,7 +242,7 @@ def test_long_names_in_a_lora_are_cut_in_the_error(tmp_path, case):
         lora_plan(path)
     assert time.perf_counter() - t0 < 5
     message = str(error.value)
-    assert len(message) < 2_000 and "\n" not in message and "\x1b" not in message, message[:300]
+    assert len(message) < 3_000 and "\n" not in message and "\x1b" not in message, message[:300]
     assert str(path) in message
     if case != "wrong shape":  # its name is the real layer's, short
         assert re.search(r"\.\.\. \(100,\d{3} characters\)", message), message[:300]
@@ -261,7 +261,7 @@ def test_cli_fails_at_once_on_a_file_with_long_names(tmp_path, option, case):
     assert result.returncode == 2, result.stderr[-500:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}"), result.stderr[:500]
-    assert len(lines[0]) < 2_000 and "characters)" in lines[0] and "\x1b[31m" not in result.stderr
+    assert len(lines[0]) < 3_000 and "characters)" in lines[0] and "\x1b[31m" not in result.stderr
     assert not out.exists()
 
 
@@ -270,7 +270,7 @@ def test_shown_cuts_and_escapes():
 
     assert shown("lora_unet_x") == "lora_unet_x"
     assert shown("a\nb") == "a\\nb"
-    assert shown("q" * 100) == "q" * 80 + "... (100 characters)"
+    assert shown("q" * 200) == "q" * 160 + "... (200 characters)" and shown("q" * 160) == "q" * 160
 
 
 # -- case 15: an alpha or adapter metadata of any shape or type is a LoraError ------------------------------
