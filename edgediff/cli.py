@@ -36,10 +36,19 @@ def _setup() -> None:
     warnings.showwarning = show
 
 
-def _fail(message: str) -> None:
+ERROR_CHARS = 2000  # an error line at most: rich takes minutes to wrap a 100 KB word a file put in a message
+
+
+def _print_error(message: str) -> None:
     from rich.markup import escape
 
+    if len(message) > ERROR_CHARS:
+        message = f"{message[:ERROR_CHARS]}... ({len(message) - ERROR_CHARS:,} more characters)"
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, emoji=False)  # a path "x:abc:" is no emoji
+
+
+def _fail(message: str) -> None:
+    _print_error(message)
     raise typer.Exit(code=2)
 
 
@@ -812,7 +821,11 @@ def quality_words(quality: dict) -> str:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except OSError as e:  # the system refused a path no command checked (a name too long, a loop, an I/O error)
+        _print_error(f"{e.strerror or type(e).__name__}: {e.filename if e.filename is not None else e}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

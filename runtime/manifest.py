@@ -538,6 +538,12 @@ def load_manifest(root: str | Path) -> Manifest:
     and have the byte size the manifest recorded. All failures are ArtifactError.
     """
     root = Path(root)
+    try:
+        root.stat()
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # a name too long, a symlink loop, a folder that cannot be read
+        raise ArtifactError(f"{str(root)[:200]} cannot be read as an artifact folder ({e.strerror})") from None
     if root.is_file():
         raise ArtifactError(f"{root} is a file, not an artifact folder; --model takes the folder `edgediff export` wrote")
     if not root.is_dir():

@@ -401,3 +401,30 @@ def test_info_survives_malformed_fast_profile_records(embedded_copy):
                        "unet", "int8") == "2.00x faster per image than fp32 on m, b (edgediff tune)"
     assert fast_profile_words(profile | {"measured": "x"}).endswith("(its record is unreadable)")
     assert fast_profile_words({"settings": 5}) == "fast profile (generate --fast): unreadable"
+
+
+def test_an_error_quoting_a_huge_word_is_cut_and_printed_at_once(capsys):
+    # any message that quotes what a user or a file gave is one short line, printed at once: rich took minutes to
+    # wrap a 100 KB word
+    import time
+
+    import typer
+
+    from edgediff import cli
+
+    start = time.perf_counter()
+    with pytest.raises(typer.Exit):
+        cli._fail("no such thing: " + "m" * 300_000)
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert "298,015 more characters)" in err and len(err) < 3000
+
+
+def test_a_path_the_system_refuses_is_an_error_line_not_a_traceback(tmp_path):
+    too_long = str(tmp_path / ("m" * 5000))  # ENAMETOOLONG from the first stat
+    r = cli_subprocess("generate", "x", "--model", too_long, "-o", str(tmp_path / "o.png"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "cannot be read as an artifact folder (File name too long)" in r.stderr and len(r.stderr) < 3000
+    r = cli_subprocess("upscale", too_long, "-o", str(tmp_path / "o.png"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr) < 3000
+    assert not (tmp_path / "o.png").exists()
