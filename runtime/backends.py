@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import compile_cache
+from .errors import EdgediffError
 from .lora import WeightPatch
 from .manifest import MODEL_SUFFIXES, ArtifactError, TensorSpec, Variant, artifact_file, residual_inputs, zero_residuals
 
@@ -37,7 +38,7 @@ OV_PRECISIONS = ("auto", "f32", "bf16", "f16")
 DEVICES = ("auto", "cpu", "cuda", "dml", "gpu", "npu")
 
 
-class BackendError(RuntimeError):
+class BackendError(EdgediffError, RuntimeError):
     """A backend or device is unavailable, or a session was fed the wrong inputs."""
 
 

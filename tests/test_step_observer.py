@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgediff.runtime import (ArtifactError, Cancelled, EdgediffError, GenerationError,
+from edgediff.runtime import (ArtifactError, BackendError, Cancelled, EdgediffError, GenerationError,
                               GenerationSettings, LoraError, Pipeline)
 from edgediff.runtime.images import to_pil
 from edgediff.runtime.upscale import UpscalerError
@@ -71,7 +71,7 @@ def test_an_observer_without_on_step_or_beside_a_callback_is_refused(pipe):
 
 
 @pytest.mark.parametrize("kind,builtin", [(ArtifactError, ValueError), (LoraError, ValueError),
-                                          (UpscalerError, ValueError),
+                                          (UpscalerError, ValueError), (BackendError, RuntimeError),
                                           (GenerationError, RuntimeError), (Cancelled, Exception)])
 def test_every_error_kind_is_an_edgediff_error_and_still_its_builtin(kind, builtin):
     assert issubclass(kind, EdgediffError) and issubclass(kind, builtin)
