@@ -96,9 +96,10 @@ class Entry:
 
     @contextmanager
     def held(self) -> Iterator[bool]:
-        """Hold this graph's lock for the whole load (waiting for another process's load of it); True, or False
-        with a warning when it cannot be had (an unwritable folder, a load that holds it too long): the load
-        then goes without the cache. Staging folders of this graph left by loads that died are removed."""
+        """Hold this graph's lock for the whole load (waiting for another process's load of it) and say whether the
+        cache may be used: True; False with a warning when another load holds it too long (this one then goes
+        without the cache). In a folder where no lock can be made (read-only) nobody writes: its entries are still
+        read, nothing is written (one warning). Staging folders of this graph left by loads that died are removed."""
         lock, held = FileLock(str(self.lock_path)), False
         try:
             self.folder.parent.mkdir(parents=True, exist_ok=True)
@@ -108,10 +109,12 @@ class Entry:
             warnings.warn(f"another edgediff process has been loading {self.record['graph']} through the compile "
                           f"cache for {LOCK_WAIT_SECONDS:.0f} s (it holds {self.lock_path}); loading without the cache",
                           stacklevel=4)
-        except OSError as e:
-            self.unwritable(e)
-        if not held:
             yield False
+            return
+        except OSError as e:
+            self.unwritable(e)  # staging() gives None from now on
+        if not held:
+            yield True
             return
         try:
             self._sweep()
@@ -162,6 +165,10 @@ class Entry:
             shutil.rmtree(staging, ignore_errors=True)
             self.unwritable(e)
             return False
+        try:
+            (self.folder / STAGING_MARKER).unlink()  # a complete entry now (the marker is not part of its content)
+        except OSError:
+            pass
         self._sweep(entries_too=True)
         evict(self.folder.parent.parent, max_bytes(), keep=self.folder)
         return True

@@ -431,3 +431,28 @@ def test_the_entry_check_costs_under_a_few_milliseconds(artifact, tmp_path):
         for _ in range(20):
             compile_cache._check(e["folder"], record)
         assert (time.perf_counter() - t0) / 20 < 0.02
+
+
+def test_a_cache_where_no_lock_can_be_made_is_still_read(artifact, tmp_path, monkeypatch, reference):
+    """A read-only cache (prepared elsewhere): its entries are read without a lock (nobody can write there),
+    nothing is written, one warning. (Simulated: root ignores folder permissions.)"""
+    cache = tmp_path / "cache"
+    Pipeline.load(artifact, backend="onnxruntime", device="cpu", cache_dir=cache)
+    unet = entry_of(cache, "onnxruntime", "unet")
+    shutil.rmtree(unet)  # one graph missing: it cannot be written now
+
+    class ReadOnly:
+        def __init__(self, path):
+            self.path = path
+
+        def acquire(self, timeout=None):
+            raise PermissionError(13, "Permission denied", self.path)
+
+    monkeypatch.setattr(compile_cache, "FileLock", ReadOnly)
+    with pytest.warns(UserWarning, match="cannot be written \\(Permission denied\\); loading without it") as caught:
+        pipe = Pipeline.load(artifact, backend="onnxruntime", device="cpu", cache_dir=cache)
+    assert len([w for w in caught if "cannot be written" in str(w.message)]) == 1
+    assert {k: d["compile_cache"] for k, d in pipe.describe().items()} == \
+        {"text_encoder": "hit", "unet": "off", "vae_decoder": "hit"}
+    assert not unet.exists() and no_staging_left(cache)
+    assert psnr(np.asarray(pipe.txt2img(PROMPT, steps=3, seed=1)[0]), reference["onnxruntime"]) >= 60
