@@ -164,3 +164,7 @@ def check_parity(
     err, scale = relative_error(ours.latents, ref.latents)
     assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:g} * {scale:.3g}"
     return err / scale
+
+
+# The flow-matching and TrigFlow schedulers, each with its own parity loop: test_schedulers_flow.py
+FLOW_FAMILY = ("flow_euler", "dpmpp_2m_flow", "unipc_flow", "scm")

@@ -8,7 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")  # diffusers is the reference
 from PIL import Image
 
-from edgediff.runtime import SCHEDULER_NAMES, Pipeline
+from edgediff.runtime import Pipeline
+from edgediff.runtime.schedulers import schedulers_for
 
 from edgediff.runtime.metrics import psnr
 
@@ -61,7 +62,8 @@ OV_SUBSET = ("ddim", "euler_a", "dpmpp_2m", "heun", "lcm")
 
 
 def _cases(subset):
-    return [(b, s) for b in ("onnxruntime", "openvino") for s in SCHEDULER_NAMES if b == "onnxruntime" or s in subset]
+    unet_schedulers = schedulers_for("epsilon")
+    return [(b, s) for b in ("onnxruntime", "openvino") for s in unet_schedulers if b == "onnxruntime" or s in subset]
 
 
 @pytest.mark.parametrize("backend, scheduler", _cases(OV_SUBSET))

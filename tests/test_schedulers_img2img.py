@@ -23,6 +23,7 @@ from edgediff.runtime.schedulers import REGISTRY, SCHEDULER_NAMES, make_schedule
 
 from .scheduler_harness import (
     DDPM_FAMILY,
+    FLOW_FAMILY,
     IGNORE_LMS_ARRAY_WARNING,
     K_FAMILY,
     NO_STRAY_RUNTIME_WARNINGS,
@@ -76,7 +77,7 @@ def check_img2img(name: str, config: dict[str, Any], steps: int, strength: float
 
 def test_every_scheduler_is_covered() -> None:
     """The two txt2img parity files cover the registry between them, each against a class diffusers has."""
-    assert sorted(DDPM_FAMILY + K_FAMILY) == sorted(SCHEDULER_NAMES)
+    assert sorted(DDPM_FAMILY + K_FAMILY + FLOW_FAMILY) == sorted(SCHEDULER_NAMES)
     for entry in REGISTRY.values():
         assert hasattr(diffusers, entry.diffusers_class), entry
 
@@ -84,7 +85,7 @@ def test_every_scheduler_is_covered() -> None:
 @pytest.mark.parametrize("strength", STRENGTHS)
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("config_name", list(CONFIGS))
-@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+@pytest.mark.parametrize("name", DDPM_FAMILY + K_FAMILY)  # the flow ones: test_schedulers_flow.py
 def test_img2img_parity(name: str, config_name: str, steps: int, strength: float) -> None:
     check_img2img(name, CONFIGS[config_name], steps, strength)
 
@@ -97,7 +98,7 @@ def test_img2img_parity_warmup_configs(name: str, overrides: dict[str, Any], str
     check_img2img(name, {**SD15, **overrides}, 10, strength)
 
 
-@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+@pytest.mark.parametrize("name", DDPM_FAMILY + K_FAMILY)  # the flow ones: test_schedulers_flow.py
 def test_add_noise_at_every_index(name: str) -> None:
     """add_noise(x0, noise, i) equals diffusers' at every call index (set_begin_index(i), timesteps[i:i+1])."""
     steps = 7

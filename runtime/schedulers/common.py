@@ -28,12 +28,19 @@ Two parameterisations of the noise level appear below, as in diffusers:
 * k-diffusion / "variance exploding": x = x0 + sigma eps with sigma = sqrt((1 - alpha_bar) / alpha_bar),
   the UNet seeing x / sqrt(sigma^2 + 1) (Euler, Euler a, Heun, LMS; Karras et al. 2022).
 
+and two for the transformer denoisers, whose models predict a velocity rather than the noise:
+
+* flow matching: x = (1 - sigma) x0 + sigma eps with sigma in [0, 1] (FlowMatchEuler, and DPM-Solver / UniPC with
+  ``use_flow_sigmas``, whose alpha_t, sigma_t tables are then 1 - sigma and sigma); see the flow section below;
+* TrigFlow: x = cos(t) x0 + sin(t) eps with t in [0, pi/2] (SCM, Sana-Sprint), in scm.py.
+
 Every function keeps diffusers' float32 / float64 operation order: the ports are bit-for-bit what they were
 when each computed these values itself.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import numpy as np
@@ -398,3 +405,180 @@ def sigma_add_noise(sigma: np.floating, original: np.ndarray, noise: np.ndarray)
     original = np.asarray(original, dtype=np.float32)
     noise = np.asarray(noise, dtype=np.float32)
     return (original + noise * np.float32(sigma)).astype(np.float32, copy=False)
+
+
+# --- flow matching: SD3 / SD3.5, FLUX, Sana (FlowMatchEuler, and DPM-Solver / UniPC with use_flow_sigmas) ---
+#
+# A flow model (rectified flow, Liu et al. 2022; Esser et al. 2024, https://huggingface.co/papers/2403.03206) sees
+# x_sigma = (1 - sigma) x0 + sigma eps, sigma in [0, 1], and predicts the velocity v = eps - x0; its timestep is
+# sigma * num_train_timesteps. The schedule is shifted towards high noise, statically (``shift`` / ``flow_shift``)
+# or by the image's size (``use_dynamic_shifting``: ``mu`` from the number of image tokens the transformer sees).
+
+TIME_SHIFT_TYPES = ("exponential", "linear")
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """FLUX.1's mu: linear in the image sequence length, ``base_shift`` at ``base_seq_len`` tokens and ``max_shift``
+    at ``max_seq_len`` (diffusers ``pipelines/flux/pipeline_flux.py`` ``calculate_shift``)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    mu = image_seq_len * m + b
+    return mu
+
+
+def empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's mu, fitted to the image sequence length and the number of steps (diffusers
+    ``pipelines/flux2/pipeline_flux2.py`` ``compute_empirical_mu``); its family passes it as ``mu``."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+
+    if image_seq_len > 4300:
+        mu = a2 * image_seq_len + b2
+        return float(mu)
+
+    m_200 = a2 * image_seq_len + b2
+    m_10 = a1 * image_seq_len + b1
+
+    a = (m_200 - m_10) / 190.0
+    b = m_200 - 200.0 * a
+    mu = a * num_steps + b
+
+    return float(mu)
+
+
+def flow_mu(config: dict[str, Any], image_seq_len: int | None, mu: float | None) -> float:
+    """The dynamic shift's mu: ``mu`` when given (FLUX.2 passes ``empirical_mu``), else ``calculate_shift`` of the
+    image sequence length with the config's ``base_image_seq_len``, ``max_image_seq_len``, ``base_shift`` and
+    ``max_shift`` (FluxPipeline's and StableDiffusion3Pipeline's call, with their defaults 256, 4096, 0.5, 1.15)."""
+    if mu is not None:
+        return float(mu)
+    if image_seq_len is None:
+        raise ValueError(
+            "use_dynamic_shifting=True shifts the schedule by the image size: pass image_seq_len (the number of "
+            "image tokens the transformer sees) or mu"
+        )
+    return calculate_shift(
+        image_seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+
+
+def static_shift(shift: float, sigmas: np.ndarray) -> np.ndarray:
+    """SD3's timestep shift sigma' = shift sigma / (1 + (shift - 1) sigma), in the dtype of ``sigmas``."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def time_shift(time_shift_type: str, mu: float, sigmas: np.ndarray) -> np.ndarray:
+    """The resolution-dependent shift at mu, in the dtype of ``sigmas``: "exponential" e^mu / (e^mu + (1/t - 1)),
+    "linear" mu / (mu + (1/t - 1)) (diffusers' ``time_shift`` with its exponent sigma = 1.0)."""
+    with np.errstate(divide="ignore"):  # t = 0 gives 1/t = inf and a shifted 0, as in diffusers
+        if time_shift_type == "exponential":
+            return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+        return mu / (mu + (1 / sigmas - 1) ** 1.0)
+
+
+def stretch_shift_to_terminal(sigmas: np.ndarray, shift_terminal: float) -> np.ndarray:
+    """Stretch the shifted schedule so that it ends at ``shift_terminal`` (LTX-Video's rf.py; diffusers'
+    ``stretch_shift_to_terminal``)."""
+    one_minus_z = 1 - sigmas
+    scale_factor = one_minus_z[-1] / (1 - shift_terminal)
+    stretched_t = 1 - (one_minus_z / scale_factor)
+    return stretched_t
+
+
+def shift_flow_sigmas(
+    sigmas: np.ndarray, *, shift: float, mu: float | None, time_shift_type: str, shift_terminal: float | None
+) -> np.ndarray:
+    """Steps 2 and 3 of FlowMatchEuler's (and UniPC's flow) ``set_timesteps``: the dynamic shift at ``mu`` when
+    given, else the static ``shift``; then the stretch to ``shift_terminal`` when set."""
+    # 2. Perform timestep shifting. Either no shifting is applied, or resolution-dependent shifting of
+    #    "exponential" or "linear" type is applied
+    if mu is not None:
+        sigmas = time_shift(time_shift_type, mu, sigmas)
+    else:
+        sigmas = static_shift(shift, sigmas)
+    # 3. If required, stretch the sigmas schedule to terminate at the configured `shift_terminal` value
+    if shift_terminal:
+        sigmas = stretch_shift_to_terminal(sigmas, shift_terminal)
+    return sigmas
+
+
+def custom_flow_sigmas(sigmas: Any, num_inference_steps: int, dtype: type) -> np.ndarray:
+    """The caller's sigmas (FluxPipeline passes linspace(1, 1/N, N)) as a 1-D array of ``dtype``, one per step,
+    each finite and in (0, 1]; ValueError saying what is wrong otherwise."""
+    try:
+        out = np.asarray(sigmas, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"sigmas must be a list of numbers, one per step: {e}") from e
+    if out.ndim != 1 or len(out) != num_inference_steps:
+        raise ValueError(f"sigmas must hold one value per step ({num_inference_steps}), got shape {out.shape}")
+    if not (np.isfinite(out).all() and (out > 0).all() and (out <= 1).all()):
+        raise ValueError("sigmas must each be in (0, 1] (a flow model's noise levels)")
+    return np.asarray(sigmas, dtype=dtype)
+
+
+def flow_alpha_sigma_lambda(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """alpha_t = 1 - sigma and sigma_t = sigma of every flow sigma (diffusers' ``_sigma_to_alpha_sigma_t`` with
+    ``use_flow_sigmas``), and the half log-SNR lambda_t = log(alpha_t) - log(sigma_t), float32; sigma = 0 gives
+    lambda = inf (DPM-Solver, UniPC)."""
+    sigmas = sigmas.astype(np.float32)
+    alpha_t = (1 - sigmas).astype(np.float32)
+    sigma_t = sigmas
+    with np.errstate(divide="ignore"):
+        lambda_t = np.log(alpha_t) - np.log(sigma_t)
+    return alpha_t, sigma_t, lambda_t
+
+
+def flow_x0(model_output: np.ndarray, sample: np.ndarray, sigma: np.floating) -> np.ndarray:
+    """Predicted original sample x0 = x_sigma - sigma v of a flow (velocity) prediction ("flow_prediction")."""
+    return sample - sigma * model_output
+
+
+def flow_add_noise(sigma: np.floating, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """sigma * noise + (1 - sigma) * x0 in float32 (FlowMatchEuler's ``scale_noise``, the flow forward process)."""
+    original = np.asarray(original, dtype=np.float32)
+    noise = np.asarray(noise, dtype=np.float32)
+    sigma = np.float32(sigma)
+    return (sigma * noise + (np.float32(1.0) - sigma) * original).astype(np.float32, copy=False)
+
+
+def flow_shift_terminal(config: dict[str, Any]) -> float | None:
+    """The config's ``shift_terminal``: None (or 0, as diffusers tests it for truth) for no stretch, else a number
+    below 1, where the shifted schedule is made to end."""
+    value = config.get("shift_terminal")
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value < 1:
+        raise ValueError(f"shift_terminal={value!r} is not supported; accepted: None or a number below 1")
+    return float(value)
+
+
+def multistep_use_flow_sigmas(
+    config: dict[str, Any], prediction_type: str, flow_only: tuple[str, ...] = ("use_dynamic_shifting",)
+) -> bool:
+    """``use_flow_sigmas`` of a DPM-Solver / UniPC config, which must agree with its prediction type: flow sigmas
+    with a flow ("flow_prediction") model, and a flow model with flow sigmas (diffusers runs either half alone, on a
+    schedule the model was not trained on). The keys ``flow_only`` (the dynamic shift; UniPC's ``shift_terminal``)
+    need flow sigmas."""
+    use_flow_sigmas = bool(config_choice(config, "use_flow_sigmas", False, BOOL_OR_NONE))
+    if use_flow_sigmas and prediction_type != "flow_prediction":
+        raise ValueError(
+            f"use_flow_sigmas=True is supported with prediction_type='flow_prediction' (a flow model) only, "
+            f"not {prediction_type!r}"
+        )
+    if prediction_type == "flow_prediction" and not use_flow_sigmas:
+        raise ValueError("prediction_type='flow_prediction' needs use_flow_sigmas=True (a flow model's sigmas)")
+    if not use_flow_sigmas:
+        for key in flow_only:
+            if config.get(key) not in (None, False):
+                raise ValueError(f"{key}={config[key]!r} is supported with use_flow_sigmas=True only")
+    return use_flow_sigmas

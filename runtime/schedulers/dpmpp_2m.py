@@ -4,6 +4,10 @@ DPM-Solver++ multistep (2M; orders 1-3) of Lu et al. 2022, "DPM-Solver++: Fast S
 Diffusion Probabilistic Models" (https://huggingface.co/papers/2211.01095), for ``algorithm_type="dpmsolver++"``
 (data prediction, deterministic: no noise is drawn), ``solver_type`` "midpoint" or "heun", ``solver_order``
 1, 2 or 3. The registry's ``dpmpp_2m_karras`` is this class with ``use_karras_sigmas=True``.
+
+Flow models (Sana): with ``use_flow_sigmas`` and ``prediction_type="flow_prediction"`` (the registry's
+``dpmpp_2m_flow``) the sigmas are flow-matching noise levels shifted by ``flow_shift`` (or by e^mu with
+``use_dynamic_shifting``), alpha_t = 1 - sigma and sigma_t = sigma, and x0 = x - sigma v; the solver is the same.
 """
 
 from __future__ import annotations
@@ -20,24 +24,38 @@ from .common import (
     alpha_sigma_lambda,
     config_choice,
     final_sigma,
+    flow_alpha_sigma_lambda,
+    flow_mu,
+    flow_x0,
     interpolate_sigmas,
     karras_sigmas,
     multistep_timesteps,
+    multistep_use_flow_sigmas,
     predicted_x0,
     sigmas_from_alphas_cumprod,
     sigmas_to_timesteps,
+    static_shift,
     training_alphas_cumprod,
 )
 
 
 class DPMSolverPP2M:
     order = 1
+    takes_flow_inputs = True  # make_scheduler passes image_seq_len, mu and sigmas
 
-    def __init__(self, config: dict[str, Any], num_inference_steps: int):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        num_inference_steps: int,
+        *,
+        image_seq_len: int | None = None,
+        mu: float | None = None,
+        sigmas: Any = None,
+    ):
         n_train = int(config.get("num_train_timesteps", 1000))
         self.solver_order = config_choice(config, "solver_order", 2, (1, 2, 3))
         self.prediction_type = config_choice(
-            config, "prediction_type", "epsilon", ("epsilon", "v_prediction", "sample")
+            config, "prediction_type", "epsilon", ("epsilon", "v_prediction", "sample", "flow_prediction")
         )
         config_choice(config, "thresholding", False, (False,))
         # diffusers itself maps "deis" to dpmsolver++, and the UniPC/DEIS solver types to midpoint
@@ -47,8 +65,15 @@ class DPMSolverPP2M:
         lower_order_final = bool(config_choice(config, "lower_order_final", True, (True, False)))
         euler_at_final = bool(config_choice(config, "euler_at_final", False, (False, True)))
         use_karras_sigmas = bool(config_choice(config, "use_karras_sigmas", False, BOOL_OR_NONE))
-        for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"):
+        for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
             config_choice(config, key, False, OFF)
+        use_flow_sigmas = multistep_use_flow_sigmas(config, self.prediction_type)
+        dynamic = bool(config_choice(config, "use_dynamic_shifting", False, BOOL_OR_NONE))
+        config_choice(config, "time_shift_type", "exponential", ("exponential",))
+        if use_flow_sigmas and use_karras_sigmas:  # diffusers would take VP Karras sigmas as flow ones
+            raise ValueError("use_karras_sigmas=True is not supported with use_flow_sigmas=True; use unipc_flow")
+        if sigmas is not None:  # diffusers' set_timesteps takes none
+            raise ValueError("DPM-Solver++ takes no custom sigmas; use flow_euler or unipc_flow")
         final_sigmas_type = config_choice(config, "final_sigmas_type", "zero", ("zero", "sigma_min"))
         if algorithm_type == "deis" and final_sigmas_type == "zero":  # as diffusers
             raise ValueError("final_sigmas_type='zero' is not supported with algorithm_type='deis'; use 'sigma_min'")
@@ -74,6 +99,14 @@ class DPMSolverPP2M:
             if config.get("beta_schedule", "linear") != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
             timesteps = timesteps.astype(np.int64)  # torch .to(int64) truncates
+        elif use_flow_sigmas:
+            flow_shift = float(config.get("flow_shift", 1.0))
+            if dynamic:  # flow_shift is set to exp(mu)
+                flow_shift = np.exp(flow_mu(config, image_seq_len, mu))
+            alphas = np.linspace(1, 1 / n_train, num_inference_steps + 1)
+            sigmas = 1.0 - alphas
+            sigmas = np.flip(static_shift(flow_shift, sigmas))[:-1].copy()
+            timesteps = (sigmas * n_train).astype(np.int64)  # torch .to(int64) truncates
         else:
             sigmas = interpolate_sigmas(timesteps, sigmas)
         self.sigmas = np.concatenate([sigmas, [final_sigma(acp, final_sigmas_type)]]).astype(np.float32)
@@ -81,7 +114,8 @@ class DPMSolverPP2M:
         self.init_noise_sigma = 1.0
 
         # _sigma_to_alpha_sigma_t and lambda of every sigma
-        self.alpha_t, self.sigma_t, self.lambda_t = alpha_sigma_lambda(self.sigmas)
+        to_alpha_sigma_lambda = flow_alpha_sigma_lambda if use_flow_sigmas else alpha_sigma_lambda
+        self.alpha_t, self.sigma_t, self.lambda_t = to_alpha_sigma_lambda(self.sigmas)
 
         # to improve numerical stability for small number of steps: lower_order_final / lower_order_second, keyed on
         # the call index against the whole schedule (diffusers' step_index and len(timesteps))
@@ -115,6 +149,8 @@ class DPMSolverPP2M:
         """DPM-Solver++ needs to solve an integral of the data prediction model: x0."""
         if self.prediction_type == "epsilon" and self.learned_variance:
             model_output = model_output[:, :3]  # learned variance: the first 3 channels are the noise
+        if self.prediction_type == "flow_prediction":
+            return flow_x0(model_output, sample, self.sigmas[i])
         return predicted_x0(self.prediction_type, model_output, sample, self.alpha_t[i], self.sigma_t[i])
 
     def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource) -> np.ndarray:

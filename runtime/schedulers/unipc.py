@@ -4,6 +4,11 @@ UniPC of Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for F
 Models" (https://huggingface.co/papers/2302.04867): UniP predictor and UniC corrector with B(h) "bh1"/"bh2",
 data (``predict_x0``) or noise prediction, any ``solver_order``, ``lower_order_final``, ``disable_corrector``.
 Deterministic: no noise is drawn.
+
+Flow models: with ``use_flow_sigmas`` and ``prediction_type="flow_prediction"`` (the registry's ``unipc_flow``) the
+sigmas are flow-matching noise levels: linspace(1, 1/N) (or the caller's ``sigmas``) shifted by ``flow_shift``, or
+at ``mu`` with ``use_dynamic_shifting``, stretched to ``shift_terminal``; or Karras sigmas mapped to
+sigma / (1 + sigma). alpha_t = 1 - sigma, sigma_t = sigma, and x0 = x - sigma v; the solver is the same.
 """
 
 from __future__ import annotations
@@ -18,14 +23,22 @@ from .common import (
     NoiseSource,
     alpha_sigma_add_noise,
     alpha_sigma_lambda,
+    TIME_SHIFT_TYPES,
     config_choice,
+    custom_flow_sigmas,
     final_sigma,
+    flow_alpha_sigma_lambda,
+    flow_mu,
+    flow_shift_terminal,
+    flow_x0,
     interpolate_sigmas,
     karras_sigmas,
     multistep_timesteps,
+    multistep_use_flow_sigmas,
     predicted_epsilon,
     predicted_x0,
     sigmas_from_alphas_cumprod,
+    shift_flow_sigmas,
     sigmas_to_timesteps,
     training_alphas_cumprod,
 )
@@ -33,14 +46,23 @@ from .common import (
 
 class UniPC:
     order = 1
+    takes_flow_inputs = True  # make_scheduler passes image_seq_len, mu and sigmas
 
-    def __init__(self, config: dict[str, Any], num_inference_steps: int):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        num_inference_steps: int,
+        *,
+        image_seq_len: int | None = None,
+        mu: float | None = None,
+        sigmas: Any = None,
+    ):
         n_train = int(config.get("num_train_timesteps", 1000))
         self.solver_order = int(config.get("solver_order", 2))
         if self.solver_order < 1:
             raise ValueError(f"solver_order={self.solver_order!r} is not supported; accepted: an int >= 1")
         self.prediction_type = config_choice(
-            config, "prediction_type", "epsilon", ("epsilon", "v_prediction", "sample")
+            config, "prediction_type", "epsilon", ("epsilon", "v_prediction", "sample", "flow_prediction")
         )
         config_choice(config, "thresholding", False, (False,))
         self.predict_x0 = bool(config_choice(config, "predict_x0", True, (True, False)))
@@ -51,9 +73,21 @@ class UniPC:
         self.disable_corrector = [int(k) for k in config.get("disable_corrector", [])]
         config_choice(config, "solver_p", None, (None,))
         use_karras_sigmas = bool(config_choice(config, "use_karras_sigmas", False, BOOL_OR_NONE))
-        for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting"):
+        for key in ("use_exponential_sigmas", "use_beta_sigmas"):
             config_choice(config, key, False, OFF)
-        config_choice(config, "shift_terminal", None, (None,))  # diffusers: only with use_flow_sigmas
+        # diffusers: shift_terminal only with use_flow_sigmas
+        use_flow_sigmas = multistep_use_flow_sigmas(
+            config, self.prediction_type, ("use_dynamic_shifting", "shift_terminal")
+        )
+        if use_flow_sigmas and not self.predict_x0:  # diffusers: ValueError in its first step
+            raise ValueError("prediction_type='flow_prediction' needs predict_x0=True (UniPC integrates a flow's x0)")
+        dynamic = bool(config_choice(config, "use_dynamic_shifting", False, BOOL_OR_NONE))
+        time_shift_type = config_choice(config, "time_shift_type", "exponential", TIME_SHIFT_TYPES)
+        shift_terminal = flow_shift_terminal(config)
+        mu = flow_mu(config, image_seq_len, mu) if dynamic else None
+        custom_sigmas = sigmas
+        if custom_sigmas is not None and (not use_flow_sigmas or use_karras_sigmas):  # diffusers: flow sigmas only
+            raise ValueError("custom sigmas need use_flow_sigmas=True without use_karras_sigmas")
         final_sigmas_type = config_choice(config, "final_sigmas_type", "zero", ("zero", "sigma_min"))
         rescale = bool(config_choice(config, "rescale_betas_zero_snr", False, (False, True)))
 
@@ -66,8 +100,27 @@ class UniPC:
         if use_karras_sigmas:
             log_sigmas = np.log(sigmas)
             sigmas = karras_sigmas(sigmas[::-1].copy(), num_inference_steps, config)
-            timesteps = sigmas_to_timesteps(sigmas, log_sigmas).round().astype(np.int64)
+            if use_flow_sigmas:
+                sigmas = sigmas / (sigmas + 1)
+                timesteps = (sigmas * n_train).astype(np.int64)  # torch .to(int64) truncates
+            else:
+                timesteps = sigmas_to_timesteps(sigmas, log_sigmas).round().astype(np.int64)
             sigma_last = sigmas[-1] if final_sigmas_type == "sigma_min" else 0  # the last Karras sigma
+        elif use_flow_sigmas:
+            if custom_sigmas is None:
+                sigmas = np.linspace(1, 1 / n_train, num_inference_steps + 1)[:-1]
+            else:
+                sigmas = custom_flow_sigmas(custom_sigmas, num_inference_steps, np.float64)
+            sigmas = shift_flow_sigmas(
+                sigmas, shift=float(config.get("flow_shift", 1.0)), mu=mu, time_shift_type=time_shift_type,
+                shift_terminal=shift_terminal,
+            ).copy()
+            eps = 1e-6
+            if np.fabs(sigmas[0] - 1) < eps:
+                # to avoid inf torch.log(alpha_si) in multistep_uni_p_bh_update during first/second update
+                sigmas[0] -= eps
+            timesteps = (sigmas * n_train).astype(np.int64)  # torch .to(int64) truncates
+            sigma_last = sigmas[-1] if final_sigmas_type == "sigma_min" else 0
         else:
             sigmas = interpolate_sigmas(timesteps, sigmas)
             sigma_last = final_sigma(acp, final_sigmas_type)
@@ -76,7 +129,8 @@ class UniPC:
         self.init_noise_sigma = 1.0
 
         # _sigma_to_alpha_sigma_t and lambda of every sigma
-        self.alpha_t, self.sigma_t, self.lambda_t = alpha_sigma_lambda(self.sigmas)
+        to_alpha_sigma_lambda = flow_alpha_sigma_lambda if use_flow_sigmas else alpha_sigma_lambda
+        self.alpha_t, self.sigma_t, self.lambda_t = to_alpha_sigma_lambda(self.sigmas)
 
         # UniP order cap of each step from lower_order_final, keyed on the call index against the whole schedule
         # (diffusers' step_index and len(timesteps)); step() caps it further by the warm-up counter
@@ -103,6 +157,8 @@ class UniPC:
 
     def convert_model_output(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
         """x0 (``predict_x0``) or epsilon, whichever the solver integrates."""
+        if self.prediction_type == "flow_prediction":
+            return flow_x0(model_output, sample, self.sigmas[i])
         convert = predicted_x0 if self.predict_x0 else predicted_epsilon
         return convert(self.prediction_type, model_output, sample, self.alpha_t[i], self.sigma_t[i])
 

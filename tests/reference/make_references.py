@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))  # `tests` as a package, for its harness
 
 from tests.scheduler_harness import CONFIGS, ODD_SHAPE, run_diffusers  # noqa: E402
 
-from edgediff.runtime.schedulers import SCHEDULER_NAMES  # noqa: E402
+from edgediff.runtime.schedulers import schedulers_for  # noqa: E402
 
 SCHEDULER_STEPS = (4, 10, 25)
 STRENGTHS = (0.3, 0.75)
@@ -54,7 +54,7 @@ def shapes_key(k: int) -> str:
 
 def schedulers() -> dict[str, np.ndarray]:
     out = {}
-    for name in SCHEDULER_NAMES:
+    for name in schedulers_for("epsilon"):  # the UNet schedulers; the flow ones: tests/test_schedulers_flow.py
         for config_name, config in CONFIGS.items():
             for steps in SCHEDULER_STEPS:
                 for strength in (None,) + (STRENGTHS if config_name != "linspace" else ()):
