@@ -31,9 +31,9 @@ from edgediff.runtime.locking import folder_lock
 from edgediff.runtime.manifest import (MANIFEST_FILE, MODEL_SUFFIXES, ArtifactError, ControlNetSpec, DenoiserSpec,
                                        Manifest, ShallowDenoiserSpec, TextEncoderSpec, check_defaults, current_umask,
                                        is_artifact, read_manifest_json)
-from edgediff.runtime.schedulers import default_scheduler_name
 
 from . import components as C
+from . import families
 from .components import ExportError
 from .tiny_vae import TinyVaeRefused, add_tiny_vae
 from .weight_map import fingerprints
@@ -224,7 +224,7 @@ def load_source(source: str, config: str | None = None):
         # diffusers reads the original SD key layout; the component configs come
         # from `config` (a local diffusers folder or hub id) or are inferred.
         kwargs: dict[str, Any] = {"config": config, **fp32} if config else fp32
-        cls = diffusers.StableDiffusionXLPipeline if _single_file_is_xl(path) else diffusers.StableDiffusionPipeline
+        cls = getattr(diffusers, families.single_file_pipeline(_tensor_names(path), source))
         return cls.from_single_file(str(path), **kwargs)
     if path.exists():
         raise ExportError(f"{source} is neither a diffusers folder nor a {'/'.join(SINGLE_FILE_SUFFIXES)} file")
@@ -236,18 +236,14 @@ def load_source(source: str, config: str | None = None):
     return diffusers.DiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False, **fp32)
 
 
-def _single_file_is_xl(path: Path) -> bool:
-    """SDXL checkpoints in the original layout carry a second text encoder under ``conditioner.embedders.1``."""
+def _tensor_names(path: Path) -> set[str] | None:
+    """A .safetensors file's tensor names, read from its header (None for a .ckpt: a pickle is not opened here)."""
     if path.suffix != ".safetensors":
-        return False
+        return None
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
-
-
-def is_xl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None and pipe.unet.config.addition_embed_type == "text_time"
+        return set(f.keys())
 
 
 def _versions() -> dict[str, str]:
@@ -327,12 +323,13 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
 
     progress(f"loading {source}")
     pipe = load_source(str(source), config)
-    xl = getattr(pipe, "text_encoder_2", None) is not None
-    for name in ("text_encoder", "unet", "vae", "tokenizer", "scheduler") + (("tokenizer_2",) if xl else ()):
-        if getattr(pipe, name, None) is None:
-            raise ExportError(f"{source} has no {name}; edgediff exports Stable Diffusion 1.x/2.x and SDXL checkpoints")
-    if xl and not is_xl(pipe):
-        raise ExportError(f"{source} has a second text encoder but its UNet lacks SDXL's text_time conditioning")
+    family = families.detect(pipe, str(source_label or source))
+    family_name = family.name(pipe)
+    sched_config = dict(pipe.scheduler.config)
+    sched_config["_class_name"] = type(pipe.scheduler).__name__
+    # both refused before anything is traced: no silent stand-in for a prediction type or a scheduler
+    prediction = families.prediction_type(sched_config, family_name, str(source_label or source))
+    scheduler = families.scheduler_name(sched_config, prediction, family, str(source_label or source))
     if deepcache_branch is not None:
         from .deepcache import branch_of
 
@@ -347,9 +344,8 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
         control_models[name] = CN.load_controlnet(path, pipe.unet)
         CN.check_fits(control_models[name], pipe.unet, vae_scale, f"{name}={path}")
     residuals = CN.residuals_of(pipe.unet) if control_models else []
-    if xl:
-        pipe.text_encoder_2.eval()
-    pipe.text_encoder.eval()
+    for component, _ in family.TEXT_ENCODERS:
+        getattr(pipe, component).eval()
     pipe.unet.eval()
     pipe.vae.eval()
 
@@ -358,7 +354,7 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
     (tmp / PARTIAL_MARKER).touch()
     try:
         latent = int(pipe.unet.config.sample_size)
-        text_contracts = _text_contracts(pipe)
+        text_contracts = family.text_contracts(pipe)
         unet_contracts = [lambda: C.unet_contract(pipe.unet, min(latent, 64), deepcache_branch, residuals)]
         # the ControlNets' graphs take the UNet's conditioning: their contracts read the UNet's, before it is dropped
         unet_inputs = C.unet_contract(pipe.unet, min(latent, 64), None, residuals) if control_models else None
@@ -373,7 +369,12 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
             lambda: C.vae_encoder_contract(pipe.vae, min(latent, 64) * vae_scale),
         ]
         # what the manifest needs, read before the modules are dropped one by one
-        configs = {name: getattr(pipe, name).config for name in ("text_encoder", "unet", "vae") + (("text_encoder_2",) if xl else ())}
+        configs = {name: getattr(pipe, name).config for name in ("unet", "vae")}
+        text_encoders = tuple(TextEncoderSpec(component, f"{folder}/tokenizer.json",
+                                              int(getattr(pipe, folder).model_max_length),
+                                              int(getattr(pipe, component).config.hidden_size),
+                                              int(getattr(pipe, folder).pad_token_id))
+                              for component, folder in family.TEXT_ENCODERS)
         # each PyTorch module is dropped once its last graph is traced (vae_decoder and vae_encoder share the VAE)
         last_user = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "vae_encoder": "vae",
                      "unet" if deepcache_branch is None else "unet_shallow": "unet"}
@@ -394,32 +395,23 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
             del contract
             gc.collect()
 
-        text_encoders = []
-        for suffix in ("", "_2") if xl else ("",):  # text_encoder with tokenizer/, SDXL's second with tokenizer_2/
-            tokenizer = getattr(pipe, f"tokenizer{suffix}")
-            tokenizer.backend_tokenizer.save(str(_mkdir(tmp / f"tokenizer{suffix}") / "tokenizer.json"))
-            text_encoders.append(TextEncoderSpec(f"text_encoder{suffix}", f"tokenizer{suffix}/tokenizer.json",
-                                                 int(tokenizer.model_max_length),
-                                                 int(configs[f"text_encoder{suffix}"].hidden_size),
-                                                 int(tokenizer.pad_token_id)))
-        sched_config = dict(pipe.scheduler.config)
-        sched_config["_class_name"] = type(pipe.scheduler).__name__
+        for _, folder in family.TEXT_ENCODERS:
+            getattr(pipe, folder).backend_tokenizer.save(str(_mkdir(tmp / folder) / "tokenizer.json"))
         (_mkdir(tmp / "scheduler") / "scheduler_config.json").write_text(json.dumps(sched_config, indent=2, default=list))
 
         manifest = Manifest(
-            family="sdxl" if xl else {768: "sd1", 1024: "sd2"}.get(configs["unet"].cross_attention_dim, "sd"),
-            prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+            family=family_name,
+            prediction_type=prediction,
             sample_size=latent * vae_scale,
             vae_scale_factor=vae_scale,
             latent_channels=int(configs["vae"].latent_channels),
             scaling_factor=float(configs["vae"].scaling_factor),
             shift_factor=float(getattr(configs["vae"], "shift_factor", None) or 0.0),
-            force_zeros_for_empty_prompt=bool(xl and pipe.config.get("force_zeros_for_empty_prompt", True)),
-            scheduler=default_scheduler_name(sched_config),
+            scheduler=scheduler,
             components=components,
             roles={name: "controlnet" if name.startswith("controlnet_") else ROLE_OF.get(name, name)
                    for name in components},
-            text_encoders=tuple(text_encoders),
+            text_encoders=text_encoders,
             denoiser=DenoiserSpec("unet", "unet", int(configs["unet"].in_channels)),
             shallow_denoiser=None if deepcache_branch is None else ShallowDenoiserSpec("unet_shallow", "deepcache",
                                                                                       deepcache_branch),
@@ -433,6 +425,7 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
                 "opset": C.OPSET,
                 "versions": _versions(),
             },
+            **family.manifest_fields(pipe),
         )
         refused = None
         if tiny_vae is not None:
@@ -458,15 +451,6 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _text_contracts(pipe) -> list[Callable[[], C.Contract]]:
-    max_length = int(pipe.tokenizer.model_max_length)
-    if getattr(pipe, "text_encoder_2", None) is None:
-        return [lambda: C.text_encoder_contract(pipe.text_encoder, max_length)]
-    return [lambda: C.xl_text_encoder_contract(pipe.text_encoder, max_length, "text_encoder"),
-            lambda: C.xl_text_encoder_contract(pipe.text_encoder_2, int(pipe.tokenizer_2.model_max_length),
-                                               "text_encoder_2")]
-
-
 def add_weight_maps(artifact: str | Path, source: str, progress: Callable[[str], Any] = lambda s: None) -> Manifest:
     """Write the LoRA weight maps (``edgediff.export.weight_map``) of an artifact exported before edgediff made
     them, from the checkpoint it was exported from; its graphs are left as they are. A graph none of whose
@@ -478,7 +462,7 @@ def add_weight_maps(artifact: str | Path, source: str, progress: Callable[[str],
     artifact = Path(artifact)
     manifest = load_manifest(artifact)
     pipe = load_source(str(source))
-    texts = {c.name: c for c in (make() for make in _text_contracts(pipe))}
+    texts = {c.name: c for c in (make() for make in families.detect(pipe, source).text_contracts(pipe))}
     comps = {name: dict(variants) for name, variants in manifest.components.items()}
     prints: dict[str, Any] = {}
     for component, model in WEIGHTS_OF.items():

@@ -174,17 +174,27 @@ def test_consolidating_torch_style_external_data(tiny_sd1, tmp_path):
     np.testing.assert_array_equal(got, want)
 
 
-def test_single_file_sdxl_detection(tmp_path):
-    """Original-layout SDXL files (a second text encoder under conditioner.embedders.1) go to the SDXL loader."""
+def test_single_file_family_detection(tmp_path):
+    """Original-layout files go to their family's loader by their tensor names: SDXL (a second text encoder under
+    conditioner.embedders.1), SD (cond_stage_model); a file of neither is refused, not read as SD."""
     import torch
     from safetensors.torch import save_file
 
-    from edgediff.export.exporter import _single_file_is_xl
+    from edgediff.export import ExportError
+    from edgediff.export.exporter import _tensor_names
+    from edgediff.export.families import single_file_pipeline
 
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2),
                "model.diffusion_model.out.2.bias": torch.zeros(2)}, str(tmp_path / "xl.safetensors"))
     save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2),
                "model.diffusion_model.out.2.bias": torch.zeros(2)}, str(tmp_path / "sd15.safetensors"))
-    assert _single_file_is_xl(tmp_path / "xl.safetensors")
-    assert not _single_file_is_xl(tmp_path / "sd15.safetensors")
-    assert not _single_file_is_xl(tmp_path / "model.ckpt")
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(2),  # SD3's layout
+               "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.zeros(2)},
+              str(tmp_path / "sd3.safetensors"))
+    pick = lambda name: single_file_pipeline(_tensor_names(tmp_path / name), name)  # noqa: E731
+    assert pick("xl.safetensors") == "StableDiffusionXLPipeline"
+    assert pick("sd15.safetensors") == "StableDiffusionPipeline"
+    assert pick("model.ckpt") == "StableDiffusionPipeline"  # a pickle's names are not read before loading
+    with pytest.raises(ExportError, match=r"sd3.safetensors holds none of the tensors .*Stable Diffusion XL: "
+                                          r"conditioner.embedders.1.\*; Stable Diffusion 1.x/2.x: cond_stage_model"):
+        pick("sd3.safetensors")
