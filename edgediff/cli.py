@@ -266,7 +266,7 @@ def generate(
     rng: str = typer.Option("numpy", help="numpy, or torch to reproduce diffusers' images for a seed"),
     width: Optional[int] = typer.Option(None, help="image width, a multiple of 8 (default: the model's)"),
     height: Optional[int] = typer.Option(None, help="image height, a multiple of 8 (default: the model's)"),
-    scheduler: Optional[str] = typer.Option(None, help="ddim, pndm, lms, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, unipc, heun, lcm (default: the model's)"),
+    scheduler: Optional[str] = typer.Option(None, help="ddim, pndm, lms, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, unipc, heun, lcm; for flow-matching models flow_euler, dpmpp_2m_flow, unipc_flow, scm (default: the model's; one that cannot sample the model is refused, naming those that can)"),
     backend: str = typer.Option("auto", help="auto, onnxruntime or openvino"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, dml (onnxruntime); cpu, gpu, npu, auto (openvino); or per component, e.g. text_encoder=cpu,unet=gpu,vae=gpu"),
     precision: Optional[str] = typer.Option(None, help="component precisions, e.g. fp16 or unet=int8,vae_decoder=fp16"),

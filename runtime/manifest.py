@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .errors import EdgediffError
-from .schedulers import SCHEDULER_NAMES
+from .schedulers import SCHEDULER_NAMES, check_prediction
 
 FORMAT_NAME = "edgediff-artifact"
 FORMAT_VERSION = 2
@@ -593,6 +593,10 @@ def load_manifest(root: str | Path) -> Manifest:
     scheduler = _require(sched, "default", str, " scheduler")
     if scheduler not in SCHEDULER_NAMES:
         raise ArtifactError(f"manifest.json scheduler: default {scheduler!r:.80} is not one of {', '.join(SCHEDULER_NAMES)}")
+    try:
+        check_prediction(scheduler, prediction)
+    except ValueError as e:
+        raise ArtifactError(f"manifest.json scheduler: default: {e}") from None
     provenance = d.get("provenance", {})
     if not isinstance(provenance, dict):
         raise ArtifactError(f"manifest.json: 'provenance' must be an object, got {type(provenance).__name__}")

@@ -21,7 +21,7 @@ from typing import Any
 
 from .limits import MAX_STEPS, MAX_TOTAL_PIXELS, check_pixels
 from .rng import RNG_NAMES
-from .schedulers import SCHEDULER_NAMES
+from .schedulers import SCHEDULER_NAMES, check_prediction
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,9 @@ class GenerationSettings:
         if self.batch * width * height > MAX_TOTAL_PIXELS:
             raise ValueError(f"{self.batch} images of {width}x{height} exceed {MAX_TOTAL_PIXELS:,} pixels in one call "
                              "(they are all held in memory); ask for fewer and call again with another seed")
-        return replace(self, steps=steps, guidance=guidance, width=width, height=height,
-                       scheduler=self.scheduler or manifest.scheduler)
+        scheduler = self.scheduler or manifest.scheduler
+        check_prediction(scheduler, manifest.prediction_type)  # ddim on a flow model: refused here, naming the valid
+        return replace(self, steps=steps, guidance=guidance, width=width, height=height, scheduler=scheduler)
 
 
 def _is_int(value: Any, lo: int, hi: int | None = None) -> bool:

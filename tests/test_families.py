@@ -53,3 +53,18 @@ def test_sd_start_index_is_diffusers_get_timesteps(steps, strength, order, expec
     # diffusers: init_timestep = min(int(steps * strength), steps); t_start = max(steps - init_timestep, 0) * order;
     # edgediff runs at least one step where diffusers' would run none
     assert sd_start_index(steps, strength, order) == expected
+
+
+def test_a_flow_scheduler_on_an_sd_model_is_refused_when_settings_resolve(embedded_copy):
+    # flow_euler exists for the DiTs; on a v-prediction UNet it would draw noise without a word
+    pipe = Pipeline.load(embedded_copy, backend="onnxruntime")
+    with pytest.raises(ValueError, match=r"the flow_euler scheduler cannot sample a model predicting 'v_prediction' "
+                                         r"\(it takes flow\); valid for this model: ddim, pndm"):
+        pipe.txt2img("a red circle", steps=2, scheduler="flow_euler")
+    assert len(pipe.txt2img("a red circle", steps=2, scheduler="ddim").images) == 1
+
+
+def test_a_manifest_whose_default_scheduler_cannot_sample_its_model_is_refused(embedded_copy):
+    _edit(embedded_copy, lambda d: d["scheduler"].update(default="scm"))
+    with pytest.raises(ArtifactError, match="default: the scm scheduler cannot sample a model predicting 'v_prediction'"):
+        Pipeline.load(embedded_copy, backend="onnxruntime")
