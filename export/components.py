@@ -315,6 +315,9 @@ def export_component(contract: Contract, out_dir: Path, progress: Callable[[str]
     traced = staging / path.name
     args = contract.sample()
     contract_inputs = contract.inputs
+    # inference mode, wrapper included: torch.onnx.export puts each module back in the mode it found it in, and a
+    # wrapper made in training mode would run the reference below with dropout on (T5's encoder has dropout)
+    contract.module.eval()
     progress(f"tracing {contract.name}")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python control flow it baked in

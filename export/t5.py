@@ -56,9 +56,7 @@ def t5_encoder_contract(text_encoder, max_length: int, *, name: str = "text_enco
     inputs = (ids, TensorSpec("attention_mask", "int64", ("batch", max_length))) if attention_mask else (ids,)
     return Contract(
         name,
-        # eval() on the wrapper: the ONNX exporter restores the module's mode after tracing, recursively, and a
-        # wrapper left in training mode would turn T5's dropout (0.1) on for the parity reference
-        _T5Encoder(text_encoder).eval(),
+        _T5Encoder(text_encoder),  # export_component puts it in eval mode (T5's dropout off for the reference)
         inputs,
         (TensorSpec("last_hidden_state", "float32", ("batch", max_length, config.d_model)),),
         sample,
