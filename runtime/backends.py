@@ -390,7 +390,7 @@ def _ort_session(ort, path: Path, providers: list[Any], cache: compile_cache.Ent
     no cache or it cannot be written. A save that fails (a full disk) costs a load without it and one warning; an
     entry that does not load is dropped and rebuilt, with a warning."""
 
-    def build(save: Path | None):
+    def build(save: Path | None):  # None: without the cache
         so = ort_session_options(ort, device, options)
         if save is not None:
             so.optimized_model_filepath = str(save / "model.onnx")
@@ -409,38 +409,12 @@ def _ort_session(ort, path: Path, providers: list[Any], cache: compile_cache.Ent
         except Exception as e:  # onnxruntime raises its own exception types per failure
             raise BackendError(f"ONNX Runtime could not load {path}: {e}") from e
 
-    if cache is None:
-        return uncached(), "off"
-    with cache.held() as held:
-        if not held:
-            return uncached(), "off"
-        if cache.usable():
-            hit = ort_session_options(ort, device, options)
-            hit.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # it is optimized already
-            try:
-                sess = ort.InferenceSession(str(cache.folder / "model.onnx"), hit, providers=providers)
-                cache.touch()
-                return sess, "hit"
-            except Exception as e:  # a damaged entry: rebuilt below from the artifact's graph
-                warnings.warn(f"the compile cache's copy of {path} ({cache.folder}) does not load ({str(e)[:200]}); "
-                              "rebuilding it", stacklevel=5)
-                cache.drop()
-        staging = cache.staging()
-        if staging is None:
-            return uncached(), "off"
-        try:
-            sess = build(staging)
-        except Exception as e:
-            cache.discard(staging)
-            if isinstance(e, ArtifactError):
-                raise
-            sess = uncached()  # the graph's own error, when it does not load without the cache either
-            cache.unwritable(e)  # it does: saving it was what failed (a full disk)
-            return sess, "off"
-        except BaseException:  # Ctrl-C: no staging folder left behind
-            cache.discard(staging)
-            raise
-        return sess, "written" if cache.commit(staging) else "off"
+    def hit(folder: Path):
+        so = ort_session_options(ort, device, options)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # it is optimized already
+        return ort.InferenceSession(str(folder / "model.onnx"), so, providers=providers)
+
+    return compile_cache.load(cache, path, hit, build, uncached, graph_errors=(ArtifactError,))
 
 
 def _open_ov(path: Path, device: str, options: BackendOptions, outputs: list[str], patch: WeightPatch | None):
@@ -497,34 +471,7 @@ def _ov_compile(core, source, path: Path, target: str, config: dict[str, Any], o
                 if not shapes and "dynamic" in str(e).lower() else ""
             raise BackendError(f"OpenVINO could not compile {path} for {target}{what}: {str(e)[:600]}{hint}") from e
 
-    if cache is None:
-        return uncached(), "off"
-    with cache.held() as held:
-        if not held:
-            return uncached(), "off"
-        if cache.usable():
-            try:
-                compiled = compile_with(cache.folder)
-                cache.touch()
-                return compiled, "hit"
-            except Exception as e:
-                warnings.warn(f"the compile cache's copy of {path} ({cache.folder}) does not load ({str(e)[:200]}); "
-                              "rebuilding it", stacklevel=5)
-                cache.drop()
-        staging = cache.staging()
-        if staging is None:
-            return uncached(), "off"
-        try:
-            compiled = compile_with(staging)
-        except Exception as e:
-            cache.discard(staging)
-            compiled = uncached()  # the graph's own error, when it does not compile without the cache either
-            cache.unwritable(e)  # it does: the cache was what failed
-            return compiled, "off"
-        except BaseException:  # Ctrl-C: no staging folder left behind
-            cache.discard(staging)
-            raise
-        return compiled, "written" if cache.commit(staging) else "off"
+    return compile_cache.load(cache, path, compile_with, compile_with, uncached)
 
 
 def _ov_report(compiled, target: str) -> tuple[str, str]:

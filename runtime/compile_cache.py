@@ -54,11 +54,13 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from filelock import FileLock, Timeout
 
 from .cpu import cpu
+
+T = TypeVar("T")
 
 MARKER = "edgediff-cache.json"  # in every entry: what it caches and what it wrote; only marked folders are removed
 STAGING_MARKER = "edgediff-staging.json"  # in every staging folder from its creation: which load builds it
@@ -208,6 +210,49 @@ class Entry:
             marker = STAGING_MARKER if STAGING in sibling.name else MARKER if entries_too else None
             if marker is not None and (sibling / marker).is_file():
                 shutil.rmtree(sibling, ignore_errors=True)
+
+
+def load(cache: Entry | None, graph: Path, hit: Callable[[Path], T], build: Callable[[Path], T],
+         uncached: Callable[[], T], graph_errors: tuple[type[BaseException], ...] = ()) -> tuple[T, str]:
+    """What a backend loads for ``graph``, through ``cache``: returns (it, "hit" | "written" | "off").
+
+    ``hit(folder)`` opens the entry's compiled form; ``build(staging)`` compiles the graph, saving its compiled
+    form into ``staging``; ``uncached()`` compiles it without the cache, raising the backend's error for the
+    graph. Under the entry's lock: an entry that is what the cache wrote is opened ("hit"); one that does not
+    open is dropped (a warning) and rebuilt; a build whose saving fails (a full disk) is discarded and the graph
+    loaded without the cache, with one warning ("off"), unless it raised one of ``graph_errors`` (the graph's own
+    fault, raised as it is). Ctrl-C during a build leaves no staging folder."""
+    if cache is None:
+        return uncached(), "off"
+    with cache.held() as held:
+        if not held:
+            return uncached(), "off"
+        if cache.usable():
+            try:
+                loaded = hit(cache.folder)
+                cache.touch()
+                return loaded, "hit"
+            except Exception as e:  # a damaged entry: rebuilt below from the artifact's graph
+                warnings.warn(f"the compile cache's copy of {graph} ({cache.folder}) does not load ({str(e)[:200]}); "
+                              "rebuilding it", stacklevel=5)
+                cache.drop()
+        staging = cache.staging()
+        if staging is None:
+            return uncached(), "off"
+        try:
+            loaded = build(staging)
+        except graph_errors:
+            cache.discard(staging)
+            raise
+        except Exception as e:
+            cache.discard(staging)
+            loaded = uncached()  # the graph's own error, when it does not load without the cache either
+            cache.unwritable(e)  # it does: the cache was what failed
+            return loaded, "off"
+        except BaseException:  # Ctrl-C: no staging folder left behind
+            cache.discard(staging)
+            raise
+        return loaded, "written" if cache.commit(staging) else "off"
 
 
 def entry(root: Path, backend: str, graph: Path, files: list[Path], settings: dict[str, Any],
