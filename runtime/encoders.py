@@ -53,12 +53,6 @@ class TextEncoder(Protocol):
 def plain_text(prompt: str, encoder: str) -> str:
     """``prompt`` as the text it means, for an encoder without A1111's weights and BREAK (escapes such as
     ``\\(`` read as the literal character); a ValueError where the prompt weights words or uses BREAK."""
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8, kept by Python as escapes
-        raise ValueError(f"the prompt is not valid text: character {e.start} is U+{ord(prompt[e.start]):04X}, a lone "
-                         f"surrogate (bytes that were not UTF-8?); prompts are UTF-8 text (it starts "
-                         f"{prompt[:60]!r})") from None
     fragments = parse(prompt)
     for fragment in fragments:
         if fragment is BREAK_MARKER:

@@ -48,11 +48,18 @@ Fragment = tuple[str, float]
 
 def parse(prompt: str) -> list[Fragment | BreakMarker]:
     """``prompt`` -> its text fragments with their weights, in order, and BREAK markers between them. Linear in
-    the prompt's length (brackets record spans, weighed in one sweep); ValueError past ``MAX_CHARS``.
+    the prompt's length (brackets record spans, weighed in one sweep); ValueError past ``MAX_CHARS`` and for text
+    that is not UTF-8 (lone surrogates: bytes Python kept as escapes).
 
     >>> parse("a (red:1.5) [cat]")
     [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('cat', 0.9090909090909091)]
     """
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8, kept by Python as escapes
+        raise ValueError(f"the prompt is not valid text: character {e.start} is U+{ord(prompt[e.start]):04X}, a lone "
+                         f"surrogate (bytes that were not UTF-8?); prompts are UTF-8 text (it starts "
+                         f"{prompt[:60]!r})") from None
     if len(prompt) > MAX_CHARS:
         raise ValueError(f"the prompt is {len(prompt):,} characters long: at most {MAX_CHARS:,} are read (a prompt "
                          f"of {MAX_CHUNKS * CHUNK:,} tokens is far shorter); shorten it (it starts {prompt[:60]!r})")

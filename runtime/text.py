@@ -74,12 +74,6 @@ class PromptTokenizer:
 
     def chunks(self, prompt: str) -> Chunks:
         """``prompt``'s chunks: 75 tokens each (a ``BREAK`` ends one early), at least one."""
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8, kept by Python as escapes
-            raise ValueError(f"the prompt is not valid text: character {e.start} is U+{ord(prompt[e.start]):04X}, a "
-                             f"lone surrogate (bytes that were not UTF-8?); prompts are UTF-8 text (it starts "
-                             f"{prompt[:60]!r})") from None
         groups: list[tuple[list[int], list[float]]] = [([], [])]
         for fragment in parse(prompt):
             if fragment is BREAK_MARKER:
@@ -109,3 +103,14 @@ class PromptTokenizer:
             ids[row, : len(tokens) + 2] = [self.bos, *tokens, self.eos]
             weights[row, 1 : len(tokens) + 1] = factors
         return Chunks(ids, weights)
+
+    def truncated(self, text: str) -> tuple[np.ndarray, str]:
+        """``text`` read literally (no weights, no BREAK: the caller has checked it) as one sequence of
+        ``max_length`` ids, cut as transformers' ``tokenizer(text, padding="max_length", truncation=True)`` cuts
+        it: ``<|startoftext|>``, the first ``max_length - 2`` tokens, ``<|endoftext|>``, padding. Returns the ids
+        and the text that was cut ("" when nothing was)."""
+        tokens = self._tok.encode(text, add_special_tokens=False).ids
+        keep = self.max_length - 2
+        ids = np.full(self.max_length, self.pad_token_id, dtype=np.int64)
+        ids[: min(len(tokens), keep) + 2] = [self.bos, *tokens[:keep], self.eos]
+        return ids, self._tok.decode(tokens[keep:]) if len(tokens) > keep else ""
