@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 
 from edgediff import __version__
 from edgediff.runtime.locking import folder_lock
+from edgediff.runtime.outputs import PROBE
 from edgediff.runtime.manifest import (MANIFEST_FILE, MODEL_SUFFIXES, ArtifactError, ControlNetSpec, DenoiserSpec,
                                        Manifest, ShallowDenoiserSpec, TextEncoderSpec, check_defaults, current_umask,
                                        is_artifact, read_manifest_json)
@@ -40,8 +41,8 @@ from .weight_map import fingerprints
 from .tiny_vae import check_source as check_tiny_vae_source
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-ROLE_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "denoiser",
-           "unet_shallow": "shallow_denoiser"}  # else: the name
+ROLE_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "text_encoder_3": "text_encoder",
+           "unet": "denoiser", "transformer": "denoiser", "unet_shallow": "shallow_denoiser"}  # else: the name
 DEEPCACHE_BRANCH = 0  # DeepCache's shallowest branch: its authors' default, the largest saving per skipped step
 # the diffusers model whose parameters each graph holds (LoRA's targets; edgediff.export.weight_map)
 WEIGHTS_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet", "unet_shallow": "unet"}
@@ -106,8 +107,8 @@ def _shown(names: list[str]) -> str:
 # edgediff's own temporary files inside an artifact, left by an interrupted run: the manifest's temporary copy
 # (Manifest.save, in the root), quantize's candidates and fp16 shape-inference copies (in a component's folder),
 # and the writability probe of quantize and tune (there for an instant)
-ROOT_BOOKKEEPING = (f".{MANIFEST_FILE}.*.tmp", PARTIAL_MARKER, ".edgediff-probe-*")
-COMPONENT_BOOKKEEPING = ("model.*.partial-*", "model.*.shapes-*.onnx", ".edgediff-probe-*")
+ROOT_BOOKKEEPING = (f".{MANIFEST_FILE}.*.tmp", PARTIAL_MARKER, f"{PROBE}*")
+COMPONENT_BOOKKEEPING = ("model.*.partial-*", "model.*.shapes-*.onnx", f"{PROBE}*")
 
 
 def owned_files(folder: Path) -> set[str]:
@@ -278,6 +279,7 @@ def export_artifact(
     gate_settings: Any = None,
     deepcache_branch: int | None = DEEPCACHE_BRANCH,
     controlnets: list[str] | tuple[str, ...] = (),
+    no_t5: bool = False,
     progress: Callable[[str], Any] = lambda s: None,
 ) -> Manifest:
     """Export ``source`` to the artifact folder ``out``; returns its manifest.
@@ -291,6 +293,8 @@ def export_artifact(
     then also outputs the feature it caches; ``edgediff.export.deepcache``); None exports the UNet alone.
     ``controlnets``: ``NAME=PATH`` (or ``PATH``) of ControlNets exported beside the UNet, which then takes their
     residuals (``edgediff.export.controlnet``); each must fit the checkpoint's UNet.
+    ``no_t5``: leave an SD3 checkpoint's T5 encoder out (diffusers' ``text_encoder_3=None``: the runtime puts
+    zeros in its place, as diffusers does); an ExportError for a family without T5.
     """
     from .controlnet import parse_controlnet_arg
 
@@ -312,12 +316,12 @@ def export_artifact(
         check_target(out, force, source, inputs)  # another export may have finished meanwhile
         _clean_stale(out, progress)
         return _export(source, out, force, config, random_weights, source_label, defaults, tiny_vae, force_tiny_vae,
-                       gate_settings, deepcache_branch, named, progress)
+                       gate_settings, deepcache_branch, named, no_t5, progress)
 
 
 def _export(source: str, out: Path, force: bool, config: str | None, random_weights: bool, source_label: str | None,
             defaults: dict[str, Any], tiny_vae: str | Path | None, force_tiny_vae: bool, gate_settings: Any,
-            deepcache_branch: int | None, controlnets: list[tuple[str, str]],
+            deepcache_branch: int | None, controlnets: list[tuple[str, str]], no_t5: bool,
             progress: Callable[[str], Any]) -> Manifest:
     from . import controlnet as CN
 
@@ -325,6 +329,21 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
     pipe = load_source(str(source), config)
     family = families.detect(pipe, str(source_label or source))
     family_name = family.name(pipe)
+    if no_t5:
+        if "text_encoder_3" not in [c for c, _ in family.TEXT_ENCODERS]:
+            raise ExportError(f"--no-t5: {source_label or source} is a {family.TITLE} checkpoint, which has no T5 "
+                              "text encoder to leave out (SD3's is optional)")
+        pipe.text_encoder_3 = pipe.tokenizer_3 = None  # diffusers' text_encoder_3=None: zeros in T5's place
+    denoiser_name = families.denoiser(family)
+    denoiser_module = getattr(pipe, denoiser_name)
+    text_parts = families.text_encoders(family, pipe)
+    if denoiser_name != "unet":  # a DiT: DeepCache and ControlNets are UNet methods
+        if controlnets:
+            raise ExportError(f"--controlnet: a {family.TITLE} checkpoint has no UNet for a ControlNet to steer; "
+                              "export it without --controlnet")
+        if deepcache_branch is not None:
+            progress(f"no DeepCache graphs: a {family.TITLE} checkpoint's denoiser is a transformer, not a UNet")
+            deepcache_branch = None
     sched_config = dict(pipe.scheduler.config)
     sched_config["_class_name"] = type(pipe.scheduler).__name__
     # both refused before anything is traced: no silent stand-in for a prediction type or a scheduler
@@ -344,18 +363,21 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
         control_models[name] = CN.load_controlnet(path, pipe.unet)
         CN.check_fits(control_models[name], pipe.unet, vae_scale, f"{name}={path}")
     residuals = CN.residuals_of(pipe.unet) if control_models else []
-    for component, _ in family.TEXT_ENCODERS:
+    for component, _ in text_parts:
         getattr(pipe, component).eval()
-    pipe.unet.eval()
+    denoiser_module.eval()
     pipe.vae.eval()
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the artifact gets the user's usual mode
     (tmp / PARTIAL_MARKER).touch()
     try:
-        latent = int(pipe.unet.config.sample_size)
+        latent = int(denoiser_module.config.sample_size)
         text_contracts = family.text_contracts(pipe)
-        unet_contracts = [lambda: C.unet_contract(pipe.unet, min(latent, 64), deepcache_branch, residuals)]
+        if denoiser_name == "unet":
+            unet_contracts = [lambda: C.unet_contract(pipe.unet, min(latent, 64), deepcache_branch, residuals)]
+        else:
+            unet_contracts = family.denoiser_contracts(pipe, min(latent, 64))
         # the ControlNets' graphs take the UNet's conditioning: their contracts read the UNet's, before it is dropped
         unet_inputs = C.unet_contract(pipe.unet, min(latent, 64), None, residuals) if control_models else None
         if unet_inputs is not None:
@@ -369,14 +391,16 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
             lambda: C.vae_encoder_contract(pipe.vae, min(latent, 64) * vae_scale),
         ]
         # what the manifest needs, read before the modules are dropped one by one
-        configs = {name: getattr(pipe, name).config for name in ("unet", "vae")}
+        configs = {"unet": denoiser_module.config, "vae": pipe.vae.config}
+        lengths, kinds = getattr(family, "MAX_LENGTHS", {}), getattr(family, "TEXT_KINDS", {})
         text_encoders = tuple(TextEncoderSpec(component, f"{folder}/tokenizer.json",
-                                              int(getattr(pipe, folder).model_max_length),
+                                              int(lengths.get(component, getattr(pipe, folder).model_max_length)),
                                               int(getattr(pipe, component).config.hidden_size),
-                                              int(getattr(pipe, folder).pad_token_id))
-                              for component, folder in family.TEXT_ENCODERS)
+                                              int(getattr(pipe, folder).pad_token_id), kinds.get(component, "clip"))
+                              for component, folder in text_parts)
         # each PyTorch module is dropped once its last graph is traced (vae_decoder and vae_encoder share the VAE)
-        last_user = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "vae_encoder": "vae",
+        last_user = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2",
+                     "text_encoder_3": "text_encoder_3", "vae_encoder": "vae", "transformer": "transformer",
                      "unet" if deepcache_branch is None else "unet_shallow": "unet"}
         components = {}
         prints: dict[str, Any] = {}  # diffusers model -> its weights' fingerprints (the LoRA weight map)
@@ -395,7 +419,7 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
             del contract
             gc.collect()
 
-        for _, folder in family.TEXT_ENCODERS:
+        for _, folder in text_parts:
             getattr(pipe, folder).backend_tokenizer.save(str(_mkdir(tmp / folder) / "tokenizer.json"))
         (_mkdir(tmp / "scheduler") / "scheduler_config.json").write_text(json.dumps(sched_config, indent=2, default=list))
 
@@ -412,7 +436,8 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
             roles={name: "controlnet" if name.startswith("controlnet_") else ROLE_OF.get(name, name)
                    for name in components},
             text_encoders=text_encoders,
-            denoiser=DenoiserSpec("unet", "unet", int(configs["unet"].in_channels)),
+            denoiser=DenoiserSpec(denoiser_name, "unet" if denoiser_name == "unet" else "transformer",
+                                  int(configs["unet"].in_channels)),
             shallow_denoiser=None if deepcache_branch is None else ShallowDenoiserSpec("unet_shallow", "deepcache",
                                                                                       deepcache_branch),
             controlnets=tuple(ControlNetSpec(f"controlnet_{n}", n, int(components[f"controlnet_{n}"]["fp32"].inputs[-1].shape[1]),

@@ -52,7 +52,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -70,6 +69,7 @@ from edgediff.runtime.locking import folder_lock
 from edgediff.runtime.manifest import MODEL_SUFFIXES, Manifest, Variant, artifact_file, disk_bytes, load_manifest
 from edgediff.runtime.images import from_pil, to_pil
 from edgediff.runtime.metrics import PSNR_CAP, psnr, ssim
+from edgediff.runtime.outputs import probe_writable
 
 from . import cuda_fp16
 
@@ -136,15 +136,11 @@ def check_writable(folders: list[Path], why: str) -> None:
     read-only mounts alike (``os.access`` answers yes to root). ArtifactError naming the folder otherwise."""
     for folder in folders:
         try:
-            fd, probe = tempfile.mkstemp(prefix=PROBE, dir=folder)
-            os.close(fd)
-            os.unlink(probe)
+            probe_writable(folder)
         except OSError as e:
             raise ArtifactError(f"cannot write into {folder} ({e.strerror}): {why}; nothing was changed. Make it "
                                 "writable, or copy the artifact to a folder you can write") from None
 
-
-PROBE = ".edgediff-probe-"  # check_writable's file, there for an instant
 
 
 @dataclass

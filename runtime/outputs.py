@@ -53,14 +53,22 @@ def output_paths(output: str | Path, count: int, overwrite: bool = False) -> lis
     return paths
 
 
-def _probe_writable(folder: Path, output: Path) -> None:
-    """Create and remove a file in ``folder``: the only check that holds for root, ACLs and read-only mounts alike."""
+PROBE = ".edgediff-probe-"  # probe_writable's file, there for an instant
+
+
+def probe_writable(folder: Path) -> None:
+    """Create and remove a file in ``folder``: the only check that holds for root, ACLs and read-only mounts alike
+    (``os.access`` answers yes to root). OSError where it cannot be written."""
+    fd, probe = tempfile.mkstemp(prefix=PROBE, dir=folder)
     try:
-        fd, probe = tempfile.mkstemp(prefix=".edgediff-probe-", dir=folder)
-        try:
-            os.close(fd)
-        finally:
-            _unlink(probe)
+        os.close(fd)
+    finally:
+        _unlink(probe)
+
+
+def _probe_writable(folder: Path, output: Path) -> None:
+    try:
+        probe_writable(folder)
     except OSError as e:
         raise ValueError(f"--output {output}: cannot write into {folder} ({e.strerror})") from None
 
