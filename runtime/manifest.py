@@ -53,11 +53,13 @@ DEEP_FEATURE = "deep_feature"  # the denoiser output a shallow denoiser takes (D
 DOWN_RESIDUAL = "down_block_residual_"
 MID_RESIDUAL = "mid_block_residual"
 CONTROL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
-DENOISER_KINDS = ("unet",)
-MAX_TEXT_ENCODERS = 2  # SD: one; SDXL: two (edgediff.runtime.conditioning)
+DENOISER_KINDS = ("unet", "transformer")  # SD/SDXL's UNet; a DiT (SD3's MMDiT) taking the same NCHW latents
+MAX_TEXT_ENCODERS = 3  # SD: one; SDXL: two; SD3: three (CLIP-L, CLIP-G, T5; edgediff.runtime.families)
+# what a text encoder is, which says how its prompts are tokenized (runtime/text.py, runtime/encoders.py)
+TEXT_ENCODER_KINDS = ("clip", "t5")
 V1_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # version 1: closed names
 V1_REQUIRED = ("text_encoder", "unet", "vae_decoder")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")  # flow: rectified-flow velocity (SD3)
 # Generation settings used when neither the caller nor the artifact's ``defaults`` name them.
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
@@ -299,9 +301,10 @@ class TextEncoderSpec:
     max_length: int
     hidden_size: int
     pad_token_id: int
+    kind: str = "clip"  # TEXT_ENCODER_KINDS; a manifest without it (before T5) has CLIP encoders only
 
     def to_json(self) -> dict[str, Any]:
-        return {"role": "text_encoder", "tokenizer": self.tokenizer, "max_length": self.max_length,
+        return {"role": "text_encoder", "kind": self.kind, "tokenizer": self.tokenizer, "max_length": self.max_length,
                 "hidden_size": self.hidden_size, "pad_token_id": self.pad_token_id}
 
 
@@ -635,9 +638,14 @@ def load_manifest(root: str | Path) -> Manifest:
 
 
 def _text_spec(name: str, d: dict[str, Any], where: str) -> TextEncoderSpec:
-    return TextEncoderSpec(name, _require(d, "tokenizer", str, where), _ranged(d, "max_length", int, 3, 4096, where),
+    tokenizer = _require(d, "tokenizer", str, where)
+    kind = _require({"kind": d.get("kind", "clip")}, "kind", str, where)
+    if kind not in TEXT_ENCODER_KINDS:
+        raise ArtifactError(f"manifest.json{where} is a {kind!r:.40} text encoder; this edgediff runs: "
+                            f"{', '.join(TEXT_ENCODER_KINDS)}")
+    return TextEncoderSpec(name, tokenizer, _ranged(d, "max_length", int, 3, 4096, where),
                            _ranged(d, "hidden_size", int, 1, 65536, where),
-                           _ranged(d, "pad_token_id", int, 0, 10**7, where))
+                           _ranged(d, "pad_token_id", int, 0, 10**7, where), kind)
 
 
 def _roles_v2(d: dict[str, Any], comps: dict[str, Any], path: Path):

@@ -56,7 +56,9 @@ def _write(root, d):
 @pytest.mark.parametrize("change, message", [
     (lambda c: c["vae_decoder"].update(role="upscaler"), "has the role 'upscaler', which this edgediff does not know; "
      f"accepted: {', '.join(ROLES)}"),
-    (lambda c: c["unet"].update(kind="transformer"), "is a 'transformer' denoiser; this edgediff runs: unet"),
+    (lambda c: c["unet"].update(kind="dit"), "is a 'dit' denoiser; this edgediff runs: unet, transformer"),
+    (lambda c: c["text_encoder"].update(kind="gemma9"), "is a 'gemma9' text encoder; this edgediff runs: clip, t5"),
+    (lambda c: c["text_encoder"].update(kind=3), "'kind' must be str"),
     (lambda c: c["unet"].update(role="text_encoder"), "lacks the required key 'tokenizer'"),
     (lambda c: c.pop("vae_decoder"), "one vae_decoder"),
     (lambda c: c["text_encoder"].pop("role"), "components.text_encoder lacks the required key 'role'"),
@@ -71,17 +73,17 @@ def test_roles_are_checked(embedded_copy, change, message):
         load_manifest(embedded_copy)
 
 
-def test_a_renamed_vae_is_refused_and_a_third_text_encoder_too(embedded_copy):
+def test_a_renamed_vae_is_refused_and_a_fourth_text_encoder_too(embedded_copy):
     d = v2(embedded_copy)
     d["components"]["decoder"] = d["components"].pop("vae_decoder")
     _write(embedded_copy, d)
     with pytest.raises(ArtifactError, match="the vae_decoder component must be named 'vae_decoder'"):
         load_manifest(embedded_copy)
     d["components"]["vae_decoder"] = d["components"].pop("decoder")
-    for k in (2, 3):
+    for k in (2, 3, 4):
         d["components"][f"text_encoder_{k}"] = dict(d["components"]["text_encoder"])
     _write(embedded_copy, d)
-    with pytest.raises(ArtifactError, match="1 to 2 text encoders"):
+    with pytest.raises(ArtifactError, match="1 to 3 text encoders"):
         load_manifest(embedded_copy)
 
 
