@@ -106,6 +106,7 @@ def export(
     deepcache_branch: int = typer.Option(0, "--deepcache-branch", min=0, help="DeepCache's cache_branch_id of the shallow UNet graph exported beside the UNet (0: the shallowest, the largest saving; generate --cache-interval uses it)"),
     no_deepcache: bool = typer.Option(False, "--no-deepcache", help="export the UNet alone, without DeepCache's graph pair"),
     controlnet: Optional[list[str]] = typer.Option(None, "--controlnet", help="NAME=PATH: a ControlNet (a diffusers ControlNetModel folder, a .safetensors file or a hub id) exported beside the UNet, which then takes its residuals; generate --control NAME=IMAGE uses it. Repeat for several"),
+    no_t5: bool = typer.Option(False, "--no-t5", help="SD3: leave the T5 text encoder out (as diffusers' text_encoder_3=None; zeros stand in its place)"),
 ) -> None:
     """Export a Stable Diffusion checkpoint to an artifact folder (ONNX + manifest)."""
     try:
@@ -176,12 +177,12 @@ def export(
                                                source_label=f"random-weights:{random_weights}:seed={seed}",
                                                defaults=RECIPES[random_weights].get("defaults", {}) | defaults,
                                                tiny_vae=tiny_vae, deepcache_branch=branch, controlnets=controlnet or (),
-                                               progress=status.update)
+                                               no_t5=no_t5, progress=status.update)
             else:
                 manifest = export_artifact(source, out, force=force, config=config, defaults=defaults,
                                            tiny_vae=tiny_vae, force_tiny_vae=force_tiny_vae, gate_settings=gate,
                                            deepcache_branch=branch, controlnets=controlnet or (),
-                                           progress=status.update)
+                                           no_t5=no_t5, progress=status.update)
         except TinyVaeRefused as e:
             _print_exported(e.manifest, out, t0)
             _fail(str(e))

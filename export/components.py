@@ -161,10 +161,11 @@ def _token_sample(vocab: int, max_length: int):
     return sample
 
 
-def xl_text_encoder_contract(text_encoder, max_length: int, name: str) -> Contract:
-    """SDXL's text encoders: penultimate hidden states; the second one also its pooled projection."""
+def xl_text_encoder_contract(text_encoder, max_length: int, name: str, pooled: bool | None = None) -> Contract:
+    """SDXL's text encoders: penultimate hidden states; the second one also its pooled projection (``pooled``:
+    whether this one gives it, by default only text_encoder_2; SD3's two CLIPs both do)."""
     hidden = text_encoder.config.hidden_size
-    pooled = name == "text_encoder_2"
+    pooled = name == "text_encoder_2" if pooled is None else pooled
     outputs = (TensorSpec("penultimate_hidden_state", "float32", ("batch", "sequence", hidden)),)
     if pooled:
         outputs += (TensorSpec("text_embeds", "float32", ("batch", text_encoder.config.projection_dim)),)

@@ -329,6 +329,7 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
     pipe = load_source(str(source), config)
     family = families.detect(pipe, str(source_label or source))
     family_name = family.name(pipe)
+    defaults = getattr(family, "DEFAULTS", {}) | defaults  # the family's pipeline defaults, where it has its own
     if no_t5:
         if "text_encoder_3" not in [c for c, _ in family.TEXT_ENCODERS]:
             raise ExportError(f"--no-t5: {source_label or source} is a {family.TITLE} checkpoint, which has no T5 "

@@ -5,11 +5,13 @@
 their latency that of the real models, without downloading gigabytes. They
 are marked ``random_weights`` in the manifest: not for images.
 
-``tiny-sd1``, ``tiny-sd2-v`` and ``tiny-sdxl`` are the test models: the real Stable Diffusion
+``tiny-sd1``, ``tiny-sd2-v``, ``tiny-sdxl`` and ``tiny-sd3`` are the test models: the real Stable Diffusion
 classes (CLIPTextModel, UNet2DConditionModel with cross-attention,
 AutoencoderKL with a downsampling factor of 8) at toy widths, with the real
-CLIP tokenizer. Their images are noise; they exist to prove the export and
-runtime paths equal diffusers.
+CLIP tokenizer (and an offline T5 one, ``export/t5_tokenizer.py``). ``tiny-sd3`` is SD3.5-medium's
+pipeline (two CLIP encoders with projections, T5, ``SD3Transformer2DModel`` with RMS qk-norm and a dual-attention
+layer, a 16-channel VAE with its shift factor, FlowMatchEuler with shift 3.0) at diffusers' test widths. Their
+images are noise; they exist to prove the export and runtime paths equal diffusers.
 """
 
 from __future__ import annotations
@@ -131,6 +133,27 @@ RECIPES: dict[str, dict[str, Any]] = {
         "pad_token": "<|endoftext|>",
         "pad_token_2": "!",
     },
+    "tiny-sd3": {  # diffusers' SD3 get_dummy_components, SD3.5's qk-norm and dual attention, a 16-channel 2x VAE
+        "arch": "sd3",
+        "text": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5, "num_attention_heads": 4,
+                 "projection_dim": 32},
+        "text_2": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5, "num_attention_heads": 4,
+                   "projection_dim": 32},
+        # wider than both CLIPs side by side (64), as T5-XXL's 4096 is than CLIP-L + G's 2048: their padding bites
+        "t5": {"d_model": 80, "d_kv": 8, "d_ff": 37, "num_layers": 2, "num_heads": 4,
+               "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu"},
+        "transformer": {"sample_size": 16, "patch_size": 1, "in_channels": 16, "out_channels": 16, "num_layers": 2,
+                        "attention_head_dim": 8, "num_attention_heads": 4, "caption_projection_dim": 32,
+                        "joint_attention_dim": 80, "pooled_projection_dim": 64, "pos_embed_max_size": 48,
+                        "qk_norm": "rms_norm", "dual_attention_layers": (0,)},
+        "conditioning_gain": 3.0,
+        "vae": {"block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 16,
+                "use_quant_conv": False, "use_post_quant_conv": False, "shift_factor": 0.0609,
+                "scaling_factor": 1.5035},
+        "scheduler": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),
+        "pad_token": "<|endoftext|>",
+        "pad_token_2": "!",
+    },
 }
 
 
@@ -154,6 +177,10 @@ def build_pipeline(recipe: str, out_dir: str | Path, seed: int = 0, inpainting: 
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
     r = RECIPES[recipe]
+    if r.get("arch") == "sd3":
+        if inpainting:
+            raise ValueError("the sd3 recipes have no inpainting variant")
+        return _build_sd3(r, Path(out_dir), seed)
     xl = r.get("arch") == "sdxl"
     if xl and inpainting:
         raise ValueError("the sdxl recipes have no inpainting variant")
@@ -210,6 +237,47 @@ def build_pipeline(recipe: str, out_dir: str | Path, seed: int = 0, inpainting: 
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def _build_sd3(r: dict[str, Any], out_dir: Path, seed: int) -> Path:
+    """SD3's pipeline: CLIP-L and CLIP-G with projections, T5's encoder, the MMDiT, a 16-channel VAE."""
+    import diffusers
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from .t5_tokenizer import build_t5_tokenizer_fast
+
+    tokenizer = build_clip_tokenizer(out_dir / "tokenizer", pad_token=r["pad_token"])
+    tokenizer_2 = build_clip_tokenizer(out_dir / "tokenizer_2", pad_token=r["pad_token_2"])
+    tokenizer_3 = build_t5_tokenizer_fast(out_dir / "tokenizer_3")
+
+    def text_config(tok, arch):
+        return CLIPTextConfig(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **arch)
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(text_config(tokenizer, r["text"])).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, r["text_2"])).eval()
+    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), pad_token_id=0, eos_token_id=1,
+                                             decoder_start_token_id=0, **r["t5"])).eval()
+    transformer = diffusers.SD3Transformer2DModel(**r["transformer"]).eval()
+    # at random widths the timestep and the prompt barely move the velocity (another shift or prompt gave an image
+    # within 40 dB): the conditioning paths are scaled up, so a parity test fails when either is read wrong
+    with torch.no_grad():
+        for param_name, p in transformer.named_parameters():
+            if param_name.startswith(("time_text_embed.", "context_embedder.", "norm_out.")) or ".norm1" in param_name:
+                p.mul_(r["conditioning_gain"])
+    n = len(r["vae"]["block_out_channels"])
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                                  up_block_types=("UpDecoderBlock2D",) * n,
+                                  sample_size=r["transformer"]["sample_size"] * 2 ** (n - 1), **r["vae"]).eval()
+    sched_cls, sched_cfg = r["scheduler"]
+    scheduler = getattr(diffusers, sched_cls).from_config(sched_cfg)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    pipe.save_pretrained(out_dir, max_shard_size="2GB")
     return out_dir
 
 

@@ -42,8 +42,9 @@ from .embeddings import read_embedding
 from .families import family_of
 from .lora import LoraSpec, WeightPatch, combine
 from .lora import plan as lora_plan
-from .manifest import (DEEP_FEATURE, ArtifactError, Manifest, artifact_file, load_manifest, read_manifest_json,
-                       residual_inputs)
+from .encoders import T5Encoder
+from .manifest import (DEEP_FEATURE, ArtifactError, Manifest, TextEncoderSpec, artifact_file, load_manifest,
+                       read_manifest_json, residual_inputs)
 from .result import Result, Timings
 from .rng import ImageNoise
 from .schedulers import make_scheduler
@@ -142,7 +143,7 @@ class Pipeline:
         # the small files first: a broken tokenizer or scheduler config fails before any graph is compiled
         self.scheduler_config = self._scheduler_config()
         self.family = family_of(manifest)
-        tokenizers = [self._tokenizer(t.tokenizer, t.max_length, t.pad_token_id) for t in manifest.text_encoders]
+        tokenizers = [self._tokenizer(t) for t in manifest.text_encoders]
         self.tokenizer = tokenizers[0]
         self.conditioning = self.family.conditioner(manifest, tokenizers)
         # every embedding and LoRA read and checked against the artifact before any graph is compiled
@@ -281,10 +282,13 @@ class Pipeline:
             raise ArtifactError(f"{where} does not configure the {name} scheduler ({type(e).__name__}: {e}); "
                                 "re-export the artifact or choose another --scheduler") from e
 
-    def _tokenizer(self, rel: str, max_length: int, pad_token_id: int) -> PromptTokenizer:
-        path = artifact_file(self.root, rel, "tokenizer", (".json",))
+    def _tokenizer(self, spec: TextEncoderSpec) -> PromptTokenizer | T5Encoder:
+        """The text encoder's tokenizer, by its kind: CLIP's 77-token chunks, or T5 padded to its max_length."""
+        path = artifact_file(self.root, spec.tokenizer, "tokenizer", (".json",))
         try:
-            return PromptTokenizer(path, max_length, pad_token_id)
+            if spec.kind == "t5":
+                return T5Encoder(spec.name, path, spec.max_length, spec.pad_token_id)
+            return PromptTokenizer(path, spec.max_length, spec.pad_token_id)
         except MemoryError:
             raise
         except Exception as e:  # the tokenizers library raises its own Exception type with serde's message

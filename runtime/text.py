@@ -113,4 +113,6 @@ class PromptTokenizer:
         keep = self.max_length - 2
         ids = np.full(self.max_length, self.pad_token_id, dtype=np.int64)
         ids[: min(len(tokens), keep) + 2] = [self.bos, *tokens[:keep], self.eos]
-        return ids, self._tok.decode(tokens[keep:]) if len(tokens) > keep else ""
+        # BPE's end-of-word marks read as spaces, whether or not the file has CLIP's decoder
+        cut = self._tok.decode(tokens[keep:]).replace("</w>", " ").strip() if len(tokens) > keep else ""
+        return ids, " ".join(cut.split())

@@ -103,6 +103,12 @@ def tiny_sdxl(tmp_path_factory) -> tuple[Path, Path]:
     return _build_and_export(tmp_path_factory, "tiny-sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> tuple[Path, Path]:
+    """(diffusers folder, artifact folder) of an SD3.5-style flow model (CLIP-L, CLIP-G, T5, MMDiT, 16-channel VAE)."""
+    return _build_and_export(tmp_path_factory, "tiny-sd3")
+
+
 _PARITY: list[tuple] = []
 
 

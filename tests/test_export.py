@@ -175,8 +175,8 @@ def test_consolidating_torch_style_external_data(tiny_sd1, tmp_path):
 
 
 def test_single_file_family_detection(tmp_path):
-    """Original-layout files go to their family's loader by their tensor names: SDXL (a second text encoder under
-    conditioner.embedders.1), SD (cond_stage_model); a file of neither is refused, not read as SD."""
+    """Original-layout files go to their family's loader by their tensor names: SD3 (joint_blocks), SDXL (a second
+    text encoder under conditioner.embedders.1), SD (cond_stage_model); a file of none is refused, not read as SD."""
     import torch
     from safetensors.torch import save_file
 
@@ -191,10 +191,14 @@ def test_single_file_family_detection(tmp_path):
     save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(2),  # SD3's layout
                "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.zeros(2)},
               str(tmp_path / "sd3.safetensors"))
+    save_file({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(2)},  # FLUX.1's layout
+              str(tmp_path / "flux.safetensors"))
     pick = lambda name: single_file_pipeline(_tensor_names(tmp_path / name), name)  # noqa: E731
     assert pick("xl.safetensors") == "StableDiffusionXLPipeline"
     assert pick("sd15.safetensors") == "StableDiffusionPipeline"
+    assert pick("sd3.safetensors") == "StableDiffusion3Pipeline"
     assert pick("model.ckpt") == "StableDiffusionPipeline"  # a pickle's names are not read before loading
-    with pytest.raises(ExportError, match=r"sd3.safetensors holds none of the tensors .*Stable Diffusion XL: "
+    with pytest.raises(ExportError, match=r"flux.safetensors holds none of the tensors .*Stable Diffusion 3: "
+                                          r"model.diffusion_model.joint_blocks.\*; Stable Diffusion XL: "
                                           r"conditioner.embedders.1.\*; Stable Diffusion 1.x/2.x: cond_stage_model"):
-        pick("sd3.safetensors")
+        pick("flux.safetensors")

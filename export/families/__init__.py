@@ -15,16 +15,16 @@ from __future__ import annotations
 from typing import Any
 
 from edgediff.runtime.families import FAMILIES as RUNTIME_FAMILIES
-from edgediff.runtime.schedulers import REGISTRY, default_scheduler_name, schedulers_for
+from edgediff.runtime.schedulers import PREDICTION_ALIASES, REGISTRY, default_scheduler_name, schedulers_for
 
 from ..components import ExportError
-from . import sd, sdxl
+from . import sd, sd3, sdxl
 
 # the export side of each family, most specific first: the first whose pipelines include the source's wins
-FAMILIES = (sdxl, sd)
+FAMILIES = (sd3, sdxl, sd)
 
 # pipelines of families edgediff does not export yet, named in the refusal (what a user downloads most)
-NOT_YET = {"StableDiffusion3Pipeline": "SD3/SD3.5", "FluxPipeline": "FLUX.1", "Flux2Pipeline": "FLUX.2",
+NOT_YET = {"FluxPipeline": "FLUX.1", "Flux2Pipeline": "FLUX.2",
            "SanaPipeline": "Sana", "SanaSprintPipeline": "Sana-Sprint", "ZImagePipeline": "Z-Image",
            "PixArtAlphaPipeline": "PixArt", "PixArtSigmaPipeline": "PixArt"}
 
@@ -78,13 +78,28 @@ def scheduler_name(config: dict[str, Any], prediction: str, family, source: str)
 
 
 def prediction_type(config: dict[str, Any], name: str, source: str) -> str:
-    """The scheduler config's prediction type, one the family's denoisers make; ExportError otherwise."""
-    prediction = config.get("prediction_type")
+    """The scheduler config's prediction type, one the family's denoisers make; ExportError otherwise. A config
+    without one (FlowMatchEulerDiscreteScheduler has no such setting) is the family's only prediction, where it
+    has one (SD3's flow); "flow_prediction" (the multistep solvers' flow flag) reads as "flow"."""
     accepted = RUNTIME_FAMILIES[name].predictions
+    prediction = config.get("prediction_type", accepted[0] if len(accepted) == 1 else None)
+    prediction = PREDICTION_ALIASES.get(prediction, prediction)
     if prediction not in accepted:
         raise ExportError(f"{source}'s scheduler config gives the prediction type {str(prediction)[:60]!r}; a "
                           f"{RUNTIME_FAMILIES[name].title} model predicts {' or '.join(accepted)}")
     return prediction
 
 
-__all__ = ["FAMILIES", "detect", "prediction_type", "scheduler_name", "single_file_pipeline"]
+def denoiser(family) -> str:
+    """The pipeline attribute (and component name) of the family's denoiser: its ``DENOISER``, else the UNet."""
+    return getattr(family, "DENOISER", "unet")
+
+
+def text_encoders(family, pipe: Any) -> list[tuple[str, str]]:
+    """(component, its tokenizer's folder) of each text encoder the pipeline has, in conditioning order (an
+    optional one set to None, SD3's T5 without it, is left out)."""
+    return [(c, f) for c, f in family.TEXT_ENCODERS if getattr(pipe, c, None) is not None]
+
+
+__all__ = ["FAMILIES", "denoiser", "detect", "prediction_type", "scheduler_name", "single_file_pipeline",
+           "text_encoders"]

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..manifest import ArtifactError, Manifest
-from ..text import PromptTokenizer
 
 
 def sd_start_index(steps: int, strength: float, order: int) -> int:
@@ -30,16 +29,17 @@ def sd_start_index(steps: int, strength: float, order: int) -> int:
 class Family:
     name: str  # the manifest's ``family``
     title: str  # in words, for messages
-    text_encoders: int  # how many text encoders its conditioner reads, in the manifest's order
-    conditioner: Callable[[Manifest, list[PromptTokenizer]], Any]  # -> a conditioning.Conditioning
+    text_encoders: int | tuple[int, ...]  # how many text encoders its conditioner reads (or the counts it takes)
+    # (manifest, one tokenizer per text encoder: a PromptTokenizer for CLIP, an encoders.T5Encoder for T5)
+    conditioner: Callable[[Manifest, list[Any]], Any]  # -> a conditioning.Conditioning
     predictions: tuple[str, ...]  # what its denoisers predict (the manifest's prediction_type)
     start_index: Callable[[int, float, int], int] = sd_start_index  # (steps, strength, scheduler order) -> call
 
 
-from . import sd, sdxl  # noqa: E402  (the family files build on Family)
+from . import sd, sd3, sdxl  # noqa: E402  (the family files build on Family)
 
 # the manifest's family -> its Family; read by family_of and the tests
-FAMILIES: dict[str, Family] = {f.name: f for f in (*sd.FAMILIES, sdxl.SDXL)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (*sd.FAMILIES, sdxl.SDXL, sd3.SD3)}
 
 
 def family_of(manifest: Manifest) -> Family:
@@ -52,9 +52,10 @@ def family_of(manifest: Manifest) -> Family:
     if manifest.prediction_type not in family.predictions:
         raise ArtifactError(f"manifest.json: a {family.title} model predicts {' or '.join(family.predictions)}, not "
                             f"{manifest.prediction_type!r:.40}")
-    if len(manifest.text_encoders) != family.text_encoders:
-        raise ArtifactError(f"manifest.json: a {family.title} model has {family.text_encoders} text encoder(s); this "
-                            f"one names {len(manifest.text_encoders)}")
+    counts = family.text_encoders if isinstance(family.text_encoders, tuple) else (family.text_encoders,)
+    if len(manifest.text_encoders) not in counts:
+        raise ArtifactError(f"manifest.json: a {family.title} model has {' or '.join(map(str, counts))} text "
+                            f"encoder(s); this one names {len(manifest.text_encoders)}")
     return family
 
 

@@ -1,0 +1,192 @@
+"""SD3 / SD3.5: CLIP-L + CLIP-G + T5 and the MMDiT with flow matching, against diffusers' StableDiffusion3Pipeline
+and StableDiffusion3Img2ImgPipeline on the tiny-sd3 recipe (same weights, seed and noise), on both backends."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")  # diffusers is the reference
+
+from edgediff.runtime import Pipeline, load_manifest  # noqa: E402
+from edgediff.runtime.families import FAMILIES, family_of  # noqa: E402
+from edgediff.runtime.families.sd3 import sd3_start_index  # noqa: E402
+from edgediff.runtime.manifest import ArtifactError  # noqa: E402
+from edgediff.runtime.metrics import psnr  # noqa: E402
+
+from .conftest import run_cli  # noqa: E402
+
+PROMPT = "a red circle on a blue background"
+STEPS, GUIDANCE, SEED, W, H = 4, 5.0, 42, 32, 48
+
+
+def reference(src, *, pipeline="StableDiffusion3Pipeline", shift=None, no_t5=False, scheduler=None, **kw) -> np.ndarray:
+    import diffusers
+
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if no_t5 else {}
+    pipe = getattr(diffusers, pipeline).from_pretrained(str(src), **extra)
+    if shift is not None:
+        pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
+    if scheduler is not None:
+        pipe.scheduler = scheduler(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np")
+    args.update(width=W, height=H)  # the img2img pipeline too: by default it resizes the image to the model's size
+    args.update(kw)
+    seed = args.pop("seed", SEED)
+    generator = [torch.Generator().manual_seed(s) for s in seed] if isinstance(seed, list) else \
+        torch.Generator().manual_seed(seed)
+    return (pipe(**args, generator=generator).images * 255).round().astype(np.uint8)
+
+
+def ours(artifact, backend="onnxruntime", **kw) -> np.ndarray:
+    pipe = Pipeline.load(artifact, backend=backend, device="cpu", ov_precision="f32")
+    args = dict(prompt=PROMPT, steps=STEPS, guidance=GUIDANCE, seed=SEED, width=W, height=H, rng="torch") | kw
+    return np.stack([np.asarray(im) for im in pipe.txt2img(**args)])
+
+
+@pytest.fixture(scope="module")
+def no_t5(tiny_sd3, tmp_path_factory):
+    """The same checkpoint exported with --no-t5 (diffusers' text_encoder_3=None)."""
+    out = tmp_path_factory.mktemp("sd3-no-t5") / "artifact"
+    r = run_cli("export", str(tiny_sd3[0]), str(out), "--no-t5")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_manifest_describes_the_sd3_parts(tiny_sd3):
+    m = load_manifest(tiny_sd3[1])
+    assert (m.family, m.prediction_type, m.scheduler) == ("sd3", "flow", "flow_euler")
+    assert (m.latent_channels, m.vae_scale_factor, m.shift_factor, m.scaling_factor) == (16, 2, 0.0609, 1.5035)
+    assert [(t.name, t.kind, t.max_length, t.hidden_size, t.tokenizer) for t in m.text_encoders] == [
+        ("text_encoder", "clip", 77, 32, "tokenizer/tokenizer.json"),
+        ("text_encoder_2", "clip", 77, 32, "tokenizer_2/tokenizer.json"),
+        ("text_encoder_3", "t5", 256, 80, "tokenizer_3/tokenizer.json")]
+    assert (m.denoiser.name, m.denoiser.kind, m.denoiser.in_channels) == ("transformer", "transformer", 16)
+    assert m.shallow_denoiser is None and "unet" not in m.components  # DeepCache is a UNet method
+    assert {m.roles[c] for c in ("text_encoder", "text_encoder_2", "text_encoder_3")} == {"text_encoder"}
+    inputs = m.variant("transformer").inputs
+    assert [(i.name, i.shape) for i in inputs] == [
+        ("sample", ("batch", 16, "height", "width")), ("timestep", ("batch",)),
+        ("encoder_hidden_states", ("batch", "sequence", 80)), ("pooled_projections", ("batch", 64))]
+    for clip in ("text_encoder", "text_encoder_2"):
+        assert [o.name for o in m.variant(clip).outputs] == ["penultimate_hidden_state", "text_embeds"]
+    d = json.loads((tiny_sd3[1] / "manifest.json").read_text())
+    assert d["components"]["text_encoder_3"]["kind"] == "t5" and d["components"]["text_encoder"]["kind"] == "clip"
+    assert family_of(m) is FAMILIES["sd3"]
+    assert m.defaults == {"steps": 28, "guidance": 7.0}  # diffusers' StableDiffusion3Pipeline defaults
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("size", [(32, 48), (40, 24)])
+def test_txt2img_matches_diffusers(tiny_sd3, backend, size, parity_log):
+    """At two sizes (the transformer's graph is dynamic in height and width), with CFG."""
+    w, h = size
+    got = ours(tiny_sd3[1], backend, width=w, height=h)[0]
+    want = reference(tiny_sd3[0], width=w, height=h)[0]
+    score = psnr(got, want)
+    parity_log(("sd3", backend, f"{w}x{h}", score))
+    assert got.std() > 5 and score >= 40, f"{backend} {w}x{h}: PSNR {score:.1f} dB vs diffusers"
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m_flow", "unipc_flow"])
+def test_other_flow_schedulers_match_diffusers(tiny_sd3, scheduler):
+    """The multistep solvers' flow variants, as diffusers runs them on the checkpoint's scheduler config."""
+    from .scheduler_harness import diffusers_scheduler
+
+    got = ours(tiny_sd3[1], scheduler=scheduler, steps=5)[0]
+    want = reference(tiny_sd3[0], scheduler=lambda config: diffusers_scheduler(scheduler, config),
+                     num_inference_steps=5)[0]
+    assert psnr(got, want) >= 40
+    assert psnr(got, ours(tiny_sd3[1], steps=5)[0]) < 30  # not flow_euler's image
+
+
+def test_the_parity_test_can_fail(tiny_sd3):
+    """Another shift (6 for the model's 3), another prompt or another seed in the reference is at least 15 dB below
+    the 40 dB bar."""
+    got = ours(tiny_sd3[1])[0]
+    assert psnr(got, reference(tiny_sd3[0])[0]) >= 40
+    for other in (reference(tiny_sd3[0], shift=6.0), reference(tiny_sd3[0], prompt="a green star"),
+                  reference(tiny_sd3[0], seed=SEED + 1)):
+        assert psnr(got, other[0]) < 25
+
+
+def test_negative_prompt_batch_and_no_guidance(tiny_sd3):
+    got = ours(tiny_sd3[1], negative_prompt="blurry")[0]
+    assert psnr(got, reference(tiny_sd3[0], negative_prompt="blurry")[0]) >= 40
+    assert psnr(got, ours(tiny_sd3[1])[0]) < 30  # the negative prompt is encoded, not ignored
+    prompts = [PROMPT, "a green star"]
+    got = ours(tiny_sd3[1], prompt=prompts, guidance=1.0, seed=7)
+    want = reference(tiny_sd3[0], prompt=prompts, guidance_scale=1.0, seed=[7, 8])
+    for a, b in zip(got, want):
+        assert psnr(a, b) >= 40
+
+
+def test_long_prompt_cut_for_clip_as_diffusers(tiny_sd3):
+    """CLIP reads 77 tokens (the rest dropped with a warning), T5 reads on: the same image as diffusers."""
+    long = ", ".join(["a red circle on a blue background"] * 12) + ", and a green star"
+    with pytest.warns(UserWarning, match="was cut to CLIP's 77 tokens for text_encoder .*dropped: "):
+        got = ours(tiny_sd3[1], prompt=long)[0]
+    assert psnr(got, reference(tiny_sd3[0], prompt=long)[0]) >= 40
+
+
+def test_weighted_prompt_is_refused(tiny_sd3):
+    pipe = Pipeline.load(tiny_sd3[1], backend="onnxruntime", device="cpu")
+    with pytest.raises(ValueError, match=r"uses a weight of 1.3 on 'red', which SD3's text encoders cannot apply"):
+        pipe.txt2img("a (red:1.3) circle", steps=1, width=W, height=H)
+
+
+def test_without_t5_matches_diffusers(tiny_sd3, no_t5):
+    m = load_manifest(no_t5)
+    assert [t.kind for t in m.text_encoders] == ["clip", "clip"] and "text_encoder_3" not in m.components
+    assert not (no_t5 / "tokenizer_3").exists()
+    got = ours(no_t5)[0]
+    assert psnr(got, reference(tiny_sd3[0], no_t5=True)[0]) >= 40
+    assert psnr(got, ours(tiny_sd3[1])[0]) < 30  # T5's part counts: zeros are not its encoding
+
+
+@pytest.mark.parametrize("strength", [0.6, 0.9])
+def test_img2img_matches_diffusers(tiny_sd3, strength):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8))
+    pipe = Pipeline.load(tiny_sd3[1], backend="onnxruntime", device="cpu")
+    result = pipe.img2img(PROMPT, image, strength=strength, steps=5, guidance=GUIDANCE, seed=SEED, rng="torch")
+    want = reference(tiny_sd3[0], pipeline="StableDiffusion3Img2ImgPipeline", image=image, strength=strength,
+                     num_inference_steps=5)[0]
+    assert psnr(np.asarray(result[0]), want) >= 40
+    assert len(result.timings.stages["transformer"]) == 5 - sd3_start_index(5, strength, 1)
+
+
+def test_img2img_start_rule_is_sd3s():
+    """diffusers' SD3 get_timesteps: int(steps - steps * strength) skipped, not SD's int(steps * strength) kept."""
+    assert [sd3_start_index(5, s, 1) for s in (0.6, 0.9, 1.0, 0.3)] == [2, 0, 0, 3]
+    assert sd3_start_index(5, 0.05, 1) == 4  # at least one call runs
+    assert FAMILIES["sd3"].start_index is sd3_start_index
+
+
+def test_a_non_flow_scheduler_is_refused(tiny_sd3):
+    pipe = Pipeline.load(tiny_sd3[1], backend="onnxruntime", device="cpu")
+    with pytest.raises(ValueError, match="ddim .*flow"):
+        pipe.txt2img(PROMPT, steps=2, width=W, height=H, scheduler="ddim")
+
+
+def test_manifest_with_kinds_out_of_order_is_refused(tiny_sd3, tmp_path):
+    root = tmp_path / "a"
+    shutil.copytree(tiny_sd3[1], root)
+    d = json.loads((root / "manifest.json").read_text())
+    d["components"] = {"text_encoder_3": d["components"].pop("text_encoder_3")} | d["components"]  # T5 first
+    (root / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ArtifactError, match="an SD3 model's text encoders are CLIP-L, CLIP-G and optionally T5, in "
+                                            "that order; this one has t5, clip, clip"):
+        Pipeline.load(root, backend="onnxruntime", device="cpu")
+
+
+def test_no_t5_on_a_model_without_t5_is_an_error(tiny_sd1, tmp_path):
+    r = run_cli("export", str(tiny_sd1[0]), str(tmp_path / "out"), "--no-t5")
+    assert r.exit_code == 2 and "--no-t5: " in r.output and "has no T5 text encoder" in r.output
+    assert not (tmp_path / "out").exists()
