@@ -276,6 +276,7 @@ def generate(
     vae_tiling: str = typer.Option("auto", "--vae-tiling", help="auto (tiles above 1024x1024 pixels, or with --low-memory), on, off"),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="ONNX Runtime CUDA: capture a CUDA graph per shape and replay it"),
     no_check: bool = typer.Option(False, "--no-check", help="skip the device check against the CPU (run once per device and artifact, then cached)"),
+    t5: bool = typer.Option(True, "--t5/--no-t5", help="SD3: --no-t5 neither loads nor runs the T5 text encoder (zeros in its place, as diffusers' text_encoder_3=None)"),
     vae: Optional[str] = typer.Option(None, "--vae", help="full (default), or tiny: the artifact's tiny VAE (TAESD, from export --tiny-vae), a fraction of the decode time; its measured quality is in `edgediff info`"),
     fast: bool = typer.Option(False, "--fast", help="the savings `edgediff tune` measured to keep the quality bounds (tiny VAE, DeepCache, CFG cut-off; `edgediff info` shows them); options you give win"),
     num_images: int = typer.Option(1, "--num-images", min=1, help="images to generate (run in UNet batches of at most --max-batch)"),
@@ -344,7 +345,8 @@ def generate(
                              threads=threads, cache=not no_cache, cache_dir=cache_dir,
                              ov_precision=ov_precision, max_pixels=max_pixels, max_batch=max_batch,
                              loras=lora or [], embeddings=embedding or [], static_shapes=static_shapes,
-                             low_memory=low_memory, vae_tiling=vae_tiling, cuda_graph=cuda_graph, check=not no_check)
+                             low_memory=low_memory, vae_tiling=vae_tiling, cuda_graph=cuda_graph, check=not no_check,
+                             t5=t5)
         load_s = time.perf_counter() - t0
         if pipe.manifest.random_weights:
             console.print("[yellow]note:[/] this artifact has random weights (for latency measurement); it draws noise")

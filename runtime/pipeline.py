@@ -123,6 +123,19 @@ def choose_vae(vae: str, precision: dict[str, str], available: dict[str, dict[st
     return precision | {c: TINY for c in ("vae_decoder", "vae_encoder") if TINY in available.get(c, {})}
 
 
+def without_t5(manifest: Manifest) -> Manifest:
+    """``manifest`` without its T5 text encoder (the conditioner then puts zeros in T5's place, as diffusers does
+    with ``text_encoder_3=None``); a ValueError for an artifact that has none."""
+    dropped = {t.name for t in manifest.text_encoders if t.kind == "t5"}
+    if not dropped:
+        raise ValueError(f"t5=False (--no-t5): this {manifest.family} artifact has no T5 text encoder to leave out "
+                         f"(its text encoders: {', '.join(t.name for t in manifest.text_encoders)})")
+    return dataclasses.replace(
+        manifest, text_encoders=tuple(t for t in manifest.text_encoders if t.name not in dropped),
+        components={c: v for c, v in manifest.components.items() if c not in dropped},
+        roles={c: r for c, r in manifest.roles.items() if c not in dropped})
+
+
 class Pipeline:
     def __init__(self, root: Path, manifest: Manifest, backend: str, devices: dict[str, str], options: BackendOptions,
                  precision: dict[str, str], fallback: bool = False, *, max_pixels: int | None = None,
@@ -188,6 +201,7 @@ class Pipeline:
         cuda_graph: bool = False,
         dml_adapter: int = 0,
         check: bool = True,
+        t5: bool = True,
     ) -> Pipeline:
         """Open an artifact folder (default: the embedded model) on ``backend``/``device``.
 
@@ -217,6 +231,8 @@ class Pipeline:
         CUDA graph per shape (with IO binding, on by default on CUDA). ``dml_adapter``: DirectML's GPU index.
         ``check``: on a device other than the CPU, compare it with the CPU once (``edgediff.runtime.device_check``,
         cached per device, artifact and runtime version) and run any component that differs on the CPU instead.
+        ``t5=False``: an SD3 artifact's T5 encoder is neither loaded nor run; zeros stand in its place, as in
+        diffusers with ``text_encoder_3=None`` (the same images as an artifact exported with ``--no-t5``).
         """
         for name, value in (("max_pixels", max_pixels), ("max_batch", max_batch)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -227,6 +243,8 @@ class Pipeline:
             path = default_model_path()
         root = Path(path)
         manifest = manifest or load_manifest(root)
+        if not t5:
+            manifest = without_t5(manifest)
         backend, devices = resolve_placement(backend, device, manifest.roles)
         cache_root = (Path(cache_dir) if cache_dir else compile_cache.default_root()) if cache else None
         options = BackendOptions(threads=threads, cache_dir=cache_root, ov_precision=ov_precision,

@@ -148,6 +148,22 @@ def test_without_t5_matches_diffusers(tiny_sd3, no_t5):
     assert psnr(got, ours(tiny_sd3[1])[0]) < 30  # T5's part counts: zeros are not its encoding
 
 
+def test_t5_off_at_load_matches_the_export_without_t5(tiny_sd3, no_t5, tmp_path):
+    """An artifact with T5 run with t5=False (generate --no-t5): T5 is not loaded, and the image is the one of the
+    artifact exported without it (diffusers' text_encoder_3=None)."""
+    pipe = Pipeline.load(tiny_sd3[1], backend="onnxruntime", device="cpu", t5=False)
+    assert "text_encoder_3" not in pipe.manifest.components and "text_encoder_3" not in pipe.sessions
+    got = np.asarray(pipe.txt2img(PROMPT, steps=STEPS, guidance=GUIDANCE, seed=SEED, width=W, height=H, rng="torch")[0])
+    assert psnr(got, ours(no_t5)[0]) == float("inf")
+    out = tmp_path / "x.png"
+    r = run_cli("generate", PROMPT, "--model", str(tiny_sd3[1]), "--no-t5", "--steps", "2", "--width", "32",
+                "--height", "32", "--output", str(out))
+    assert r.exit_code == 0 and out.is_file(), r.output
+    r = run_cli("generate", PROMPT, "--model", str(no_t5), "--no-t5", "--steps", "2", "--output", str(tmp_path / "y.png"))
+    assert r.exit_code == 2 and "--no-t5): this sd3 artifact has no T5 text encoder to leave out" in r.output
+    assert not (tmp_path / "y.png").exists()
+
+
 @pytest.mark.parametrize("strength", [0.6, 0.9])
 def test_img2img_matches_diffusers(tiny_sd3, strength):
     from PIL import Image
