@@ -166,6 +166,7 @@ def run_bench(
         disk = sum(disk_bytes(root / manifest.variant(c, d["precision"]).file) for c, d in desc.items())
         base = {
             "artifact": str(root), "family": manifest.family, "random_weights": manifest.random_weights,
+            "denoiser": manifest.denoiser.name,
             "backend": pipe.backend, "device": pipe.device, "devices": dict(pipe.devices),
             "low_memory": low_memory, "static_shapes": static_shapes, "vae_tiling": vae_tiling,
             "execution": {c: d["device"] for c, d in desc.items()},
@@ -185,11 +186,11 @@ def run_bench(
                                   height=height, guidance=guidance, scheduler=scheduler, seed=run, **savings)
             total = time.perf_counter() - t0
             t = result.timings.stages
-            unet = t["unet"]
+            unet = t[manifest.denoiser.name]  # the UNet, or a DiT's transformer: the "unet_*" fields time either
             rows.append(base | {
                 "run": run,
                 "end_to_end_s": round(total, 4),
-                "text_encoder_s": round(sum(t["text_encoder"]) + sum(t.get("text_encoder_2", [])), 5),
+                "text_encoder_s": round(sum(sum(t.get(e.name, [])) for e in manifest.text_encoders), 5),
                 "unet_first_s": round(unet[0], 5),
                 "unet_rest_median_s": _stats(unet[1:]).get("median", round(unet[0], 5)),
                 "unet_rest_p90_s": _stats(unet[1:]).get("p90", round(unet[0], 5)),

@@ -508,7 +508,8 @@ def bench(
                    f"rest median {row['unet_rest_median_s']:.3f} s, vae {row['vae_decode_s']:.3f} s, "
                    f"peak {row['peak_rss_mb']:.0f} MB")
     typer.echo(f"load {rows[0]['load_s']:.2f} s" + (f" (warm compile cache {rows[0]['load_cached_s']:.2f} s)" if rows[0]["load_cached_s"] else "")
-               + f" on {rows[0]['backend']} {rows[0]['execution']['unet']} ({rows[0]['execution_precision']['unet']})")
+               + f" on {rows[0]['backend']} {rows[0]['execution'][rows[0]['denoiser']]} "
+               f"({rows[0]['execution_precision'][rows[0]['denoiser']]})")
     if rows_file is not None:
         with rows_file:
             B.write_rows(rows, rows_file)

@@ -92,6 +92,8 @@ DEFAULT_ROLES = {
     "fp16-cuda": ("denoiser",),
     "ov-fp16": ("text_encoder", "denoiser", "shallow_denoiser"),
 }
+# precisions that compute in fp16, which T5's activations overflow (its text encoders are left out of them)
+FP16_COMPUTE = ("fp16", "fp16-cuda")
 # Kept in fp32 by the fp16 conversion: where activations overflow fp16 or lose
 # the precision normalisation needs (the VAE's group norms, attention softmax).
 FP16_KEEP_FLOAT = ["Resize", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax",
@@ -443,10 +445,17 @@ def quantize_artifact(
 def _quantize(root: Path, precision: str, components: tuple[str, ...] | None, force: bool, gate: Gate,
               settings: GateSettings, conv: bool, progress: Callable[[str], Any]) -> dict[str, dict[str, Any]]:
     manifest = load_manifest(root)  # under the lock: it has every variant added before ours
-    components = components or tuple(c for c in manifest.components if manifest.roles[c] in DEFAULT_ROLES[precision])
+    t5 = {t.name for t in manifest.text_encoders if t.kind == "t5"}
+    named = components is not None
+    components = components or tuple(c for c in manifest.components if manifest.roles[c] in DEFAULT_ROLES[precision]
+                                      and not (precision in FP16_COMPUTE and c in t5))
     for comp in components:
         if comp not in manifest.components:
             raise ValueError(f"the artifact has no {comp}; it has: {', '.join(manifest.components)}")
+        if named and precision in FP16_COMPUTE and comp in t5:  # a gate on a few prompts could pass it
+            raise ValueError(f"{comp} is T5, whose activations overflow fp16 (inf in its gated feed-forward, then NaN; "
+                             f"transformers #9295): it is not offered in {precision}; int8, int4 or ov-fp16 (fp16 "
+                             "weights, f32/bf16 compute) keep its activations wide")
         if precision in CALIBRATED and comp != manifest.denoiser.name:
             raise ValueError(f"{precision} is calibrated on the UNet's inputs: use --components {manifest.denoiser.name}")
     if precision in IR_PRECISIONS:

@@ -226,3 +226,26 @@ def test_inpaint_matches_diffusers(tiny_sd3):
         other = reference(tiny_sd3[0], pipeline="StableDiffusion3InpaintPipeline", image=image,
                           mask_image=Image.fromarray(255 - m), strength=strength, num_inference_steps=5)[0]
         assert psnr(got, want) >= 40 and psnr(got, other) < 25, strength
+
+
+def test_fp16_leaves_t5_out_and_bench_times_the_transformer(tiny_sd3, tmp_path):
+    """T5 overflows in fp16: quantize --precision fp16 leaves it at fp32 and refuses it by name; int8 (fp32
+    activations) takes it. bench times the transformer as the denoiser."""
+    root = tmp_path / "sd3"
+    shutil.copytree(tiny_sd3[1], root)
+    gate = ("--steps", "2", "--seeds", "1", "--prompts", PROMPT)
+    r = run_cli("quantize", str(root), "--precision", "fp16", "--components", "text_encoder_3", *gate)
+    assert r.exit_code == 2 and "text_encoder_3 is T5, whose activations overflow fp16" in r.output
+    r = run_cli("quantize", str(root), "--precision", "fp16", *gate)
+    assert r.exit_code == 0, r.output
+    m = load_manifest(root)
+    assert "fp16" in m.components["transformer"] and "fp16" not in m.components["text_encoder_3"]
+    r = run_cli("quantize", str(root), "--precision", "int8", "--components", "text_encoder_3", *gate)
+    assert r.exit_code == 0 and "int8" in load_manifest(root).components["text_encoder_3"], r.output
+    rows = tmp_path / "b.jsonl"
+    r = run_cli("bench", str(root), "--backend", "onnxruntime", "--device", "cpu", "--size", "32x32", "--steps", "2",
+                "--runs", "1", "--warmup", "0", "--json", str(rows))
+    assert r.exit_code == 0, r.output
+    row = json.loads(rows.read_text().splitlines()[0])
+    assert (row["family"], row["denoiser"], row["unet_calls"]) == ("sd3", "transformer", 2)
+    assert set(row["precision"]) == {"text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder"}
