@@ -159,6 +159,9 @@ class Pipeline:
         tokenizers = [self._tokenizer(t) for t in manifest.text_encoders]
         self.tokenizer = tokenizers[0]
         self.conditioning = self.family.conditioner(manifest, tokenizers)
+        if embeddings and not getattr(self.conditioning, "takes_embeddings", True):
+            raise ValueError(f"textual-inversion embeddings are not applied to {self.family.title} models: its "
+                             "prompts are read as diffusers reads them (no added words); load it without embeddings")
         # every embedding and LoRA read and checked against the artifact before any graph is compiled
         self.embeddings = [read_embedding(Path(p), manifest) for p in embeddings]
         self._embedding_patches = embedding_plan(self.embeddings, dict(zip(self.conditioning.components, tokenizers)),
@@ -359,6 +362,9 @@ class Pipeline:
     def _check_step_cache(self) -> None:
         """DeepCache needs the shallow graph and a denoiser variant that outputs the feature it takes."""
         m = self.manifest
+        if m.shallow_denoiser is None and m.denoiser.kind != "unet":
+            raise ArtifactError(f"DeepCache (cache_interval, --cache-interval) caches a UNet's deep features; this "
+                                f"artifact's denoiser is a {m.denoiser.kind}: run every step in full")
         if m.shallow_denoiser is None:
             raise ArtifactError("this artifact has no DeepCache graphs (it was exported before edgediff made them, "
                                 "or with --no-deepcache); re-export it to use cache_interval (--cache-interval)")

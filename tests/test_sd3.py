@@ -123,6 +123,9 @@ def test_negative_prompt_batch_and_no_guidance(tiny_sd3):
     want = reference(tiny_sd3[0], prompt=prompts, guidance_scale=1.0, seed=[7, 8])
     for a, b in zip(got, want):
         assert psnr(a, b) >= 40
+    got = ours(tiny_sd3[1], prompt=prompts, num_images=2, seed=3)  # two images per prompt, with CFG
+    want = reference(tiny_sd3[0], prompt=prompts, num_images_per_prompt=2, seed=[3, 4, 5, 6])
+    assert len(got) == 4 and min(psnr(a, b) for a, b in zip(got, want)) >= 40
 
 
 def test_long_prompt_cut_for_clip_as_diffusers(tiny_sd3):
@@ -185,10 +188,19 @@ def test_img2img_start_rule_is_sd3s():
     assert FAMILIES["sd3"].start_index is sd3_start_index
 
 
-def test_a_non_flow_scheduler_is_refused(tiny_sd3):
+def test_a_non_flow_scheduler_deepcache_and_embeddings_are_refused(tiny_sd3, tmp_path):
     pipe = Pipeline.load(tiny_sd3[1], backend="onnxruntime", device="cpu")
     with pytest.raises(ValueError, match="ddim .*flow"):
         pipe.txt2img(PROMPT, steps=2, width=W, height=H, scheduler="ddim")
+    with pytest.raises(ArtifactError, match="DeepCache .* caches a UNet's deep features; this artifact's denoiser is "
+                                            "a transformer"):
+        pipe.txt2img(PROMPT, steps=4, width=W, height=H, cache_interval=2)
+    from safetensors.numpy import save_file
+
+    save_file({"clip_l": np.ones((1, 32), np.float32), "clip_g": np.ones((1, 32), np.float32)},
+              str(tmp_path / "word.safetensors"))
+    with pytest.raises(ValueError, match="textual-inversion embeddings are not applied to Stable Diffusion 3 models"):
+        Pipeline.load(tiny_sd3[1], backend="onnxruntime", device="cpu", embeddings=[tmp_path / "word.safetensors"])
 
 
 def test_manifest_with_kinds_out_of_order_is_refused(tiny_sd3, tmp_path):

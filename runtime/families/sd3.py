@@ -33,6 +33,8 @@ T5_LENGTH_WITHOUT_T5 = 256  # diffusers' max_sequence_length: the zeros standing
 
 
 class SD3Conditioning:
+    takes_embeddings = False  # prompts are read as diffusers reads them: no textual-inversion words
+
     def __init__(self, names: tuple[str, ...], clips: list[PromptTokenizer], t5: T5Encoder | None, width: int,
                  t5_length: int):
         self.components = names  # CLIP-L, CLIP-G[, T5]
