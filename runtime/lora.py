@@ -442,6 +442,10 @@ def plan(loras: list[LoraSpec], root: Path, manifest: Manifest, precision: dict[
     any graph is compiled: files, formats, targets and the chosen variants."""
     if not loras:
         return {}
+    if manifest.denoiser.kind != "unet":  # its graphs carry no weight map to patch (LoRA key maps are UNet/CLIP's)
+        raise LoraError(f"LoRAs are applied to UNet models (SD 1.x/2.x, SDXL); this {manifest.family} artifact's "
+                        f"denoiser is a {manifest.denoiser.kind}, for which edgediff merges no LoRA yet: load it "
+                        "without --lora")
     maps = weight_maps(root, manifest, precision)
     per_initializer: dict[tuple[str, str, str], list[tuple[Update, float]]] = {}  # (graph, initializer, layout)
     identity = []

@@ -201,6 +201,12 @@ def test_a_non_flow_scheduler_deepcache_and_embeddings_are_refused(tiny_sd3, tmp
               str(tmp_path / "word.safetensors"))
     with pytest.raises(ValueError, match="textual-inversion embeddings are not applied to Stable Diffusion 3 models"):
         Pipeline.load(tiny_sd3[1], backend="onnxruntime", device="cpu", embeddings=[tmp_path / "word.safetensors"])
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((4, 32), np.float32),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": np.ones((32, 4), np.float32)},
+              str(tmp_path / "lora.safetensors"))
+    with pytest.raises(ValueError, match="LoRAs are applied to UNet models .*; this sd3 artifact's denoiser is a "
+                                         "transformer, for which edgediff merges no LoRA yet"):
+        Pipeline.load(tiny_sd3[1], backend="onnxruntime", device="cpu", loras=[tmp_path / "lora.safetensors"])
 
 
 def test_manifest_with_kinds_out_of_order_is_refused(tiny_sd3, tmp_path):
