@@ -218,7 +218,15 @@ def load_source(source: str, config: str | None = None):
                 f"{source} is a folder without model_index.json; expected a diffusers checkpoint folder, "
                 "a .safetensors/.ckpt file or a hub id"
             )
-        return diffusers.DiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False, **fp32)
+        # a part saved as absent ([null, null] in model_index.json: SD3 without T5) is passed as None, as diffusers
+        # asks (from_pretrained refuses the folder otherwise)
+        try:
+            index = json.loads((path / "model_index.json").read_text())
+            absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
+        except (OSError, ValueError, AttributeError):
+            absent = {}  # diffusers reports a broken index itself
+        return diffusers.DiffusionPipeline.from_pretrained(
+            str(path), **({"safety_checker": None, "requires_safety_checker": False} | absent), **fp32)
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise ExportError(f"{source}: no such checkpoint file")

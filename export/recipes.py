@@ -133,6 +133,25 @@ RECIPES: dict[str, dict[str, Any]] = {
         "pad_token": "<|endoftext|>",
         "pad_token_2": "!",
     },
+    "sd35-medium": {  # SD3.5 medium (2.24 B-parameter MMDiT, CLIP-L + CLIP-G) at 1024x1024, without T5-XXL: its
+        # 4.76 B parameters are 19 GB in fp32 and do not fit one trace beside the transformer on a 24 GB machine
+        # (export it in parts or reduced; SD3_T5_XXL is its config), so this is diffusers' text_encoder_3=None
+        "arch": "sd3",
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "hidden_act": "quick_gelu", "projection_dim": 768},
+        "text_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+                   "hidden_act": "gelu", "projection_dim": 1280},
+        "t5": None,
+        "transformer": {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+                        "attention_head_dim": 64, "num_attention_heads": 24, "caption_projection_dim": 1536,
+                        "joint_attention_dim": 4096, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+                        "qk_norm": "rms_norm", "dual_attention_layers": tuple(range(13))},
+        "vae": {**SD_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+                "shift_factor": 0.0609, "scaling_factor": 1.5035},
+        "scheduler": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),
+        "pad_token": "<|endoftext|>",
+        "pad_token_2": "!",
+    },
     "tiny-sd3": {  # diffusers' SD3 get_dummy_components, SD3.5's qk-norm and dual attention, a 16-channel 2x VAE
         "arch": "sd3",
         "text": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5, "num_attention_heads": 4,
@@ -155,6 +174,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         "pad_token_2": "!",
     },
 }
+
+
+# T5 v1.1 XXL's encoder (SD3's text_encoder_3, FLUX.1's text_encoder_2): 4.76 B parameters
+SD3_T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+              "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+              "feed_forward_proj": "gated-gelu"}
 
 
 # A tiny VAE (diffusers' AutoencoderTiny) for each recipe's random-weight export with `--tiny-vae random`: TAESD's own
@@ -250,7 +275,7 @@ def _build_sd3(r: dict[str, Any], out_dir: Path, seed: int) -> Path:
 
     tokenizer = build_clip_tokenizer(out_dir / "tokenizer", pad_token=r["pad_token"])
     tokenizer_2 = build_clip_tokenizer(out_dir / "tokenizer_2", pad_token=r["pad_token_2"])
-    tokenizer_3 = build_t5_tokenizer_fast(out_dir / "tokenizer_3")
+    tokenizer_3 = build_t5_tokenizer_fast(out_dir / "tokenizer_3") if r["t5"] is not None else None
 
     def text_config(tok, arch):
         return CLIPTextConfig(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
@@ -259,15 +284,16 @@ def _build_sd3(r: dict[str, Any], out_dir: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     text_encoder = CLIPTextModelWithProjection(text_config(tokenizer, r["text"])).eval()
     text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, r["text_2"])).eval()
-    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), pad_token_id=0, eos_token_id=1,
-                                             decoder_start_token_id=0, **r["t5"])).eval()
+    text_encoder_3 = None if r["t5"] is None else T5EncoderModel(T5Config(
+        **{"vocab_size": len(tokenizer_3), "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+        | r["t5"])).eval()
     transformer = diffusers.SD3Transformer2DModel(**r["transformer"]).eval()
     # at random widths the timestep and the prompt barely move the velocity (another shift or prompt gave an image
     # within 40 dB): the conditioning paths are scaled up, so a parity test fails when either is read wrong
     with torch.no_grad():
         for param_name, p in transformer.named_parameters():
             if param_name.startswith(("time_text_embed.", "context_embedder.", "norm_out.")) or ".norm1" in param_name:
-                p.mul_(r["conditioning_gain"])
+                p.mul_(r.get("conditioning_gain", 1.0))
     n = len(r["vae"]["block_out_channels"])
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                                   up_block_types=("UpDecoderBlock2D",) * n,
@@ -277,7 +303,7 @@ def _build_sd3(r: dict[str, Any], out_dir: Path, seed: int) -> Path:
     pipe = diffusers.StableDiffusion3Pipeline(
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
-    pipe.save_pretrained(out_dir, max_shard_size="2GB")
+    pipe.save_pretrained(out_dir, max_shard_size="2GB")  # serialised shard by shard: SD3.5 medium is 12 GB in fp32
     return out_dir
 
 

@@ -267,3 +267,38 @@ def test_fp16_leaves_t5_out_and_bench_times_the_transformer(tiny_sd3, tmp_path):
     row = json.loads(rows.read_text().splitlines()[0])
     assert (row["family"], row["denoiser"], row["unet_calls"]) == ("sd3", "transformer", 2)
     assert set(row["precision"]) == {"text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder"}
+
+
+def test_sd35_medium_recipe_has_the_published_sizes():
+    """The architecture-exact recipe, counted on the meta device (no weights): SD3.5 medium's MMDiT 2.24 B, CLIP-L
+    0.12 B, CLIP-G 0.70 B, the VAE 84 M, and T5-XXL's encoder 4.76 B (left out of the recipe: 19 GB in fp32)."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from edgediff.export.recipes import RECIPES, SD3_T5_XXL
+
+    r = RECIPES["sd35-medium"]
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    with torch.device("meta"):
+        sizes = (count(diffusers.SD3Transformer2DModel(**r["transformer"])),
+                 count(CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **r["text"]))),
+                 count(CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **r["text_2"]))),
+                 count(diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4,
+                                               up_block_types=("UpDecoderBlock2D",) * 4, **r["vae"])),
+                 count(T5EncoderModel(T5Config(**SD3_T5_XXL))))
+    assert [round(s / 1e9, 2) for s in sizes] == [2.24, 0.12, 0.69, 0.08, 4.76]
+    assert r["t5"] is None and r["transformer"]["dual_attention_layers"] == tuple(range(13))
+
+
+def test_a_recipe_without_t5_builds_as_diffusers_text_encoder_3_none(tmp_path):
+    import diffusers
+
+    from edgediff.export.recipes import RECIPES, _build_sd3
+
+    src = _build_sd3({**RECIPES["tiny-sd3"], "t5": None}, tmp_path / "src", 0)
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(str(src), text_encoder_3=None, tokenizer_3=None)
+    assert pipe.text_encoder_3 is None and pipe.transformer is not None
+    # a folder saved without T5 ([null, null] in model_index.json) exports: diffusers needs the None passed
+    r = run_cli("export", str(src), str(tmp_path / "artifact"))
+    assert r.exit_code == 0, r.output
+    assert [t.name for t in load_manifest(tmp_path / "artifact").text_encoders] == ["text_encoder", "text_encoder_2"]
