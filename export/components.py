@@ -50,6 +50,7 @@ class Contract:
     variant: str = "fp32"  # the manifest's variant name: fp32, or "tiny" for a tiny VAE's graphs
     # a VAE graph in other latent units than the checkpoint's VAE (a tiny VAE: its own scaling factor, 1.0)
     scaling_factor: float | None = None
+    shift_factor: float = 0.0  # ... and its shift (taesd3's is SD3's 0.0609; TAESD's 0)
 
     @property
     def file(self) -> str:
@@ -262,6 +263,7 @@ def tiny_vae_decoder_contract(vae, latent_size: int) -> Contract:
     """A tiny VAE's decoder as the ``tiny`` variant of vae_decoder: the same contract, in its own latent units."""
     contract = vae_decoder_contract(vae, latent_size)
     contract.variant, contract.scaling_factor = "tiny", float(vae.config.scaling_factor)
+    contract.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
     return contract
 
 
@@ -272,6 +274,7 @@ def tiny_vae_encoder_contract(vae, image_size: int) -> Contract:
     contract.outputs = (TensorSpec("latents", "float32", ("batch", vae.config.latent_channels, "latent_height",
                                                            "latent_width")),)
     contract.variant, contract.scaling_factor = "tiny", float(vae.config.scaling_factor)
+    contract.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
     return contract
 
 
@@ -367,7 +370,7 @@ def export_component(contract: Contract, out_dir: Path, progress: Callable[[str]
         quality["weight_map"] = write_weight_map(path, *weight_prints, unread=unread, prefix="text_encoder.")
         weights = f"{contract.name}/{WEIGHT_MAP_FILE}"
     return Variant(contract.variant, contract.file, size, contract.inputs, contract.outputs, quality,
-                   scaling_factor=contract.scaling_factor, shift_factor=None if contract.scaling_factor is None else 0.0,
+                   scaling_factor=contract.scaling_factor, shift_factor=None if contract.scaling_factor is None else contract.shift_factor,
                    weights=weights)
 
 

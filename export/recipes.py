@@ -147,7 +147,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                         "joint_attention_dim": 4096, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
                         "qk_norm": "rms_norm", "dual_attention_layers": tuple(range(13))},
         "vae": {**SD_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
-                "shift_factor": 0.0609, "scaling_factor": 1.5035},
+                "shift_factor": 0.0609, "scaling_factor": 1.5305},  # the released VAE's (diffusers' tests: 1.5035)
         "scheduler": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),
         "pad_token": "<|endoftext|>",
         "pad_token_2": "!",
@@ -184,12 +184,20 @@ SD3_T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "
 
 # A tiny VAE (diffusers' AutoencoderTiny) for each recipe's random-weight export with `--tiny-vae random`: TAESD's own
 # architecture for the real-size recipes, toy widths for the test models.
-TINY_VAE = {"tiny": {"encoder_block_out_channels": (8, 8, 8, 8), "decoder_block_out_channels": (8, 8, 8, 8)}}
+TINY_VAE = {"tiny": {"encoder_block_out_channels": (8, 8, 8, 8), "decoder_block_out_channels": (8, 8, 8, 8)},
+            # taesd3's units (16 channels, SD3's shift), at tiny-sd3's 2x scale
+            "tiny-sd3": {"encoder_block_out_channels": (8, 8), "decoder_block_out_channels": (8, 8),
+                         "num_encoder_blocks": (1, 1), "num_decoder_blocks": (1, 1), "latent_channels": 16,
+                         "scaling_factor": 1.5035, "shift_factor": 0.0609},
+            # a taesd3-sized one: TAESD's architecture with 16 channels, in SD3's latent units
+            "sd35-medium": {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609}}
 
 
 def tiny_vae_config(recipe: str) -> dict[str, Any]:
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+    if recipe in TINY_VAE:
+        return TINY_VAE[recipe]
     return TINY_VAE["tiny"] if recipe.startswith("tiny") else {}
 
 

@@ -70,7 +70,7 @@ def check_fits(vae, manifest: Manifest) -> None:
     channels = vae.config.latent_channels
     if channels != manifest.latent_channels:
         raise ExportError(f"the tiny VAE has {channels} latent channels, the checkpoint {manifest.latent_channels}: "
-                          "it belongs to another model family (taesd for SD 1.x/2.x, taesdxl for SDXL)")
+                          "it belongs to another model family (taesd for SD 1.x/2.x, taesdxl for SDXL, taesd3 for SD3)")
     with torch.no_grad():
         out = vae.decode(torch.zeros(1, channels, 2, 3), return_dict=False)[0]
     f = manifest.vae_scale_factor

@@ -302,3 +302,45 @@ def test_a_recipe_without_t5_builds_as_diffusers_text_encoder_3_none(tmp_path):
     r = run_cli("export", str(src), str(tmp_path / "artifact"))
     assert r.exit_code == 0, r.output
     assert [t.name for t in load_manifest(tmp_path / "artifact").text_encoders] == ["text_encoder", "text_encoder_2"]
+
+
+def test_tiny_vae_in_sd3_units_matches_diffusers(tiny_sd3, tmp_path):
+    """A 16-channel tiny VAE (taesd3's kind) with a shift factor: decoded with its own units (z / scaling + shift),
+    as diffusers' StableDiffusion3Pipeline does with an AutoencoderTiny; txt2img and img2img. Its shift is made
+    large (1.0; SD3's is 0.0609), so that the same graphs read without it differ (before, a tiny VAE's shift was
+    recorded as 0)."""
+    import dataclasses
+
+    import diffusers
+    from PIL import Image
+
+    from edgediff.export.recipes import tiny_vae_config
+    from edgediff.export.tiny_vae import build_random_tiny_vae
+
+    tiny = build_random_tiny_vae(tmp_path / "tiny", 4, **(tiny_vae_config("tiny-sd3") | {"shift_factor": 1.0}))
+    artifact = tmp_path / "artifact"
+    r = run_cli("export", str(tiny_sd3[0]), str(artifact), "--tiny-vae", str(tiny), "--force-tiny-vae")
+    assert r.exit_code == 0, r.output
+    m = load_manifest(artifact)
+    variant = m.components["vae_decoder"]["tiny"]
+    assert (variant.scaling_factor, variant.shift_factor) == (1.5035, 1.0)
+    pipe = Pipeline.load(artifact, backend="onnxruntime", device="cpu", vae="tiny")
+    got = np.asarray(pipe.txt2img(PROMPT, steps=STEPS, guidance=GUIDANCE, seed=SEED, width=W, height=H, rng="torch")[0])
+    ref = diffusers.StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3[0]),
+                                                            vae=diffusers.AutoencoderTiny.from_pretrained(str(tiny)))
+    ref.set_progress_bar_config(disable=True)
+    want = ref(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=W, height=H, output_type="np",
+               generator=torch.Generator().manual_seed(SEED)).images[0]
+    assert got.std() > 10 and psnr(got, (want * 255).round().astype(np.uint8)) >= 40
+    assert psnr(got, ours(tiny_sd3[1])[0]) < 30  # not the full VAE's image
+    unshifted = dataclasses.replace(m, components={c: v | ({"tiny": dataclasses.replace(v["tiny"], shift_factor=0.0)}
+                                                           if "tiny" in v else {}) for c, v in m.components.items()})
+    wrong = Pipeline.load(artifact, backend="onnxruntime", device="cpu", vae="tiny", manifest=unshifted)
+    assert psnr(got, np.asarray(wrong.txt2img(PROMPT, steps=STEPS, guidance=GUIDANCE, seed=SEED, width=W, height=H,
+                                              rng="torch")[0])) < 30
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8))
+    got = np.asarray(pipe.img2img(PROMPT, image, strength=0.6, steps=5, guidance=GUIDANCE, seed=SEED, rng="torch")[0])
+    ref = diffusers.StableDiffusion3Img2ImgPipeline(**ref.components)
+    want = ref(PROMPT, image=image, strength=0.6, num_inference_steps=5, guidance_scale=GUIDANCE, width=W, height=H,
+               output_type="np", generator=torch.Generator().manual_seed(SEED)).images[0]
+    assert psnr(got, (want * 255).round().astype(np.uint8)) >= 40
