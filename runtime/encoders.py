@@ -12,6 +12,12 @@ cut) with the ``tokenizers`` library reading the artifact's ``tokenizer.json``, 
 ``T5TokenizerFast`` does. A1111's ``(word:1.3)`` weights and ``BREAK`` mean nothing to T5 (they are CLIP-chunk
 operations), so a prompt using them is refused, not passed through as literal brackets; ``\\(`` writes a literal
 bracket, as everywhere in edgediff (``edgediff.runtime.prompts``).
+
+``GemmaEncoder`` is Gemma2's decoder, Sana's text encoder, read to its last hidden state with the attention mask.
+It tokenizes as diffusers' Sana pipelines do (``tokenizer.padding_side = "right"``, ``tokenizer(prefix + prompt,
+padding="max_length", max_length=..., truncation=True, add_special_tokens=True)``: ``<bos>``, the tokens,
+``<pad>`` to ``max_length``), the length given per call, since Sana sizes it by the instruction prefix it puts
+before each prompt (``count``), and feeds the graph a sequence of that length.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from .prompts import BREAK_MARKER, parse
 Call = Callable[..., dict[str, np.ndarray]]
 
 EOS = "</s>"
+BOS = "<bos>"  # Gemma's
 
 
 @dataclass(frozen=True)
@@ -112,4 +119,70 @@ class T5Encoder:
         return Encoded(call(self.component, **feeds)[self.output], None, mask, notes)
 
 
-__all__ = ["Call", "Encoded", "T5Encoder", "TextEncoder", "plain_text"]
+class GemmaEncoder:
+    """Gemma2's decoder (Gemma's tokenizer: byte-fallback BPE, ``<bos>`` first): ``input_ids`` and
+    ``attention_mask`` of ``max_length`` tokens (or the call's) -> ``last_hidden_state``, the mask in ``Encoded``.
+    An instruction ``prefix`` is put before each prompt as Sana's ``complex_human_instruction`` is; it is text, not
+    a prompt: A1111's syntax is refused in the prompt only."""
+
+    def __init__(self, component: str, tokenizer: Path, max_length: int, pad_token_id: int = 0):
+        self.component, self.max_length = component, self._checked(max_length, component)
+        self._tok = Tokenizer.from_file(str(tokenizer))
+        bos = self._tok.token_to_id(BOS)
+        if bos is None or self._tok.encode("").ids != [bos] or self._tok.encode("a").ids[:1] != [bos]:
+            raise ValueError(f"{tokenizer} is not a Gemma tokenizer (it does not start every sequence with {BOS})")
+        self._pad = self._tok.id_to_token(pad_token_id)
+        if self._pad is None:
+            raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary of {tokenizer} "
+                             f"({self._tok.get_vocab_size()} tokens)")
+        self.pad_token_id = pad_token_id
+
+    @staticmethod
+    def _checked(max_length: int, component: str) -> int:
+        if max_length < 2:
+            raise ValueError(f"{component}: max_length must be at least 2 ({BOS} and a token), got {max_length}")
+        return max_length
+
+    def count(self, text: str) -> int:
+        """``len(tokenizer.encode(text))`` as transformers counts it: ``<bos>`` included, nothing cut or padded
+        (Sana sizes its sequence by the instruction prefix's count)."""
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        return len(self._tok.encode(text).ids)
+
+    def tokenize(self, prompts: Sequence[str], max_length: int | None = None,
+                 prefix: str = "") -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+        """``input_ids`` and ``attention_mask``, (prompts, max_length) int64, of ``prefix + prompt`` each, and a
+        note per prompt cut short."""
+        length = self._checked(self.max_length if max_length is None else max_length, self.component)
+        texts = [prefix + plain_text(p, "Gemma2") for p in prompts]
+        # transformers' padding="max_length", truncation=True, padding_side="right", on the same backend
+        self._tok.enable_truncation(length)
+        self._tok.enable_padding(length=length, pad_id=self.pad_token_id, pad_token=self._pad, direction="right")
+        encodings = self._tok.encode_batch(texts)
+        notes = []
+        for prompt, e in zip(prompts, encodings):
+            if e.overflowing:
+                cut = self._tok.decode([i for o in e.overflowing
+                                        for i, special in zip(o.ids, o.special_tokens_mask) if not special])
+                notes.append(f"the prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} was cut to Gemma2's "
+                             f"{length} tokens{' (its instruction prefix included)' if prefix else ''}, as "
+                             f"diffusers cuts it; dropped: {cut[:200]!r}{' ...' if len(cut) > 200 else ''}")
+        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(prompts), length)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(ids.shape)
+        return ids, mask, tuple(notes)
+
+    def encode(self, call: Call, prompts: Sequence[str], max_length: int | None = None, prefix: str = "") -> Encoded:
+        ids, mask, notes = self.tokenize(prompts, max_length, prefix)
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
+        hidden = call(self.component, input_ids=ids, attention_mask=mask)["last_hidden_state"]
+        return Encoded(hidden, None, mask, notes)
+
+
+# the manifest's text-encoder kinds (manifest.TEXT_ENCODER_KINDS) read by a TextEncoder here, each made as
+# cls(component, tokenizer.json, max_length, pad_token_id); "clip" is runtime.text's PromptTokenizer
+ENCODERS: dict[str, type] = {"t5": T5Encoder, "gemma": GemmaEncoder}
+
+
+__all__ = ["Call", "ENCODERS", "Encoded", "GemmaEncoder", "T5Encoder", "TextEncoder", "plain_text"]
