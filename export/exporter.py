@@ -337,7 +337,7 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
     pipe = load_source(str(source), config)
     family = families.detect(pipe, str(source_label or source))
     family_name = family.name(pipe)
-    defaults = getattr(family, "DEFAULTS", {}) | defaults  # the family's pipeline defaults, where it has its own
+    defaults = families.defaults(family, pipe) | defaults  # the family's pipeline defaults, where it has its own
     if no_t5:
         if "text_encoder_3" not in [c for c, _ in family.TEXT_ENCODERS]:
             raise ExportError(f"--no-t5: {source_label or source} is a {family.TITLE} checkpoint, which has no T5 "
@@ -365,7 +365,7 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
             branch_of(pipe.unet, deepcache_branch)
         except ValueError as e:
             raise ExportError(f"--deepcache-branch: {e}") from None
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    vae_scale = families.vae_scale(family, pipe.vae)
     control_models = {}
     for name, path in controlnets:  # read and matched to the UNet before anything is written
         progress(f"loading ControlNet {name} from {path}")
@@ -395,10 +395,8 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
                                                                 vae_scale, n) for n in list(control_models)]
         if deepcache_branch is not None:
             unet_contracts.append(lambda: C.shallow_unet_contract(pipe.unet, min(latent, 64), deepcache_branch))
-        contracts = text_contracts + unet_contracts + control_contracts + [
-            lambda: C.vae_decoder_contract(pipe.vae, min(latent, 64)),
-            lambda: C.vae_encoder_contract(pipe.vae, min(latent, 64) * vae_scale),
-        ]
+        contracts = text_contracts + unet_contracts + control_contracts + families.vae_contracts(
+            family, pipe, min(latent, 64), vae_scale)
         # what the manifest needs, read before the modules are dropped one by one
         configs = {"unet": denoiser_module.config, "vae": pipe.vae.config}
         lengths, kinds = getattr(family, "MAX_LENGTHS", {}), getattr(family, "TEXT_KINDS", {})

@@ -173,6 +173,31 @@ RECIPES: dict[str, dict[str, Any]] = {
         "pad_token": "<|endoftext|>",
         "pad_token_2": "!",
     },
+    "tiny-sana": {  # diffusers' Sana get_dummy_components, a little wider (its prompts must move the image), the
+        # DC-AE at 2x, Sana's own scheduler (DPM-Solver++ on flow sigmas, shift 3)
+        "arch": "sana",
+        "gemma": {"hidden_size": 16, "head_dim": 8, "intermediate_size": 32, "num_hidden_layers": 2,
+                  "num_attention_heads": 2, "num_key_value_heads": 1, "initializer_range": 0.5},
+        "transformer": {"patch_size": 1, "in_channels": 4, "out_channels": 4, "num_layers": 2,
+                        "num_attention_heads": 2, "attention_head_dim": 8, "num_cross_attention_heads": 2,
+                        "cross_attention_head_dim": 8, "cross_attention_dim": 16, "caption_channels": 16,
+                        "sample_size": 32},
+        "conditioning_gain": 3.0,
+        "vae": {"latent_channels": 4, "attention_head_dim": 2, "encoder_block_types": ("ResBlock", "EfficientViTBlock"),
+                "decoder_block_types": ("ResBlock", "EfficientViTBlock"), "encoder_block_out_channels": (8, 8),
+                "decoder_block_out_channels": (8, 8), "encoder_qkv_multiscales": ((), (5,)),
+                "decoder_qkv_multiscales": ((), (5,)), "encoder_layers_per_block": (1, 1),
+                "decoder_layers_per_block": (1, 1), "downsample_block_type": "conv",
+                "upsample_block_type": "interpolate", "decoder_norm_types": "rms_norm", "decoder_act_fns": "silu",
+                "scaling_factor": 0.41407},
+        "scheduler": ("DPMSolverMultistepScheduler", {"flow_shift": 3.0, "use_flow_sigmas": True,
+                                                      "prediction_type": "flow_prediction"}),
+    },
+}
+# Sana-Sprint's test model: Sana's with qk-norm and the guidance embedding, sampled by SCM
+RECIPES["tiny-sana-sprint"] = RECIPES["tiny-sana"] | {
+    "transformer": RECIPES["tiny-sana"]["transformer"] | {"qk_norm": "rms_norm_across_heads", "guidance_embeds": True},
+    "scheduler": ("SCMScheduler", {}),
 }
 
 
@@ -210,10 +235,10 @@ def build_pipeline(recipe: str, out_dir: str | Path, seed: int = 0, inpainting: 
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
     r = RECIPES[recipe]
-    if r.get("arch") == "sd3":
+    if r.get("arch") in ("sd3", "sana"):
         if inpainting:
-            raise ValueError("the sd3 recipes have no inpainting variant")
-        return _build_sd3(r, Path(out_dir), seed)
+            raise ValueError(f"the {r['arch']} recipes have no inpainting variant")
+        return (_build_sd3 if r["arch"] == "sd3" else _build_sana)(r, Path(out_dir), seed)
     xl = r.get("arch") == "sdxl"
     if xl and inpainting:
         raise ValueError("the sdxl recipes have no inpainting variant")
@@ -312,6 +337,41 @@ def _build_sd3(r: dict[str, Any], out_dir: Path, seed: int) -> Path:
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
     pipe.save_pretrained(out_dir, max_shard_size="2GB")  # serialised shard by shard: SD3.5 medium is 12 GB in fp32
+    return out_dir
+
+
+def _build_sana(r: dict[str, Any], out_dir: Path, seed: int) -> Path:
+    """Sana's pipeline (Sana-Sprint's with a guidance-embedding transformer): Gemma2, the linear-attention DiT, the
+    deep-compression autoencoder."""
+    import diffusers
+    import torch
+    from transformers import Gemma2Config, Gemma2Model
+
+    from .gemma_tokenizer import build_gemma_tokenizer_fast
+
+    tokenizer = build_gemma_tokenizer_fast(out_dir / "tokenizer")
+    torch.manual_seed(seed)
+    text_encoder = Gemma2Model(Gemma2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                            attn_implementation="eager", **r["gemma"])).eval()
+    transformer = diffusers.SanaTransformer2DModel(**r["transformer"]).eval()
+    # as tiny-sd3's: the timestep and caption paths scaled up, so that a parity test fails when either is read wrong
+    with torch.no_grad():
+        for param_name, p in transformer.named_parameters():
+            if param_name.startswith(("time_embed.", "caption_norm.", "scale_shift_table")):
+                p.mul_(r.get("conditioning_gain", 1.0))
+            if ".attn2.to_out" in param_name:  # the prompt's way into the image (the caption is RMS-normed before)
+                p.mul_(r.get("conditioning_gain", 1.0) ** 3)
+            if param_name.startswith("time_embed.guidance_embedder.linear_1"):
+                p.mul_(r.get("conditioning_gain", 1.0) ** 2)  # Sprint's guidance (0.45 for 4.5) is a small input
+    _perturb_zero_init(transformer)
+    vae = diffusers.AutoencoderDC(in_channels=3, **r["vae"]).eval()
+    sched_cls, sched_cfg = r["scheduler"]
+    scheduler = getattr(diffusers, sched_cls).from_config(sched_cfg)
+    pipe_cls = diffusers.SanaSprintPipeline if r["transformer"].get("guidance_embeds") else diffusers.SanaPipeline
+    pipe = pipe_cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                    scheduler=scheduler)
+    pipe.save_pretrained(out_dir, max_shard_size="2GB")
     return out_dir
 
 

@@ -23,7 +23,8 @@ Call = Callable[..., dict[str, np.ndarray]]
 
 
 class Guidance:
-    """Classifier-free guidance, chosen once: batched (uncond + cond in one UNet call) or none."""
+    """Classifier-free guidance, chosen once per generation by the family (``Family.guidance``): batched (uncond +
+    cond in one denoiser call) or none (a scale of 1 or below)."""
 
     def __init__(self, scale: float):
         self.scale = scale
@@ -41,6 +42,23 @@ class Guidance:
         uncond, cond = np.split(out, 2)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught, with its step, by the NaN/Inf guard
             return uncond + np.float32(self.scale) * (cond - uncond)
+
+
+    def inputs(self, batch: int) -> dict[str, np.ndarray]:
+        """The denoiser inputs guidance adds beside the conditioning: none for CFG."""
+        return {}
+
+
+class DistilledGuidance(Guidance):
+    """Guidance distilled into the model (Sana-Sprint, FLUX.1-dev): no unconditional half, one denoiser call per
+    step; the scale is the denoiser's ``guidance`` input, one value per image."""
+
+    def __init__(self, scale: float):
+        super().__init__(scale)
+        self.enabled = False
+
+    def inputs(self, batch: int) -> dict[str, np.ndarray]:
+        return {"guidance": np.full((batch,), self.scale, dtype=np.float32)}
 
 
 class Conditioning(Protocol):

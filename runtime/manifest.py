@@ -56,10 +56,11 @@ CONTROL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 DENOISER_KINDS = ("unet", "transformer")  # SD/SDXL's UNet; a DiT (SD3's MMDiT) taking the same NCHW latents
 MAX_TEXT_ENCODERS = 3  # SD: one; SDXL: two; SD3: three (CLIP-L, CLIP-G, T5; edgediff.runtime.families)
 # what a text encoder is, which says how its prompts are tokenized (runtime/text.py, runtime/encoders.py)
-TEXT_ENCODER_KINDS = ("clip", "t5")
+TEXT_ENCODER_KINDS = ("clip", "t5", "gemma")
 V1_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # version 1: closed names
 V1_REQUIRED = ("text_encoder", "unet", "vae_decoder")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")  # flow: rectified-flow velocity (SD3)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow", "trigflow")  # flow: rectified-flow velocity (SD3, Sana);
+# trigflow: TrigFlow's consistency model (Sana-Sprint)
 # Generation settings used when neither the caller nor the artifact's ``defaults`` name them.
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5

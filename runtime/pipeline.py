@@ -32,7 +32,6 @@ from . import device_check
 from .backends import BackendOptions, Session, open_session
 from .low_memory import StageSessions
 from .placement import describe_placement, resolve_placement
-from .conditioning import Guidance
 from .denoise import (ChunkSteps, DenoiserInputs, GenerationError, InpaintingUNetInputs, Job, KnownRegionBlend,
                       PrecisionError, Progress, StepObserver, denoise)
 from .images import extend_canvas, load_image, load_mask, paste_unmasked, to_pil
@@ -42,7 +41,7 @@ from .embeddings import read_embedding
 from .families import family_of
 from .lora import LoraSpec, WeightPatch, combine
 from .lora import plan as lora_plan
-from .encoders import T5Encoder
+from .encoders import ENCODERS, TextEncoder
 from .manifest import (DEEP_FEATURE, ArtifactError, Manifest, TextEncoderSpec, artifact_file, load_manifest,
                        read_manifest_json, residual_inputs)
 from .result import Result, Timings
@@ -303,12 +302,13 @@ class Pipeline:
             raise ArtifactError(f"{where} does not configure the {name} scheduler ({type(e).__name__}: {e}); "
                                 "re-export the artifact or choose another --scheduler") from e
 
-    def _tokenizer(self, spec: TextEncoderSpec) -> PromptTokenizer | T5Encoder:
-        """The text encoder's tokenizer, by its kind: CLIP's 77-token chunks, or T5 padded to its max_length."""
+    def _tokenizer(self, spec: TextEncoderSpec) -> PromptTokenizer | TextEncoder:
+        """The text encoder's tokenizer, by its kind: CLIP's 77-token chunks, or an encoder of ``ENCODERS`` (T5,
+        Gemma2) padding to its max_length."""
         path = artifact_file(self.root, spec.tokenizer, "tokenizer", (".json",))
         try:
-            if spec.kind == "t5":
-                return T5Encoder(spec.name, path, spec.max_length, spec.pad_token_id)
+            if spec.kind in ENCODERS:
+                return ENCODERS[spec.kind](spec.name, path, spec.max_length, spec.pad_token_id)
             return PromptTokenizer(path, spec.max_length, spec.pad_token_id)
         except MemoryError:
             raise
@@ -495,6 +495,9 @@ class Pipeline:
         sees the latents; either returning False stops the call between two steps (``Cancelled``)."""
         task = "outpaint" if extend is not None else "inpaint" if mask is not None else "img2img" if image is not None \
             else "txt2img"
+        if task not in self.family.tasks and not (task == "outpaint" and "inpaint" in self.family.tasks):
+            raise ValueError(f"{task}: a {self.family.title} artifact does {', '.join(self.family.tasks)} only in "
+                             "edgediff (as diffusers' pipelines for it do)")
         settings = dataclasses.replace(settings, **{k: v for k, v in self.fast.items() if getattr(settings, k) is None})
         if image is None and (mask is not None or settings.strength is not None):
             raise ValueError("a mask and a strength need an input image")
@@ -564,9 +567,10 @@ class Pipeline:
     def _run(self, task: str, settings: GenerationSettings, sessions: dict[str, Session], observer: StepObserver | None,
              timings: Timings, *, latents, pixels, binary, mask_blur, keep_unmasked, controls) -> list[Image.Image]:
         shallow = self.manifest.shallow_denoiser
-        job = Job(settings, sessions, ImageNoise(settings.rng, settings.seeds), Guidance(settings.guidance), observer,
-                  denoiser=self.manifest.denoiser.name, shallow_denoiser=shallow and shallow.name, controls=controls)
-        conditioning = self.conditioning(job.call, settings, job.cfg)
+        job = Job(settings, sessions, ImageNoise(settings.rng, settings.seeds), self.family.guidance(settings.guidance),
+                  observer, denoiser=self.manifest.denoiser.name, shallow_denoiser=shallow and shallow.name,
+                  controls=controls)
+        conditioning = self.conditioning(job.call, settings, job.cfg) | job.cfg.inputs(settings.batch)
         sched = self._make_scheduler(settings.scheduler, settings.steps)
         if task == "txt2img":
             images = self._txt2img(job, sched, conditioning, latents)
@@ -732,7 +736,7 @@ class Pipeline:
         return tiling if needs_tiling(height, width, tiling) else None
 
     def _bare_job(self) -> Job:
-        return Job(None, self._snapshot(), None, Guidance(0.0))
+        return Job(None, self._snapshot(), None, self.family.guidance(0.0))
 
     def _with_fallback(self, attempt: Callable[[dict[str, Session]], list[Image.Image]]) -> list[Image.Image]:
         """Run ``attempt`` on a snapshot of the sessions; with ``fallback``, a reduced-precision component that

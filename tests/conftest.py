@@ -109,6 +109,18 @@ def tiny_sd3(tmp_path_factory) -> tuple[Path, Path]:
     return _build_and_export(tmp_path_factory, "tiny-sd3")
 
 
+@pytest.fixture(scope="session")
+def tiny_sana(tmp_path_factory) -> tuple[Path, Path]:
+    """(diffusers folder, artifact folder) of a Sana model (Gemma2, the linear-attention DiT, a DC-AE)."""
+    return _build_and_export(tmp_path_factory, "tiny-sana")
+
+
+@pytest.fixture(scope="session")
+def tiny_sana_sprint(tmp_path_factory) -> tuple[Path, Path]:
+    """(diffusers folder, artifact folder) of a Sana-Sprint model (guidance-distilled, SCM)."""
+    return _build_and_export(tmp_path_factory, "tiny-sana-sprint")
+
+
 _PARITY: list[tuple] = []
 
 

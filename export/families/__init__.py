@@ -17,15 +17,16 @@ from typing import Any
 from edgediff.runtime.families import FAMILIES as RUNTIME_FAMILIES
 from edgediff.runtime.schedulers import PREDICTION_ALIASES, REGISTRY, default_scheduler_name, schedulers_for
 
+from .. import components as C
 from ..components import ExportError
-from . import sd, sd3, sdxl
+from . import sana, sd, sd3, sdxl
 
 # the export side of each family, most specific first: the first whose pipelines include the source's wins
-FAMILIES = (sd3, sdxl, sd)
+FAMILIES = (sana, sd3, sdxl, sd)
 
 # pipelines of families edgediff does not export yet, named in the refusal (what a user downloads most)
 NOT_YET = {"FluxPipeline": "FLUX.1", "Flux2Pipeline": "FLUX.2",
-           "SanaPipeline": "Sana", "SanaSprintPipeline": "Sana-Sprint", "ZImagePipeline": "Z-Image",
+           "SanaSprintImg2ImgPipeline": "Sana-Sprint image-to-image", "ZImagePipeline": "Z-Image",
            "PixArtAlphaPipeline": "PixArt", "PixArtSigmaPipeline": "PixArt"}
 
 
@@ -95,11 +96,33 @@ def denoiser(family) -> str:
     return getattr(family, "DENOISER", "unet")
 
 
+def defaults(family, pipe: Any) -> dict[str, Any]:
+    """The recommended steps and guidance of the family's pipeline (its ``defaults(pipe)`` where the family has
+    pipelines with different ones, else its ``DEFAULTS``; none: edgediff's own)."""
+    return family.defaults(pipe) if hasattr(family, "defaults") else getattr(family, "DEFAULTS", {})
+
+
+def vae_scale(family, vae: Any) -> int:
+    """The VAE's spatial factor: the family's ``vae_scale`` (Sana's 32x autoencoder), else an AutoencoderKL's."""
+    if hasattr(family, "vae_scale"):
+        return family.vae_scale(vae)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def vae_contracts(family, pipe: Any, latent_size: int, scale: int) -> list:
+    """Makers of the VAE's decoder and encoder contracts: the family's ``vae_contracts``, else an AutoencoderKL's
+    (its encoder giving the latent distribution's moments)."""
+    if hasattr(family, "vae_contracts"):
+        return family.vae_contracts(pipe, latent_size)
+    return [lambda: C.vae_decoder_contract(pipe.vae, latent_size),
+            lambda: C.vae_encoder_contract(pipe.vae, latent_size * scale)]
+
+
 def text_encoders(family, pipe: Any) -> list[tuple[str, str]]:
     """(component, its tokenizer's folder) of each text encoder the pipeline has, in conditioning order (an
     optional one set to None, SD3's T5 without it, is left out)."""
     return [(c, f) for c, f in family.TEXT_ENCODERS if getattr(pipe, c, None) is not None]
 
 
-__all__ = ["FAMILIES", "denoiser", "detect", "prediction_type", "scheduler_name", "single_file_pipeline",
-           "text_encoders"]
+__all__ = ["FAMILIES", "defaults", "denoiser", "detect", "prediction_type", "scheduler_name", "single_file_pipeline",
+           "text_encoders", "vae_contracts", "vae_scale"]

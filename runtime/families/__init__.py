@@ -1,8 +1,9 @@
 """Model families: what a manifest's ``family`` selects, one file per family, read from one registry.
 
 A ``Family`` says what varies between model families and nothing else: its conditioner (text encoders ->
-the denoiser's conditioning inputs), the prediction types its denoisers make, and the first denoiser call of
-an image-to-image run. The pipeline asks the family once, at load (``family_of``); the tasks and the denoising
+the denoiser's conditioning inputs), the prediction types its denoisers make, how the guidance scale steers them
+(classifier-free guidance, or an input of a guidance-distilled model), the tasks its pipelines do, and the first
+denoiser call of an image-to-image run. The pipeline asks the family once, at load (``family_of``); the tasks and the denoising
 loop never branch on it. The runtime contract with the denoiser graph is the same for every family (NCHW
 latents ``sample``, ``timestep`` and the conditioning in, ``out_sample`` out): a family's own layout
 (packed patches, position ids) is folded into its exported graph.
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..conditioning import Guidance
 from ..manifest import ArtifactError, Manifest
 
 
@@ -34,12 +36,14 @@ class Family:
     conditioner: Callable[[Manifest, list[Any]], Any]  # -> a conditioning.Conditioning
     predictions: tuple[str, ...]  # what its denoisers predict (the manifest's prediction_type)
     start_index: Callable[[int, float, int], int] = sd_start_index  # (steps, strength, scheduler order) -> call
+    guidance: Callable[[float], Guidance] = Guidance  # the guidance scale -> how it steers (CFG, or a model input)
+    tasks: tuple[str, ...] = ("txt2img", "img2img", "inpaint")  # what its pipelines do
 
 
-from . import sd, sd3, sdxl  # noqa: E402  (the family files build on Family)
+from . import sana, sd, sd3, sdxl  # noqa: E402  (the family files build on Family)
 
 # the manifest's family -> its Family; read by family_of and the tests
-FAMILIES: dict[str, Family] = {f.name: f for f in (*sd.FAMILIES, sdxl.SDXL, sd3.SD3)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (*sd.FAMILIES, sdxl.SDXL, sd3.SD3, *sana.FAMILIES)}
 
 
 def family_of(manifest: Manifest) -> Family:

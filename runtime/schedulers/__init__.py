@@ -105,6 +105,22 @@ def default_scheduler_name(config: dict[str, Any]) -> str:
     return max(matches, key=lambda name: len(REGISTRY[name].extra), default="euler")
 
 
+# the model's flow shift, as each flow sampler's config names it
+SHIFT_KEYS = {"FlowMatchEulerDiscreteScheduler": "shift", "DPMSolverMultistepScheduler": "flow_shift",
+              "UniPCMultistepScheduler": "flow_shift"}
+
+
+def carried_shift(diffusers_class: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's shift under the name ``diffusers_class`` reads it, where the config is another flow
+    sampler's: a flow model's shift (SD3's 3.0, Sana's flow_shift 3.0) belongs to the model, so ``--scheduler
+    flow_euler`` on Sana samples at shift 3, not at FlowMatchEuler's default 1 (diffusers' ``from_config`` drops the
+    other class's key; its users pass ``shift=`` by hand)."""
+    want, have = SHIFT_KEYS.get(diffusers_class), SHIFT_KEYS.get(config.get("_class_name", ""))
+    if want is None or have is None or want == have or want in config or have not in config:
+        return {}
+    return {want: config[have]}
+
+
 def make_scheduler(
     name: str,
     config: dict[str, Any],
@@ -147,7 +163,7 @@ def make_scheduler(
     entry = REGISTRY[name]
     mod = importlib.import_module(f"{__name__}.{entry.module}")
     cls = getattr(mod, entry.cls)
-    merged = {**config, **entry.extra}
+    merged = {**config, **carried_shift(entry.diffusers_class, config), **entry.extra}
     if getattr(cls, "takes_flow_inputs", False):
         return cls(merged, num_inference_steps, image_seq_len=image_seq_len, mu=mu, sigmas=sigmas)
     if sigmas is not None:
@@ -160,6 +176,7 @@ __all__ = [
     "SCHEDULER_NAMES",
     "Scheduler",
     "SchedulerEntry",
+    "carried_shift",
     "check_prediction",
     "default_scheduler_name",
     "make_scheduler",
