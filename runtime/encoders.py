@@ -74,6 +74,24 @@ def plain_text(prompt: str, encoder: str) -> str:
     return "".join(f[0] for f in fragments)
 
 
+def padded_batch(tok: Tokenizer, texts: list[str], prompts: Sequence[str], length: int,
+                 limit: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """``texts`` through ``tok`` (truncation and padding to ``length`` already set on it): ``input_ids`` and
+    ``attention_mask``, (prompts, length) int64, and a note per prompt cut short, naming ``limit`` and what was
+    dropped."""
+    encodings = tok.encode_batch(texts)
+    notes = []
+    for prompt, e in zip(prompts, encodings):
+        if e.overflowing:
+            cut = tok.decode([i for o in e.overflowing for i, special in zip(o.ids, o.special_tokens_mask)
+                              if not special])
+            notes.append(f"the prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} was cut to {limit}; "
+                         f"dropped: {cut[:200]!r}{' ...' if len(cut) > 200 else ''}")
+    ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(prompts), length)
+    mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(ids.shape)
+    return ids, mask, tuple(notes)
+
+
 class T5Encoder:
     """T5's encoder: ``input_ids`` (and ``attention_mask`` where the graph takes it) of ``max_length`` tokens ->
     ``last_hidden_state``. ``Encoded.mask`` is the tokenizer's mask either way (SD3 and FLUX.1 run T5 without it,
@@ -98,18 +116,8 @@ class T5Encoder:
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
         """``input_ids`` and ``attention_mask``, (prompts, max_length) int64, and a note per prompt cut short."""
-        encodings = self._tok.encode_batch([plain_text(p, "T5") for p in prompts])
-        notes = []
-        for prompt, e in zip(prompts, encodings):
-            if e.overflowing:
-                cut = self._tok.decode([i for o in e.overflowing
-                                        for i, special in zip(o.ids, o.special_tokens_mask) if not special])
-                notes.append(f"the prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} was cut to T5's "
-                             f"{self.max_length} tokens (the model's max_sequence_length, as diffusers cuts it); "
-                             f"dropped: {cut[:200]!r}{' ...' if len(cut) > 200 else ''}")
-        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(prompts), self.max_length)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(ids.shape)
-        return ids, mask, tuple(notes)
+        return padded_batch(self._tok, [plain_text(p, "T5") for p in prompts], prompts, self.max_length,
+                            f"T5's {self.max_length} tokens (the model's max_sequence_length, as diffusers cuts it)")
 
     def encode(self, call: Call, prompts: Sequence[str]) -> Encoded:
         ids, mask, notes = self.tokenize(prompts)
@@ -159,18 +167,8 @@ class GemmaEncoder:
         # transformers' padding="max_length", truncation=True, padding_side="right", on the same backend
         self._tok.enable_truncation(length)
         self._tok.enable_padding(length=length, pad_id=self.pad_token_id, pad_token=self._pad, direction="right")
-        encodings = self._tok.encode_batch(texts)
-        notes = []
-        for prompt, e in zip(prompts, encodings):
-            if e.overflowing:
-                cut = self._tok.decode([i for o in e.overflowing
-                                        for i, special in zip(o.ids, o.special_tokens_mask) if not special])
-                notes.append(f"the prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} was cut to Gemma2's "
-                             f"{length} tokens{' (its instruction prefix included)' if prefix else ''}, as "
-                             f"diffusers cuts it; dropped: {cut[:200]!r}{' ...' if len(cut) > 200 else ''}")
-        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(prompts), length)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(ids.shape)
-        return ids, mask, tuple(notes)
+        return padded_batch(self._tok, texts, prompts, length, f"Gemma2's {length} tokens"
+                            f"{' (its instruction prefix included)' if prefix else ''}, as diffusers cuts it")
 
     def encode(self, call: Call, prompts: Sequence[str], max_length: int | None = None, prefix: str = "") -> Encoded:
         ids, mask, notes = self.tokenize(prompts, max_length, prefix)

@@ -154,24 +154,16 @@ def positive_movedim():
         torch.Tensor.movedim = original
 
 
-class _Decoder(torch.nn.Module):
-    def __init__(self, vae):
+class _Autoencoder(torch.nn.Module):
+    """The autoencoder's ``decode`` or ``encode``, traced with positive ``movedim`` dims."""
+
+    def __init__(self, vae, method: str):
         super().__init__()
-        self.vae = vae
+        self.vae, self.method = vae, method
 
-    def forward(self, latent_sample):
+    def forward(self, x):
         with positive_movedim():
-            return self.vae.decode(latent_sample, return_dict=False)[0]
-
-
-class _Encoder(torch.nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, sample):
-        with positive_movedim():
-            return self.vae.encode(sample, return_dict=False)[0]
+            return getattr(self.vae, self.method)(x, return_dict=False)[0]
 
 
 def vae_scale(vae) -> int:
@@ -185,7 +177,7 @@ def vae_contracts(pipe: Any, latent_size: int) -> list[Callable[[], C.Contract]]
 
     def decoder() -> C.Contract:
         contract = C.vae_decoder_contract(vae, max(1, latent_size // 2))
-        contract.module = _Decoder(vae)
+        contract.module = _Autoencoder(vae, "decode")
         return contract
 
     def encoder() -> C.Contract:
@@ -194,7 +186,7 @@ def vae_contracts(pipe: Any, latent_size: int) -> list[Callable[[], C.Contract]]
         def sample():
             return (torch.rand(1, 3, size, size + f, generator=torch.Generator().manual_seed(3)) * 2 - 1,)
 
-        return C.Contract("vae_encoder", _Encoder(vae),
+        return C.Contract("vae_encoder", _Autoencoder(vae, "encode"),
                           (TensorSpec("sample", "float32", ("batch", 3, "height", "width")),),
                           (TensorSpec("latents", "float32", ("batch", ch, "latent_height", "latent_width")),),
                           sample)
