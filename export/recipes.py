@@ -200,6 +200,43 @@ RECIPES["tiny-sana-sprint"] = RECIPES["tiny-sana"] | {
     "scheduler": ("SCMScheduler", {}),
 }
 
+# Gemma2-2B's decoder (Sana's text_encoder, gemma-2-2b-it): 2.61 B parameters, 0.59 B of them the embedding
+GEMMA2_2B = {"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+             "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+             "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+             "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+             "final_logit_softcapping": 30.0}
+# Sana 600M at 1024x1024 (diffusers' convert_sana_to_diffusers.py, SanaMS_600M_P1_D28): the 0.59 B linear-attention
+# DiT, Gemma2-2B, the f32c32 DC-AE (convert_dcae_to_diffusers.py, 312 M), DPM-Solver++ on flow sigmas at shift 3
+RECIPES["sana-600m"] = {
+    "arch": "sana",
+    "gemma": GEMMA2_2B,
+    "transformer": {"in_channels": 32, "out_channels": 32, "num_attention_heads": 36, "attention_head_dim": 32,
+                    "num_layers": 28, "num_cross_attention_heads": 16, "cross_attention_head_dim": 72,
+                    "cross_attention_dim": 1152, "caption_channels": 2304, "mlp_ratio": 2.5, "attention_bias": False,
+                    "sample_size": 32, "patch_size": 1, "norm_elementwise_affine": False, "norm_eps": 1e-6,
+                    "interpolation_scale": None},  # no positional embedding at 512 and 1024 px
+    "vae": {"latent_channels": 32, "attention_head_dim": 32, "encoder_block_types": ("ResBlock",) * 3 + (
+            "EfficientViTBlock",) * 3, "decoder_block_types": ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+            "encoder_block_out_channels": (128, 256, 512, 512, 1024, 1024),
+            "decoder_block_out_channels": (128, 256, 512, 512, 1024, 1024),
+            "encoder_layers_per_block": (2, 2, 2, 3, 3, 3), "decoder_layers_per_block": (3, 3, 3, 3, 3, 3),
+            "encoder_qkv_multiscales": ((), (), (), (5,), (5,), (5,)),
+            "decoder_qkv_multiscales": ((), (), (), (5,), (5,), (5,)), "downsample_block_type": "conv",
+            "upsample_block_type": "interpolate", "decoder_norm_types": "rms_norm", "decoder_act_fns": "silu",
+            "scaling_factor": 0.41407},
+    "scheduler": ("DPMSolverMultistepScheduler", {"flow_shift": 3.0, "use_flow_sigmas": True,
+                                                  "prediction_type": "flow_prediction"}),
+}
+# Sana-Sprint 0.6B at 1024x1024 (SanaSprint_600M_P1_D28): Sana 600M's DiT with qk-norm across heads and the guidance
+# embedding (its input scaled by guidance_embeds_scale 0.1), sampled by SCM (TrigFlow; max_timesteps 1.5708 and
+# intermediate_timesteps 1.3 are SanaSprintPipeline's call arguments, not the scheduler's config)
+RECIPES["sana-sprint-0.6b"] = RECIPES["sana-600m"] | {
+    "transformer": RECIPES["sana-600m"]["transformer"] | {"qk_norm": "rms_norm_across_heads", "guidance_embeds": True,
+                                                          "guidance_embeds_scale": 0.1},
+    "scheduler": ("SCMScheduler", {"num_train_timesteps": 1000, "prediction_type": "trigflow", "sigma_data": 0.5}),
+}
+
 
 # T5 v1.1 XXL's encoder (SD3's text_encoder_3, FLUX.1's text_encoder_2): 4.76 B parameters
 SD3_T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
