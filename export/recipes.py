@@ -5,12 +5,17 @@
 their latency that of the real models, without downloading gigabytes. They
 are marked ``random_weights`` in the manifest: not for images.
 
-``tiny-sd1``, ``tiny-sd2-v``, ``tiny-sdxl`` and ``tiny-sd3`` are the test models: the real Stable Diffusion
-classes (CLIPTextModel, UNet2DConditionModel with cross-attention,
+``sana-600m`` and ``sana-sprint-0.6b`` are Sana's 1024-px transformers with Gemma2-2B and the f32c32 DC-AE (the
+offline Gemma tokenizer stands in for Gemma's 256k-piece one).
+
+``tiny-sd1``, ``tiny-sd2-v``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-sana`` and ``tiny-sana-sprint`` are the test
+models: the real Stable Diffusion classes (CLIPTextModel, UNet2DConditionModel with cross-attention,
 AutoencoderKL with a downsampling factor of 8) at toy widths, with the real
 CLIP tokenizer (and an offline T5 one, ``export/t5_tokenizer.py``). ``tiny-sd3`` is SD3.5-medium's
 pipeline (two CLIP encoders with projections, T5, ``SD3Transformer2DModel`` with RMS qk-norm and a dual-attention
-layer, a 16-channel VAE with its shift factor, FlowMatchEuler with shift 3.0) at diffusers' test widths. Their
+layer, a 16-channel VAE with its shift factor, FlowMatchEuler with shift 3.0) at diffusers' test widths;
+``tiny-sana`` and ``tiny-sana-sprint`` are diffusers' Sana and Sana-Sprint test models, their conditioning paths
+scaled up. Their
 images are noise; they exist to prove the export and runtime paths equal diffusers.
 """
 
@@ -388,9 +393,11 @@ def _build_sana(r: dict[str, Any], out_dir: Path, seed: int) -> Path:
 
     tokenizer = build_gemma_tokenizer_fast(out_dir / "tokenizer")
     torch.manual_seed(seed)
-    text_encoder = Gemma2Model(Gemma2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                            attn_implementation="eager", **r["gemma"])).eval()
+    # the tiny recipes' vocabulary is the offline tokenizer's; the real-size ones keep Gemma's 256,000 (every id the
+    # offline tokenizer gives is below it)
+    text_encoder = Gemma2Model(Gemma2Config(**({"vocab_size": len(tokenizer)} | r["gemma"]),
+                                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                            eos_token_id=tokenizer.eos_token_id, attn_implementation="eager")).eval()
     transformer = diffusers.SanaTransformer2DModel(**r["transformer"]).eval()
     # as tiny-sd3's: the timestep and caption paths scaled up, so that a parity test fails when either is read wrong
     with torch.no_grad():
