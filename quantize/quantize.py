@@ -92,8 +92,13 @@ DEFAULT_ROLES = {
     "fp16-cuda": ("denoiser",),
     "ov-fp16": ("text_encoder", "denoiser", "shallow_denoiser"),
 }
-# precisions that compute in fp16, which T5's activations overflow (its text encoders are left out of them)
+# precisions that compute in fp16, which T5's and Gemma2's activations overflow (such text encoders are left out)
 FP16_COMPUTE = ("fp16", "fp16-cuda")
+# text encoder kinds whose activations overflow fp16, and the evidence, named in the refusal
+FP16_OVERFLOWS = {"t5": "T5, whose activations overflow fp16 (inf in its gated feed-forward, then NaN; transformers "
+                        "#9295)",
+                  "gemma": "Gemma2, whose activations overflow fp16 (diffusers' Sana docs: the text encoder stays in "
+                           "bf16 or fp32; Sana-Sprint run in fp16 gives grey images, openvino_notebooks #2957)"}
 # Kept in fp32 by the fp16 conversion: where activations overflow fp16 or lose
 # the precision normalisation needs (the VAE's group norms, attention softmax).
 FP16_KEEP_FLOAT = ["Resize", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax",
@@ -445,17 +450,16 @@ def quantize_artifact(
 def _quantize(root: Path, precision: str, components: tuple[str, ...] | None, force: bool, gate: Gate,
               settings: GateSettings, conv: bool, progress: Callable[[str], Any]) -> dict[str, dict[str, Any]]:
     manifest = load_manifest(root)  # under the lock: it has every variant added before ours
-    t5 = {t.name for t in manifest.text_encoders if t.kind == "t5"}
+    overflows = {t.name: FP16_OVERFLOWS[t.kind] for t in manifest.text_encoders if t.kind in FP16_OVERFLOWS}
     named = components is not None
     components = components or tuple(c for c in manifest.components if manifest.roles[c] in DEFAULT_ROLES[precision]
-                                      and not (precision in FP16_COMPUTE and c in t5))
+                                      and not (precision in FP16_COMPUTE and c in overflows))
     for comp in components:
         if comp not in manifest.components:
             raise ValueError(f"the artifact has no {comp}; it has: {', '.join(manifest.components)}")
-        if named and precision in FP16_COMPUTE and comp in t5:  # a gate on a few prompts could pass it
-            raise ValueError(f"{comp} is T5, whose activations overflow fp16 (inf in its gated feed-forward, then NaN; "
-                             f"transformers #9295): it is not offered in {precision}; int8, int4 or ov-fp16 (fp16 "
-                             "weights, f32/bf16 compute) keep its activations wide")
+        if named and precision in FP16_COMPUTE and comp in overflows:  # a gate on a few prompts could pass it
+            raise ValueError(f"{comp} is {overflows[comp]}: it is not offered in {precision}; int8, int4 or ov-fp16 "
+                             "(fp16 weights, f32/bf16 compute) keep its activations wide")
         if precision in CALIBRATED and comp != manifest.denoiser.name:
             raise ValueError(f"{precision} is calibrated on the UNet's inputs: use --components {manifest.denoiser.name}")
     if precision in IR_PRECISIONS:

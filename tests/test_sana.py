@@ -237,3 +237,17 @@ def test_dcae_movedim_trap_is_what_the_export_avoids(tmp_path):
         out = ort.InferenceSession(str(path)).run(None, {"z": z.numpy()})[0]
         with torch.no_grad():
             assert np.abs(out - vae.decode(z, return_dict=False)[0].numpy()).max() < 1e-4
+
+
+def test_fp16_leaves_gemma_out(tiny_sana, tmp_path):
+    """Gemma2 overflows in fp16 (as T5 does): quantize --precision fp16 leaves it at fp32 and refuses it by name;
+    the transformer's fp16 variant passes the gate and generates."""
+    root = tmp_path / "sana"
+    shutil.copytree(tiny_sana[1], root)
+    gate = ("--steps", "2", "--seeds", "1", "--prompts", PROMPT)
+    r = run_cli("quantize", str(root), "--precision", "fp16", "--components", "text_encoder", *gate)
+    assert r.exit_code == 2 and "text_encoder is Gemma2, whose activations overflow fp16" in r.output
+    r = run_cli("quantize", str(root), "--precision", "fp16", *gate)
+    assert r.exit_code == 0, r.output
+    m = load_manifest(root)
+    assert "fp16" in m.components["transformer"] and "fp16" not in m.components["text_encoder"]
