@@ -24,7 +24,7 @@ def _pipeline_named(name: str):
 
 def test_a_dit_checkpoint_is_refused_by_its_family_name():
     with pytest.raises(ExportError, match=r"src is a FLUX.1 checkpoint, which edgediff does not export yet; edgediff "
-                                          r"exports Sana \(SanaPipeline, SanaSprintPipeline\); Stable Diffusion 3 "
+                                          r"exports Sana \(SanaPipeline, SanaSprintPipeline, SanaSprintImg2ImgPipeline\); Stable Diffusion 3 "
                                           r"\(StableDiffusion3Pipeline.*; Stable Diffusion XL \(StableDiffusionXLPipeline"):
         detect(_pipeline_named("FluxPipeline"), "src")
     with pytest.raises(ExportError, match="src is a KandinskyPipeline checkpoint; edgediff exports"):

@@ -26,7 +26,7 @@ FAMILIES = (sana, sd3, sdxl, sd)
 
 # pipelines of families edgediff does not export yet, named in the refusal (what a user downloads most)
 NOT_YET = {"FluxPipeline": "FLUX.1", "Flux2Pipeline": "FLUX.2",
-           "SanaSprintImg2ImgPipeline": "Sana-Sprint image-to-image", "ZImagePipeline": "Z-Image",
+           "ZImagePipeline": "Z-Image",
            "PixArtAlphaPipeline": "PixArt", "PixArtSigmaPipeline": "PixArt"}
 
 

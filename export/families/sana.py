@@ -33,7 +33,7 @@ from .. import components as C
 from ..components import ExportError
 
 TITLE = "Sana"
-PIPELINES = ("SanaPipeline", "SanaSprintPipeline")
+PIPELINES = ("SanaPipeline", "SanaSprintPipeline", "SanaSprintImg2ImgPipeline")
 PARTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 TEXT_ENCODERS = (("text_encoder", "tokenizer"),)
 TEXT_KINDS = {"text_encoder": "gemma"}
@@ -66,7 +66,7 @@ def check(pipe: Any, source: str) -> None:
                           f"caption_channels is {caption}")
     if type(pipe.vae).__name__ != "AutoencoderDC":
         raise ExportError(f"{source}: Sana's VAE is an AutoencoderDC, not {type(pipe.vae).__name__}")
-    if type(pipe).__name__ == "SanaSprintPipeline" and not pipe.transformer.config.guidance_embeds:
+    if type(pipe).__name__.startswith("SanaSprint") and not pipe.transformer.config.guidance_embeds:
         raise ExportError(f"{source} is a SanaSprintPipeline whose transformer has no guidance embedding "
                           "(guidance_embeds=false); Sana-Sprint's has one")
 
@@ -196,3 +196,22 @@ def vae_contracts(pipe: Any, latent_size: int) -> list[Callable[[], C.Contract]]
 
 def manifest_fields(pipe: Any) -> dict[str, Any]:
     return {}
+
+
+# Sana's tiny VAE: taesana (madebyollin/taesd's F32Decoder, ``export/taesana.py``), a decoder only, given as its
+# weight file (taesana_decoder.pth); ``edgediff.export.tiny_vae`` asks for these where a family has them.
+def check_tiny_vae(pipe: Any, source: str) -> None:
+    """``--tiny-vae`` must be a taesana decoder's weights, taking the autoencoder's channels at its scale."""
+    from ..taesana import check_fits, load_taesana
+
+    check_fits(load_taesana(source), int(pipe.vae.config.latent_channels), vae_scale(pipe.vae), str(source))
+
+
+def tiny_vae_contracts(source: str, manifest: Any, latent_size: int) -> list[C.Contract]:
+    """The ``tiny`` vae_decoder (in taesana's units: the transformer's latents as they are, scaling 1, shift 0); no
+    encoder: an image-to-image job encodes with the DC-AE."""
+    from ..taesana import check_fits, load_taesana, taesana_decoder_contract
+
+    decoder = load_taesana(source)
+    check_fits(decoder, manifest.latent_channels, manifest.vae_scale_factor, str(source))
+    return [taesana_decoder_contract(decoder, latent_size)]

@@ -8,8 +8,10 @@ mask: ``encoder_hidden_states`` and ``encoder_attention_mask``. A negative promp
 tokenized to 300 tokens without the instruction, as diffusers does. Every prompt is lowercased and stripped first
 (the pipelines' ``_text_preprocessing`` without ``clean_caption``).
 
-Sana samples with classifier-free guidance. Sana-Sprint is guidance-distilled: no negative prompt, one transformer
-call per step, the guidance scale fed to the transformer as its ``guidance`` input (``DistilledGuidance``).
+Sana samples with classifier-free guidance, text to image (diffusers has no Sana image-to-image pipeline).
+Sana-Sprint is guidance-distilled: no negative prompt, one transformer call per step, the guidance scale fed to
+the transformer as its ``guidance`` input (``DistilledGuidance``); it also redraws an image
+(``SanaSprintImg2ImgPipeline``).
 
 Prompts are read as diffusers reads them: A1111's ``(word:1.3)`` weights and ``BREAK`` are refused (Gemma2 cannot
 apply them), and a prompt longer than its tokens is cut, with a note naming what was dropped.
@@ -26,6 +28,7 @@ from ..encoders import GemmaEncoder
 from ..manifest import ArtifactError, Manifest
 from ..settings import GenerationSettings
 from . import Family
+from .sd3 import sd3_start_index
 
 MAX_SEQUENCE_LENGTH = 300  # both pipelines' default: the prompt tokens the transformer reads
 # SanaPipeline's and SanaSprintPipeline's default complex_human_instruction
@@ -100,6 +103,8 @@ def _conditioner(distilled: bool):
 
 
 SANA = Family("sana", "Sana", 1, _conditioner(False), ("flow",), tasks=("txt2img",))
-SANA_SPRINT = Family("sana_sprint", "Sana-Sprint", 1, _conditioner(True), ("trigflow",), guidance=DistilledGuidance,
-                     tasks=("txt2img",))
+# Sprint's image-to-image (SanaSprintImg2ImgPipeline) starts as SD3's does; SCM's add_noise is TrigFlow's forward
+# process to that step
+SANA_SPRINT = Family("sana_sprint", "Sana-Sprint", 1, _conditioner(True), ("trigflow",), sd3_start_index,
+                     guidance=DistilledGuidance, tasks=("txt2img", "img2img"))
 FAMILIES = (SANA, SANA_SPRINT)
