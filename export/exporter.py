@@ -37,6 +37,7 @@ from . import components as C
 from . import families
 from .components import ExportError
 from .tiny_vae import TinyVaeRefused, add_tiny_vae
+from .tiny_vae import check_family as check_tiny_vae_family
 from .weight_map import fingerprints
 from .tiny_vae import check_source as check_tiny_vae_source
 
@@ -294,7 +295,8 @@ def export_artifact(
 
     ``defaults``: the model's recommended ``steps`` / ``guidance``, recorded in the manifest.
     ``tiny_vae``: a diffusers ``AutoencoderTiny`` folder (or hub id) exported as the ``tiny`` variant of
-    vae_decoder and vae_encoder (``edgediff.export.tiny_vae``), kept only if it passes the quality gate
+    vae_decoder and vae_encoder (``edgediff.export.tiny_vae``; for Sana the taesana decoder's weight file, a
+    ``tiny`` vae_decoder only: ``edgediff.export.taesana``), kept only if it passes the quality gate
     against the checkpoint's VAE (or ``force_tiny_vae``); a refused one raises ``TinyVaeRefused`` after the
     artifact was written without it. ``gate_settings``: the gate's prompts and steps (``GateSettings``).
     ``deepcache_branch``: DeepCache's ``cache_branch_id`` of the shallow graph exported beside the UNet (which
@@ -338,6 +340,8 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
     family = families.detect(pipe, str(source_label or source))
     family_name = family.name(pipe)
     defaults = families.defaults(family, pipe) | defaults  # the family's pipeline defaults, where it has its own
+    if tiny_vae is not None:  # before any graph is written: the family's kind of tiny VAE, fitting its latents
+        check_tiny_vae_family(family, pipe, tiny_vae)
     if no_t5:
         if "text_encoder_3" not in [c for c, _ in family.TEXT_ENCODERS]:
             raise ExportError(f"--no-t5: {source_label or source} is a {family.TITLE} checkpoint, which has no T5 "
@@ -462,7 +466,7 @@ def _export(source: str, out: Path, force: bool, config: str | None, random_weig
         refused = None
         if tiny_vae is not None:
             manifest, refused = add_tiny_vae(tmp, manifest, tiny_vae, force=force_tiny_vae, settings=gate_settings,
-                                            progress=progress)
+                                            family=family, progress=progress)
         (tmp / PARTIAL_MARKER).unlink()
         manifest.save(tmp)  # written last: a folder without it is never taken for an artifact
         check_target(out, force)  # OUT may have changed during the export (a file of the user's put in it)

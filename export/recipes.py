@@ -257,7 +257,13 @@ TINY_VAE = {"tiny": {"encoder_block_out_channels": (8, 8, 8, 8), "decoder_block_
                          "num_encoder_blocks": (1, 1), "num_decoder_blocks": (1, 1), "latent_channels": 16,
                          "scaling_factor": 1.5035, "shift_factor": 0.0609},
             # a taesd3-sized one: TAESD's architecture with 16 channels, in SD3's latent units
-            "sd35-medium": {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609}}
+            "sd35-medium": {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609},
+            # Sana's: taesana (export/taesana.py, a decoder only), at the tiny recipes' 4-channel 2x DC-AE ...
+            "tiny-sana": {"arch": "taesana", "latent_channels": 4, "upscale": 2},
+            "tiny-sana-sprint": {"arch": "taesana", "latent_channels": 4, "upscale": 2},
+            # ... and taesana's own architecture (f32c32) at real size
+            "sana-600m": {"arch": "taesana", "latent_channels": 32, "upscale": 32},
+            "sana-sprint-0.6b": {"arch": "taesana", "latent_channels": 32, "upscale": 32}}
 
 
 def tiny_vae_config(recipe: str) -> dict[str, Any]:

@@ -6,6 +6,11 @@ of a 1-step SD-Turbo image. Its graphs work on the scaled latents the denoiser s
 1.0), so each variant records its own latent units (``Manifest.latent_units``); its encoder is deterministic
 (``latents``, no distribution to sample), as in diffusers.
 
+Sana's tiny VAE is taesana (``export/taesana.py``: taesd.py's F32Decoder, which diffusers has no class for),
+given as its decoder's weight file and exported as a ``tiny`` vae_decoder only; the family says so through hooks
+(``check_tiny_vae``, ``tiny_vae_contracts``), the way ``families.vae_contracts`` asks for its autoencoder. The
+runtime decodes with it and still encodes (image-to-image) with the checkpoint's VAE.
+
 A tiny VAE is gated like any variant, by the quantizer's own measurement (``edgediff.quantize.measure``):
 images drawn with the tiny decoder, and encode-decode round trips through the tiny encoder, against the
 checkpoint's VAE (PSNR, SSIM; on the embedded shapes model also the attribute accuracy). Below the gate a
@@ -26,6 +31,7 @@ from .components import ExportError, export_component, tiny_vae_decoder_contract
 
 TINY = "tiny"
 COMPONENTS = ("vae_decoder", "vae_encoder")
+FILE_SUFFIXES = (".pth", ".pt", ".safetensors")  # a single-file tiny decoder's state dict (taesana)
 
 
 class TinyVaeRefused(ExportError):
@@ -37,11 +43,17 @@ class TinyVaeRefused(ExportError):
 
 
 def check_source(source: str | Path) -> None:
-    """``source`` must be an AutoencoderTiny folder or a hub id: checked before the checkpoint loads."""
+    """``source`` must be an AutoencoderTiny folder, a hub id, or a single-file tiny decoder (a state dict: Sana's
+    taesana_decoder.pth, which only a family with its own tiny VAE takes, ``check_family``): checked before the
+    checkpoint loads."""
     path = Path(source)
     if path.is_file():
-        raise ExportError(f"--tiny-vae {source} is a file; give the AutoencoderTiny folder (config.json and "
-                          "diffusion_pytorch_model.safetensors), e.g. a download of madebyollin/taesd")
+        if path.suffix not in FILE_SUFFIXES:
+            raise ExportError(f"--tiny-vae {source} is a file, not a tiny VAE: give the AutoencoderTiny folder "
+                              "(config.json and diffusion_pytorch_model.safetensors), e.g. a download of "
+                              f"madebyollin/taesd, or for Sana the decoder's weights ({', '.join(FILE_SUFFIXES)}: "
+                              "taesana_decoder.pth)")
+        return
     if path.is_dir():
         config = path / "config.json"
         if not config.is_file():
@@ -52,6 +64,18 @@ def check_source(source: str | Path) -> None:
     elif str(source).count("/") != 1:
         raise ExportError(f"--tiny-vae {source} does not exist locally and is not a hub id (owner/name such as "
                           "madebyollin/taesd)")
+
+
+def check_family(family, pipe, source: str | Path) -> None:
+    """Before the checkpoint's graphs are exported: a family with a tiny VAE of its own (``check_tiny_vae``,
+    Sana's taesana) checks ``source`` against the loaded pipeline; the others take an AutoencoderTiny."""
+    own = getattr(family, "check_tiny_vae", None)
+    if own is not None:
+        own(pipe, source)
+    elif Path(source).is_file():
+        raise ExportError(f"--tiny-vae {source} is a file; a {family.TITLE} checkpoint's tiny VAE is a diffusers "
+                          "AutoencoderTiny folder or hub id (madebyollin/taesd for SD 1.x/2.x, taesdxl for SDXL, "
+                          "taesd3 for SD3); single-file decoders are Sana's (taesana_decoder.pth)")
 
 
 def load_tiny_vae(source: str | Path):
@@ -80,18 +104,26 @@ def check_fits(vae, manifest: Manifest) -> None:
 
 
 def add_tiny_vae(root: Path, manifest: Manifest, source: str | Path, *, force: bool = False, gate=None, settings=None,
-                 progress: Callable[[str], Any] = lambda s: None) -> tuple[Manifest, str | None]:
+                 family=None, progress: Callable[[str], Any] = lambda s: None) -> tuple[Manifest, str | None]:
     """Export ``source`` into the artifact folder ``root`` as the ``tiny`` variants; returns the manifest with the
-    variants that passed the gate (or all, with ``force``) and the reasons for those refused (None: none)."""
+    variants that passed the gate (or all, with ``force``) and the reasons for those refused (None: none).
+    ``family`` (the export side's module): one with a tiny VAE of its own makes the contracts
+    (``tiny_vae_contracts(source, manifest, latent_size)``: Sana's taesana, a decoder only); else an
+    AutoencoderTiny's decoder and encoder."""
     from edgediff.quantize.quantize import Gate, GateSettings, measure, passes
 
     progress(f"loading the tiny VAE {source}")
-    vae = load_tiny_vae(source)
-    check_fits(vae, manifest)
     latent = min(manifest.sample_size // manifest.vae_scale_factor, 64)
-    contracts = (tiny_vae_decoder_contract(vae, latent), tiny_vae_encoder_contract(vae, latent * manifest.vae_scale_factor))
+    own = getattr(family, "tiny_vae_contracts", None)
+    if own is not None:
+        contracts = own(source, manifest, latent)
+    else:
+        vae = load_tiny_vae(source)
+        check_fits(vae, manifest)
+        contracts = (tiny_vae_decoder_contract(vae, latent),
+                     tiny_vae_encoder_contract(vae, latent * manifest.vae_scale_factor))
     variants = {c.name: export_component(c, root, progress) for c in contracts}
-    del vae, contracts
+    del contracts
     trial = _with(manifest, variants)
     if manifest.random_weights:
         for variant in variants.values():
@@ -121,15 +153,32 @@ def _with(manifest: Manifest, variants: dict[str, Variant]) -> Manifest:
     return dataclasses.replace(manifest, components=components)
 
 
-def build_random_tiny_vae(out: Path, seed: int = 0, **config: Any) -> Path:
-    """An ``AutoencoderTiny`` with seeded random weights (TAESD's architecture unless ``config`` says otherwise),
-    for latency measurement and the parity tests; saved as a diffusers folder."""
+def build_random_tiny_vae(out: Path, seed: int = 0, arch: str = "AutoencoderTiny", **config: Any) -> Path:
+    """A tiny VAE with seeded random weights, for latency measurement and the parity tests: an ``AutoencoderTiny``
+    (TAESD's architecture unless ``config`` says otherwise) saved as a diffusers folder, or with ``arch="taesana"``
+    Sana's tiny decoder (``export/taesana.py``; ``config``: latent_channels, upscale) as a .safetensors file in
+    ``out``; returns what ``--tiny-vae`` takes."""
+    if arch not in RANDOM_BUILDERS:
+        raise ExportError(f"unknown tiny VAE architecture {arch!r}; valid: {', '.join(RANDOM_BUILDERS)}")
+    return RANDOM_BUILDERS[arch](Path(out), seed, **config)
+
+
+def _random_autoencoder_tiny(out: Path, seed: int, **config: Any) -> Path:
     import diffusers
 
     torch.manual_seed(seed)
     vae = diffusers.AutoencoderTiny(**config).eval()
-    out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; the random tiny VAE is written to a new folder")
     vae.save_pretrained(str(out))
     return out
+
+
+def _random_taesana(out: Path, seed: int, **config: Any) -> Path:
+    from .taesana import save_random_taesana
+
+    return save_random_taesana(out, seed, **config)
+
+
+RANDOM_BUILDERS: dict[str, Callable[..., Path]] = {"AutoencoderTiny": _random_autoencoder_tiny,
+                                                   "taesana": _random_taesana}
