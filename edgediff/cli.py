@@ -101,7 +101,7 @@ def export(
     seed: int = typer.Option(0, help="seed of --random-weights"),
     default_steps: Optional[int] = typer.Option(None, "--default-steps", help="the model's recommended steps, recorded in the manifest (generate uses them when not given)"),
     default_guidance: Optional[float] = typer.Option(None, "--default-guidance", help="the model's recommended guidance scale, recorded likewise"),
-    tiny_vae: Optional[str] = typer.Option(None, "--tiny-vae", help="a diffusers AutoencoderTiny folder or hub id (TAESD: madebyollin/taesd, taesdxl) added as the 'tiny' VAE (generate --vae tiny), kept if it passes the quality gate; with --random-weights, 'random'"),
+    tiny_vae: Optional[str] = typer.Option(None, "--tiny-vae", help="a diffusers AutoencoderTiny folder or hub id (TAESD: madebyollin/taesd, taesdxl, taesd3), or for Sana taesana's decoder file (taesana_decoder.pth / .safetensors), added as the 'tiny' VAE (generate --vae tiny), kept if it passes the quality gate; with --random-weights, 'random'"),
     force_tiny_vae: bool = typer.Option(False, "--force-tiny-vae", help="keep the tiny VAE even when it measures below the quality gate"),
     deepcache_branch: int = typer.Option(0, "--deepcache-branch", min=0, help="DeepCache's cache_branch_id of the shallow UNet graph exported beside the UNet (0: the shallowest, the largest saving; generate --cache-interval uses it)"),
     no_deepcache: bool = typer.Option(False, "--no-deepcache", help="export the UNet alone, without DeepCache's graph pair"),
@@ -137,7 +137,7 @@ def export(
         _fail("usage: edgediff export SOURCE OUT (or --random-weights RECIPE OUT)")
     if tiny_vae == "random" and not random_weights:
         _fail("--tiny-vae random (a tiny VAE with random weights) goes with --random-weights; otherwise give an "
-              "AutoencoderTiny folder or hub id")
+              "AutoencoderTiny folder or hub id (Sana: a taesana decoder file)")
     try:
         check_target(out, force, source, export_inputs(controlnet or (), tiny_vae))  # before anything loads; again under OUT's lock
         if tiny_vae not in (None, "random"):

@@ -117,8 +117,8 @@ def choose_vae(vae: str, precision: dict[str, str], available: dict[str, dict[st
         return precision
     if TINY not in available.get("vae_decoder", {}):
         raise ArtifactError("this artifact has no tiny VAE; add one with `edgediff export --tiny-vae PATH` (a diffusers "
-                            "AutoencoderTiny folder, e.g. madebyollin/taesd for SD 1.x/2.x, taesdxl for SDXL), or use "
-                            "vae='full' (--vae full)")
+                            "AutoencoderTiny folder, e.g. madebyollin/taesd for SD 1.x/2.x, taesdxl for SDXL, taesd3 "
+                            "for SD3; for Sana, taesana's taesana_decoder.pth), or use vae='full' (--vae full)")
     return precision | {c: TINY for c in ("vae_decoder", "vae_encoder") if TINY in available.get(c, {})}
 
 
