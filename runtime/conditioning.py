@@ -24,11 +24,25 @@ Call = Callable[..., dict[str, np.ndarray]]
 
 class Guidance:
     """Classifier-free guidance, chosen once per generation by the family (``Family.guidance``): batched (uncond +
-    cond in one denoiser call) or none (a scale of 1 or below)."""
+    cond in one denoiser call) or none (a scale of 1 or below). It owns the batch: the input builders build their
+    guided inputs once, for both halves, and take ``rows`` of them at each call, so a cut-off (``stop``) is one
+    call here, not a change in each builder."""
 
     def __init__(self, scale: float):
         self.scale = scale
         self.enabled = scale > 1.0
+        self.stopped = False  # the CFG cut-off came: the conditional half alone from then on
+
+    def stop(self) -> None:
+        """Guidance off for the rest of the run (``cfg_until``, diffusers' ``SDCFGCutoffCallback``): the denoiser
+        gets the conditional half of every guided input from the next call on, at half the batch."""
+        if self.enabled:
+            self.enabled, self.stopped = False, True
+
+    def rows(self, guided: np.ndarray) -> np.ndarray:
+        """The rows of an input built for the guided batch (``embeddings``, ``model_input``: unconditional half
+        first) that the denoiser takes now: all of them, or the conditional half once guidance stopped."""
+        return guided[len(guided) // 2 :] if self.stopped else guided
 
     def embeddings(self, cond: np.ndarray, uncond: np.ndarray | None) -> np.ndarray:
         return np.concatenate([uncond, cond]) if self.enabled else cond

@@ -16,7 +16,6 @@ the UNet's session feeds zeros (the UNet's own output, exactly). The arithmetic 
 
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 from dataclasses import dataclass
@@ -137,7 +136,7 @@ class ControlledInputs(DenoiserInputs):
 
     def __init__(self, inner: DenoiserInputs, job, specs: list[TensorSpec], prepared: list[PreparedControl],
                  start: int, total: int):
-        super().__init__(inner.conditioning)
+        super().__init__(inner.conditioning, inner.cfg)
         self.inner, self.job, self.specs, self.start, self.total = inner, job, specs, start, total
         batch = job.settings.batch
         # one control image per image in the batch, the guided batch's two halves alike (diffusers' prepare_image)
@@ -152,7 +151,8 @@ class ControlledInputs(DenoiserInputs):
         for control, component, image in self.controls:
             if not keeps(control, k, n):
                 continue
-            given = {"sample": x_in, "timestep": timestep, **self.conditioning, "controlnet_cond": image}
+            given = {"sample": x_in, "timestep": timestep, **{k: self.cfg.rows(v) for k, v in self.conditioning.items()},
+                     "controlnet_cond": self.cfg.rows(image)}
             outputs = self.job.call(component, **{name: v for name, v in given.items() if name in self.takes[component]})
             scale = np.float32(control.scale)
             scaled = {t.name: outputs[t.name] * scale for t in self.specs}
@@ -161,10 +161,3 @@ class ControlledInputs(DenoiserInputs):
 
     def after_step(self, x: np.ndarray, i: int, sched) -> np.ndarray:
         return self.inner.after_step(x, i, sched)
-
-    def conditional_only(self) -> DenoiserInputs:
-        inputs = copy.copy(self)
-        inputs.inner = self.inner.conditional_only()
-        inputs.conditioning = inputs.inner.conditioning
-        inputs.controls = [(c, comp, image[len(image) // 2 :]) for c, comp, image in self.controls]
-        return inputs

@@ -17,7 +17,6 @@ same way.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -112,46 +111,36 @@ def nan_error(component: str, precision: str, where: str) -> GenerationError:
 
 
 class DenoiserInputs:
-    """The denoiser's feeds at each call: latents, timestep, conditioning."""
+    """The denoiser's feeds at each call: latents, timestep, conditioning (the rows the guidance takes now)."""
 
-    def __init__(self, conditioning: dict[str, np.ndarray]):
-        self.conditioning = conditioning
+    def __init__(self, conditioning: dict[str, np.ndarray], cfg: Guidance):
+        self.conditioning, self.cfg = conditioning, cfg
 
     def feeds(self, x_in: np.ndarray, timestep: np.ndarray, i: int) -> dict[str, np.ndarray]:
-        return {"sample": x_in, "timestep": timestep, **self.conditioning}
+        return {"sample": x_in, "timestep": timestep, **{k: self.cfg.rows(v) for k, v in self.conditioning.items()}}
 
     def after_step(self, x: np.ndarray, i: int, sched) -> np.ndarray:
         return x
-
-    def conditional_only(self) -> DenoiserInputs:
-        """The same inputs without the unconditional half of each guided batch (guidance switched off)."""
-        inputs = copy.copy(self)
-        inputs.conditioning = {k: v[len(v) // 2 :] for k, v in self.conditioning.items()}
-        return inputs
 
 
 class InpaintingUNetInputs(DenoiserInputs):
     """A 9-channel inpainting UNet: the mask and the masked image's latents appended to the latents."""
 
-    def __init__(self, conditioning: dict[str, np.ndarray], channels: np.ndarray):
-        super().__init__(conditioning)
-        self.channels = channels
+    def __init__(self, conditioning: dict[str, np.ndarray], cfg: Guidance, channels: np.ndarray):
+        super().__init__(conditioning, cfg)
+        self.channels = channels  # for the guided batch
 
     def feeds(self, x_in: np.ndarray, timestep: np.ndarray, i: int) -> dict[str, np.ndarray]:
-        return super().feeds(np.concatenate([x_in, self.channels], axis=1), timestep, i)
-
-    def conditional_only(self) -> DenoiserInputs:
-        inputs = super().conditional_only()
-        inputs.channels = self.channels[len(self.channels) // 2 :]
-        return inputs
+        return super().feeds(np.concatenate([x_in, self.cfg.rows(self.channels)], axis=1), timestep, i)
 
 
 class KnownRegionBlend(DenoiserInputs):
     """An ordinary UNet inpainting: after each step the known region, noised to the next step's level,
     replaces the sample outside the mask (diffusers' ``StableDiffusionInpaintPipeline`` with 4 channels)."""
 
-    def __init__(self, conditioning: dict[str, np.ndarray], mask: np.ndarray, known: np.ndarray, noise: np.ndarray):
-        super().__init__(conditioning)
+    def __init__(self, conditioning: dict[str, np.ndarray], cfg: Guidance, mask: np.ndarray, known: np.ndarray,
+                 noise: np.ndarray):
+        super().__init__(conditioning, cfg)
         self.mask, self.known, self.noise = mask, known, noise
 
     def after_step(self, x: np.ndarray, i: int, sched) -> np.ndarray:
@@ -175,8 +164,7 @@ def denoise(job: Job, sched, x: np.ndarray, start: int, inputs: DenoiserInputs) 
     denoiser = step_cache.for_job(job, start)
     for i in range(start, total):
         if i == cutoff + 1:
-            job.cfg, inputs = Guidance(0.0), inputs.conditional_only()
-            denoiser.conditional_only()
+            job.cfg.stop()
         x_in = sched.scale_model_input(job.cfg.model_input(x), i).astype(np.float32)
         timestep = np.full((x_in.shape[0],), sched.timesteps[i], dtype=np.float32)
         out = denoiser(inputs.feeds(x_in, timestep, i), i)

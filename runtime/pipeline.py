@@ -589,7 +589,7 @@ class Pipeline:
         shape = self._latent_shape(job.settings)
         x = latents.astype(np.float32) if latents is not None else job.noise.randn(shape)
         x = (x * np.float32(sched.init_noise_sigma)).astype(np.float32)
-        x = self._denoise(job, sched, x, 0, DenoiserInputs(conditioning))
+        x = self._denoise(job, sched, x, 0, DenoiserInputs(conditioning, job.cfg))
         return self._decode(job, x)
 
     def _img2img(self, job: Job, sched, conditioning: dict[str, np.ndarray], pixels: np.ndarray):
@@ -597,7 +597,7 @@ class Pipeline:
         # diffusers' order of random draws: the VAE's latent sample, then the noise
         init = self._encode_sample(job, pixels)
         x = sched.add_noise(init, job.noise.randn(init.shape), start).astype(np.float32)
-        x = self._denoise(job, sched, x, start, DenoiserInputs(conditioning))
+        x = self._denoise(job, sched, x, start, DenoiserInputs(conditioning, job.cfg))
         return self._decode(job, x)
 
     def _inpaint(self, job: Job, sched, conditioning: dict[str, np.ndarray], pixels: np.ndarray, binary: np.ndarray):
@@ -621,9 +621,10 @@ class Pipeline:
         small = np.repeat(binary[None, None, ::f, ::f], s.batch, axis=0).astype(np.float32)
         masked = self._encode_sample(job, pixels * (binary[None, None] < 0.5))
         if dedicated:
-            inputs = InpaintingUNetInputs(conditioning, job.cfg.model_input(np.concatenate([small, masked], axis=1)))
+            inputs = InpaintingUNetInputs(conditioning, job.cfg,
+                                          job.cfg.model_input(np.concatenate([small, masked], axis=1)))
         else:
-            inputs = KnownRegionBlend(conditioning, small, image_latents, noise)
+            inputs = KnownRegionBlend(conditioning, job.cfg, small, image_latents, noise)
         x = self._denoise(job, sched, x, start, inputs)
         return self._decode(job, x)
 

@@ -30,9 +30,6 @@ class EveryStep:
     def __call__(self, feeds: dict[str, np.ndarray], i: int) -> np.ndarray:
         return self.job.call(self.job.denoiser, **feeds)["out_sample"]
 
-    def conditional_only(self) -> None:
-        """Guidance was switched off: the batch halves from the next call on."""
-
 
 class DeepCache(EveryStep):
     """The full denoiser every ``interval`` steps from ``start``, its shallow branch on the cached feature between."""
@@ -49,13 +46,10 @@ class DeepCache(EveryStep):
             outputs = self.job.call(self.job.denoiser, **feeds)
             self.feature = outputs[DEEP_FEATURE]
             return outputs["out_sample"]
+        if len(self.feature) != len(feeds["sample"]):  # cached before the guidance stopped: its conditional half
+            self.feature = self.job.cfg.rows(self.feature)
         feeds = {name: value for name, value in feeds.items() if name in self.takes}
         return self.job.call(self.shallow, **feeds, **{DEEP_FEATURE: self.feature})["out_sample"]
-
-    def conditional_only(self) -> None:
-        """The cached feature's conditional half goes on (the unconditional half comes first in a guided batch)."""
-        if self.feature is not None:
-            self.feature = self.feature[len(self.feature) // 2 :]
 
 
 def for_job(job, start: int):

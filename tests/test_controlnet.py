@@ -55,7 +55,7 @@ def guidance_of(kind: str) -> float:
     return 5.0 if kind == "sdxl" else 7.5  # each pipeline's default
 
 
-def reference(kind: str, src, nets, which, scales, start=0.0, end=1.0, **kw) -> np.ndarray:
+def reference(kind: str, src, nets, which, scales, start=0.0, end=1.0, scheduler=None, **kw) -> np.ndarray:
     import diffusers
 
     cls = {"txt2img": diffusers.StableDiffusionControlNetPipeline,
@@ -65,6 +65,10 @@ def reference(kind: str, src, nets, which, scales, start=0.0, end=1.0, **kw) -> 
     models = [diffusers.ControlNetModel.from_pretrained(str(nets[k])) for k in which]
     extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     pipe = cls.from_pretrained(str(src), controlnet=models if len(models) > 1 else models[0], **extra)
+    if scheduler is not None:
+        from .scheduler_harness import diffusers_scheduler
+
+        pipe.scheduler = diffusers_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     images = [control_images()[k] for k in which]
     key = "control_image" if kind in ("img2img", "inpaint") else "image"
@@ -309,3 +313,34 @@ def test_the_embedded_models_training_script_runs(tmp_path):
     check_fits(controlnet, unet, 8, "trained")
     zero_convs = [p for b in controlnet.controlnet_down_blocks for p in b.parameters()]
     assert any(float(p.abs().max()) > 0 for p in zero_convs)  # the zero convolutions moved: it is trained
+
+
+def test_cfg_cutoff_with_controlnets_matches_diffusers(sd1):
+    """The CFG cut-off with two ControlNets: their control images follow the guidance to the conditional half
+    (``Guidance.rows``), as the UNet's inputs do. diffusers' SDCFGCutoffCallback halves only the prompt embeddings
+    (the ControlNet then fails on the doubled control image), so the reference's callback also halves the control
+    image, which the pipeline lets a callback replace."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    class ControlCutoff(SDCFGCutoffCallback):
+        tensor_inputs = ["prompt_embeds", "image"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            if step_index == int(pipeline.num_timesteps * self.config.cutoff_step_ratio):
+                images = callback_kwargs["image"]
+                callback_kwargs["image"] = [i[len(i) // 2:] for i in images] if isinstance(images, list) else \
+                    images[len(images) // 2:]
+            return super().callback_fn(pipeline, step_index, timestep, callback_kwargs)
+
+    src, nets, artifact = sd1
+    which, scales, start, end = CASES["two"]
+    callback = ControlCutoff(cutoff_step_ratio=0.5)
+    expected = reference("txt2img", src, nets, which, scales, start, end, scheduler="euler",
+                         callback_on_step_end=callback, callback_on_step_end_tensor_inputs=callback.tensor_inputs)
+    pipe = Pipeline.load(artifact, backend="onnxruntime", device="cpu", cache=False)
+    kw = dict(steps=STEPS, guidance=7.5, seed=SEED, width=W, height=H, rng="torch", scheduler="euler",
+              controls=controls(which, scales, start, end))
+    ours = np.asarray(pipe.txt2img(PROMPT, NEGATIVE, cfg_until=0.5, **kw)[0])
+    full = np.asarray(pipe.txt2img(PROMPT, NEGATIVE, **kw)[0])
+    assert psnr(ours, expected) >= MIN_DB
+    assert psnr(full, expected) < psnr(ours, expected) - 10  # the cut-off is what matches

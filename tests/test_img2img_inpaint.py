@@ -145,3 +145,40 @@ def test_keep_unmasked_and_outpaint(tiny_sd1, tmp_path):
     assert Image.open(tmp_path / "o.png").size == (W + 32, H)
     r = run_cli("generate", PROMPT, "--model", str(tiny_sd1[1]), "--image", str(path), "--extend", "up=32")
     assert r.exit_code == 2 and "unknown side(s) ['up']" in r.output
+
+
+def test_inpainting_unet_cfg_cutoff_matches_diffusers(tiny_inpaint):
+    """The CFG cut-off on a 9-channel inpainting UNet: its mask and masked-image channels follow the guidance to the
+    conditional half (``Guidance.rows``). diffusers' SDCFGCutoffCallback halves only the prompt embeddings (its
+    inpainting pipeline then fails on the doubled mask), so the reference's callback also halves the mask and the
+    masked image's latents, which the pipeline lets a callback replace."""
+    import diffusers
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    class InpaintCutoff(SDCFGCutoffCallback):
+        tensor_inputs = ["prompt_embeds", "mask", "masked_image_latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            if step_index == int(pipeline.num_timesteps * self.config.cutoff_step_ratio):
+                for name in ("mask", "masked_image_latents"):
+                    callback_kwargs[name] = callback_kwargs[name][len(callback_kwargs[name]) // 2:]
+            return super().callback_fn(pipeline, step_index, timestep, callback_kwargs)
+
+    src, artifact = tiny_inpaint
+    pipe = Pipeline.load(artifact, backend="onnxruntime", device="cpu")
+    (ours,) = pipe.inpaint(PROMPT, photo(), mask_image(), NEGATIVE, strength=1.0, steps=STEPS, seed=SEED,
+                           scheduler="euler", rng="torch", cfg_until=0.4)
+    ref = diffusers.StableDiffusionInpaintPipeline.from_pretrained(str(src), safety_checker=None,
+                                                                   requires_safety_checker=False)
+    ref.scheduler = diffusers_scheduler("euler", ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    callback = InpaintCutoff(cutoff_step_ratio=0.4)
+    want = ref(prompt=PROMPT, negative_prompt=NEGATIVE, image=photo(), mask_image=mask_image(), strength=1.0,
+               num_inference_steps=STEPS, guidance_scale=7.5, height=H, width=W, output_type="np",
+               generator=torch.Generator().manual_seed(SEED), callback_on_step_end=callback,
+               callback_on_step_end_tensor_inputs=callback.tensor_inputs).images[0]
+    want = (want * 255).round().astype(np.uint8)
+    assert psnr(np.asarray(ours), want) >= 35
+    (full,) = pipe.inpaint(PROMPT, photo(), mask_image(), NEGATIVE, strength=1.0, steps=STEPS, seed=SEED,
+                           scheduler="euler", rng="torch")
+    assert psnr(np.asarray(full), want) < psnr(np.asarray(ours), want)  # the cut-off is what matches
