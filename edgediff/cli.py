@@ -311,7 +311,7 @@ def generate(
 ) -> None:
     """Generate images from a prompt with an exported artifact (no PyTorch needed)."""
     from edgediff.runtime import ArtifactError, BackendError, GenerationError, Pipeline
-    from edgediff.runtime import GenerationSettings
+    from edgediff.runtime import GenerationSettings, LoadOptions
     from edgediff.runtime.outputs import output_paths, write_result
 
     if model is None:
@@ -341,12 +341,13 @@ def generate(
         _fail("--hires does not carry --control to its second pass yet; run the two apart (generate, then --image)")
     try:
         t0 = time.perf_counter()
-        pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, vae=vae, fast=fast, fallback=fallback,
-                             threads=threads, cache=not no_cache, cache_dir=cache_dir,
-                             ov_precision=ov_precision, max_pixels=max_pixels, max_batch=max_batch,
-                             loras=lora or [], embeddings=embedding or [], static_shapes=static_shapes,
-                             low_memory=low_memory, vae_tiling=vae_tiling, cuda_graph=cuda_graph, check=not no_check,
-                             t5=t5)
+        options = LoadOptions(backend=backend, device=device, precision=precision, vae=vae, fast=fast,
+                              fallback=fallback, threads=threads, cache=not no_cache, cache_dir=cache_dir,
+                              ov_precision=ov_precision, max_pixels=max_pixels, max_batch=max_batch,
+                              loras=tuple(lora or ()), embeddings=tuple(embedding or ()), static_shapes=static_shapes,
+                              low_memory=low_memory, vae_tiling=vae_tiling, cuda_graph=cuda_graph,
+                              check=not no_check, t5=t5)
+        pipe = Pipeline.open(model, options)
         load_s = time.perf_counter() - t0
         if pipe.manifest.random_weights:
             console.print("[yellow]note:[/] this artifact has random weights (for latency measurement); it draws noise")

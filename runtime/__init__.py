@@ -4,6 +4,7 @@ from .backends import BackendError, available_devices
 from .control import Control
 from .denoise import StepObserver
 from .errors import Cancelled, EdgediffError
+from .load_options import LoadOptions
 from .lora import LoraError, LoraSpec
 from .manifest import ArtifactError, Manifest, load_manifest
 from .outputs import save_result
@@ -12,5 +13,5 @@ from .result import Result
 from .settings import GenerationSettings
 from .schedulers import SCHEDULER_NAMES
 
-__all__ = ["ArtifactError", "BackendError", "Cancelled", "Control", "EdgediffError", "GenerationError", "GenerationSettings", "LoraError", "LoraSpec",
+__all__ = ["ArtifactError", "BackendError", "Cancelled", "Control", "EdgediffError", "GenerationError", "GenerationSettings", "LoadOptions", "LoraError", "LoraSpec",
            "Manifest", "Pipeline", "PrecisionError", "Result", "SCHEDULER_NAMES", "StepObserver", "available_devices", "load_manifest", "save_result"]

@@ -21,7 +21,7 @@ import dataclasses
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from PIL import Image
@@ -36,6 +36,7 @@ from .denoise import (ChunkSteps, DenoiserInputs, GenerationError, InpaintingUNe
                       PrecisionError, Progress, StepObserver, denoise)
 from .images import extend_canvas, load_image, load_mask, paste_unmasked, to_pil
 from .limits import DEFAULT_MAX_BATCH, pixel_budget
+from .load_options import VAE_TILING, LoadOptions
 from .embeddings import plan as embedding_plan
 from .embeddings import read_embedding
 from .families import family_of
@@ -54,6 +55,11 @@ from .vae_tiling import Tiling, decode_tiled, encode_tiled, needs_tiling
 __all__ = ["VAES", "GenerationError", "Pipeline", "PrecisionError", "choose_vae", "parse_precision"]
 
 ProgressFunction = Callable[[int, int], "bool | None"]  # (steps done, steps in all) -> False to stop
+
+
+def _plain(spec: Any) -> Any:
+    """A LoadOptions mapping (read-only) as the dict the parsers take; anything else as it is."""
+    return dict(spec) if isinstance(spec, Mapping) else spec
 
 
 def parse_precision(spec: str | dict[str, str] | None, available: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -82,7 +88,7 @@ def parse_precision(spec: str | dict[str, str] | None, available: dict[str, dict
     return chosen
 
 
-TILING_MODES = ("auto", "on", "off")
+TILING_MODES = VAE_TILING
 # vae_tiling="auto" tiles images of more pixels than this: an SD1.5 VAE decode of 1024x1024 in one piece takes
 # 2.4 GB above the loaded pipeline (tiled: 0.75), and at 2048x2048 its attention over 65,536 latents alone would
 # need 17 GB per matrix (benchmarks/results/vae_tiling.json)
@@ -141,6 +147,7 @@ class Pipeline:
                  max_batch: int = DEFAULT_MAX_BATCH, fast: dict[str, Any] | None = None, loras: list[Any] = (),
                  embeddings: list[str | Path] = (), low_memory: bool = False, tiling: str = "auto"):
         self.root = root
+        self.load_options: LoadOptions | None = None  # what open() was given (None: built directly)
         self.fast = fast or {}  # the fast profile's per-call savings, used where a call names none
         self.manifest = manifest
         self.backend, self.devices, self.options = backend, devices, options
@@ -236,35 +243,50 @@ class Pipeline:
         ``t5=False``: an SD3 artifact's T5 encoder is neither loaded nor run; zeros stand in its place, as in
         diffusers with ``text_encoder_3=None`` (the same images as an artifact exported with ``--no-t5``).
         """
-        for name, value in (("max_pixels", max_pixels), ("max_batch", max_batch)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r:.40}")
+        options = LoadOptions(backend=backend, device=device, precision=precision, vae=vae, fast=fast,
+                              fallback=fallback, threads=threads, cache=cache, cache_dir=cache_dir,
+                              ov_precision=ov_precision, max_pixels=max_pixels, max_batch=max_batch, loras=loras,
+                              embeddings=embeddings, static_shapes=static_shapes, low_memory=low_memory,
+                              vae_tiling=vae_tiling, cuda_graph=cuda_graph, dml_adapter=dml_adapter, check=check, t5=t5)
+        return cls.open(path, options, manifest=manifest)
+
+    @classmethod
+    def open(cls, path: str | Path | None = None, options: LoadOptions = LoadOptions(), *,
+             manifest: Manifest | None = None) -> Pipeline:
+        """Open an artifact folder (default: the embedded model) as ``options`` say (``LoadOptions``: what
+        ``load``'s keyword arguments set); the pipeline keeps them as ``load_options``."""
+        if not isinstance(options, LoadOptions):
+            raise ValueError(f"options must be a LoadOptions, got {type(options).__name__}")
+        o = options
         if path is None:
             from edgediff.models import default_model_path
 
             path = default_model_path()
         root = Path(path)
         manifest = manifest or load_manifest(root)
-        if not t5:
+        if not o.t5:
             manifest = without_t5(manifest)
-        backend, devices = resolve_placement(backend, device, manifest.roles)
-        cache_root = (Path(cache_dir) if cache_dir else compile_cache.default_root()) if cache else None
-        options = BackendOptions(threads=threads, cache_dir=cache_root, ov_precision=ov_precision,
-                                 static_shapes=static_shapes, cuda_graph=cuda_graph, dml_adapter=dml_adapter)
-        profile = fast_profile(manifest) if fast else {}
+        backend, devices = resolve_placement(o.backend, _plain(o.device), manifest.roles)
+        cache_root = (Path(o.cache_dir) if o.cache_dir else compile_cache.default_root()) if o.cache else None
+        backend_options = BackendOptions(threads=o.threads, cache_dir=cache_root, ov_precision=o.ov_precision,
+                                         static_shapes=o.static_shapes, cuda_graph=o.cuda_graph,
+                                         dml_adapter=o.dml_adapter)
+        profile = fast_profile(manifest) if o.fast else {}
         profile_vae = profile.pop("vae", "full")
-        vae = profile_vae if vae is None else vae
-        chosen = parse_precision(precision, manifest.components)
+        vae = profile_vae if o.vae is None else o.vae
+        chosen = parse_precision(_plain(o.precision), manifest.components)
         profile_unet = profile.pop("unet", None)
-        if profile_unet is not None and not precision:  # precisions named by the caller win
+        if profile_unet is not None and not o.precision:  # precisions named by the caller win
             manifest.variant(manifest.denoiser.name, profile_unet)  # the profile's variant must still be there
             chosen = chosen | {manifest.denoiser.name: profile_unet}
         chosen = choose_vae(vae, chosen, manifest.components)
-        if check and not all(device_check.is_the_cpu(backend, d) for d in devices.values()):
-            devices, chosen = device_check.placement_for(root, manifest, backend, devices, chosen, options)
-        return cls(root, manifest, backend, devices, options, chosen, fallback, max_pixels=max_pixels,
-                   max_batch=max_batch, fast=profile, loras=loras, embeddings=embeddings, low_memory=low_memory,
-                   tiling=vae_tiling)
+        if o.check and not all(device_check.is_the_cpu(backend, d) for d in devices.values()):
+            devices, chosen = device_check.placement_for(root, manifest, backend, devices, chosen, backend_options)
+        pipe = cls(root, manifest, backend, devices, backend_options, chosen, o.fallback, max_pixels=o.max_pixels,
+                   max_batch=o.max_batch, fast=profile, loras=list(o.loras), embeddings=list(o.embeddings),
+                   low_memory=o.low_memory, tiling=o.vae_tiling)
+        pipe.load_options = o
+        return pipe
 
     def set_loras(self, loras: list[Any]) -> None:
         """Apply these LoRAs instead of the current ones (``[]``: none). Only the graphs whose weights change are

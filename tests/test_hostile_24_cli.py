@@ -209,7 +209,7 @@ def test_out_of_memory_names_the_size_asked(tmp_path, monkeypatch, size, words):
     def exhausted(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr(Pipeline, "load", exhausted)
+    monkeypatch.setattr(Pipeline, "open", exhausted)  # what the CLI opens its artifact with
     r = run_cli("generate", "x", *size, "-o", str(tmp_path / "o.png"))
     assert r.exit_code == 2
     assert f"error: out of memory generating 1 image(s) {words} ask for a smaller size" in one_line(r.output)
