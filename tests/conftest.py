@@ -121,6 +121,27 @@ def tiny_sana_sprint(tmp_path_factory) -> tuple[Path, Path]:
     return _build_and_export(tmp_path_factory, "tiny-sana-sprint")
 
 
+def diffusers_images(pipe, seed: int | list[int], **args):
+    """A diffusers pipeline's images as uint8 arrays, seeded as edgediff's ``rng="torch"`` draws: one generator for
+    the call, or one per image for a list of seeds."""
+    import numpy as np
+    import torch
+
+    generator = [torch.Generator().manual_seed(s) for s in seed] if isinstance(seed, list) else \
+        torch.Generator().manual_seed(seed)
+    return (pipe(**args, output_type="np", generator=generator).images * 255).round().astype(np.uint8)
+
+
+def edgediff_images(artifact, backend: str = "onnxruntime", **args):
+    """edgediff's txt2img images as uint8 arrays (f32 on OpenVINO, as the parity tests pin it)."""
+    import numpy as np
+
+    from edgediff.runtime import Pipeline
+
+    pipe = Pipeline.load(artifact, backend=backend, device="cpu", ov_precision="f32")
+    return np.stack([np.asarray(im) for im in pipe.txt2img(**args)])
+
+
 _PARITY: list[tuple] = []
 
 

@@ -17,7 +17,7 @@ from edgediff.runtime.families import FAMILIES, family_of  # noqa: E402
 from edgediff.runtime.manifest import ArtifactError  # noqa: E402
 from edgediff.runtime.metrics import psnr  # noqa: E402
 
-from .conftest import run_cli  # noqa: E402
+from .conftest import diffusers_images, edgediff_images, run_cli  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 STEPS, GUIDANCE, SEED, W, H = 4, 4.5, 42, 64, 96  # diffusers takes sizes in multiples of 32
@@ -31,19 +31,15 @@ def reference(src, *, pipeline="SanaPipeline", scheduler=None, **kw) -> np.ndarr
         pipe.scheduler = scheduler(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     sprint = pipeline == "SanaSprintPipeline"
-    args = dict(prompt=PROMPT, num_inference_steps=2 if sprint else STEPS, guidance_scale=GUIDANCE, output_type="np",
-                width=W, height=H, use_resolution_binning=False)  # binning would map 64x96 to a 1024 bin
+    args = dict(prompt=PROMPT, num_inference_steps=2 if sprint else STEPS, guidance_scale=GUIDANCE, width=W, height=H,
+                use_resolution_binning=False)  # binning would map 64x96 to a 1024 bin
     args.update(kw)
-    seed = args.pop("seed", SEED)
-    generator = [torch.Generator().manual_seed(s) for s in seed] if isinstance(seed, list) else \
-        torch.Generator().manual_seed(seed)
-    return (pipe(**args, generator=generator).images * 255).round().astype(np.uint8)
+    return diffusers_images(pipe, args.pop("seed", SEED), **args)
 
 
 def ours(artifact, backend="onnxruntime", **kw) -> np.ndarray:
-    pipe = Pipeline.load(artifact, backend=backend, device="cpu", ov_precision="f32")
     args = dict(prompt=PROMPT, guidance=GUIDANCE, seed=SEED, width=W, height=H, rng="torch") | kw
-    return np.stack([np.asarray(im) for im in pipe.txt2img(**args)])
+    return edgediff_images(artifact, backend, **args)
 
 
 def test_manifest_describes_the_sana_parts(tiny_sana, tiny_sana_sprint):

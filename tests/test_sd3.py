@@ -17,7 +17,7 @@ from edgediff.runtime.families.sd3 import sd3_start_index  # noqa: E402
 from edgediff.runtime.manifest import ArtifactError  # noqa: E402
 from edgediff.runtime.metrics import psnr  # noqa: E402
 
-from .conftest import run_cli  # noqa: E402
+from .conftest import diffusers_images, edgediff_images, run_cli  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 STEPS, GUIDANCE, SEED, W, H = 4, 5.0, 42, 32, 48
@@ -33,19 +33,15 @@ def reference(src, *, pipeline="StableDiffusion3Pipeline", shift=None, no_t5=Fal
     if scheduler is not None:
         pipe.scheduler = scheduler(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    args = dict(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np")
+    args = dict(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
     args.update(width=W, height=H)  # the img2img pipeline too: by default it resizes the image to the model's size
     args.update(kw)
-    seed = args.pop("seed", SEED)
-    generator = [torch.Generator().manual_seed(s) for s in seed] if isinstance(seed, list) else \
-        torch.Generator().manual_seed(seed)
-    return (pipe(**args, generator=generator).images * 255).round().astype(np.uint8)
+    return diffusers_images(pipe, args.pop("seed", SEED), **args)
 
 
 def ours(artifact, backend="onnxruntime", **kw) -> np.ndarray:
-    pipe = Pipeline.load(artifact, backend=backend, device="cpu", ov_precision="f32")
     args = dict(prompt=PROMPT, steps=STEPS, guidance=GUIDANCE, seed=SEED, width=W, height=H, rng="torch") | kw
-    return np.stack([np.asarray(im) for im in pipe.txt2img(**args)])
+    return edgediff_images(artifact, backend, **args)
 
 
 @pytest.fixture(scope="module")
