@@ -237,7 +237,7 @@ def test_dcae_movedim_trap_is_what_the_export_avoids(tmp_path):
 
 def test_fp16_leaves_gemma_out(tiny_sana, tmp_path):
     """Gemma2 overflows in fp16 (as T5 does): quantize --precision fp16 leaves it at fp32 and refuses it by name;
-    the transformer's fp16 variant passes the gate and generates."""
+    the transformer's fp16 variant and Gemma2's int8 pass the gate and generate."""
     root = tmp_path / "sana"
     shutil.copytree(tiny_sana[1], root)
     gate = ("--steps", "2", "--seeds", "1", "--prompts", PROMPT)
@@ -247,6 +247,12 @@ def test_fp16_leaves_gemma_out(tiny_sana, tmp_path):
     assert r.exit_code == 0, r.output
     m = load_manifest(root)
     assert "fp16" in m.components["transformer"] and "fp16" not in m.components["text_encoder"]
+    # int8 weights keep Gemma2's activations wide: offered, gated, and it generates
+    r = run_cli("quantize", str(root), "--precision", "int8", "--components", "text_encoder", *gate)
+    assert r.exit_code == 0 and "int8" in load_manifest(root).components["text_encoder"], r.output
+    pipe = Pipeline.load(root, backend="onnxruntime", device="cpu", precision="text_encoder=int8,transformer=fp16")
+    image = np.asarray(pipe.txt2img(PROMPT, steps=2, seed=SEED, width=W, height=H)[0])
+    assert image.std() > 5
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
