@@ -17,7 +17,6 @@ the UNet's session feeds zeros (the UNet's own output, exactly). The arithmetic 
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from . import notes as call_notes
 from .canny import DEFAULT_HIGH, DEFAULT_LOW, canny, check_thresholds
 from .denoise import DenoiserInputs
 from .images import open_image
@@ -113,7 +113,7 @@ def prepare(controls: list[Control], manifest: Manifest, width: int, height: int
             image = canny(image, control.low, control.high)
         image = image.convert("RGB")
         if image.size != (width, height):
-            warnings.warn(f"control image for {control.name} ({_label(control.image)}) is {image.width}x{image.height};"
+            call_notes.add(f"control image for {control.name} ({_label(control.image)}) is {image.width}x{image.height};"
                           f" resized to the generation's {width}x{height}", stacklevel=3)
             image = image.resize((width, height), Image.LANCZOS)
         array = (np.asarray(image, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None]

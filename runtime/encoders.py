@@ -22,7 +22,6 @@ before each prompt (``count``), and feeds the graph a sequence of that length.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -30,6 +29,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from . import notes as call_notes
 from .prompts import BREAK_MARKER, parse
 
 # component, named inputs -> named outputs (conditioning.Call: the pipeline's timed, checked session call)
@@ -122,7 +122,7 @@ class T5Encoder:
     def encode(self, call: Call, prompts: Sequence[str]) -> Encoded:
         ids, mask, notes = self.tokenize(prompts)
         for note in notes:
-            warnings.warn(note, stacklevel=2)
+            call_notes.add(note, stacklevel=3)
         feeds = {"input_ids": ids} | ({"attention_mask": mask} if self.mask_input else {})
         return Encoded(call(self.component, **feeds)[self.output], None, mask, notes)
 
@@ -173,7 +173,7 @@ class GemmaEncoder:
     def encode(self, call: Call, prompts: Sequence[str], max_length: int | None = None, prefix: str = "") -> Encoded:
         ids, mask, notes = self.tokenize(prompts, max_length, prefix)
         for note in notes:
-            warnings.warn(note, stacklevel=2)
+            call_notes.add(note, stacklevel=3)
         hidden = call(self.component, input_ids=ids, attention_mask=mask)["last_hidden_state"]
         return Encoded(hidden, None, mask, notes)
 

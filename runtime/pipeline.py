@@ -29,6 +29,7 @@ from PIL import Image
 from . import compile_cache
 from . import control as controlnet
 from . import device_check
+from . import notes as call_notes
 from .backends import BackendOptions, Session, open_session
 from .low_memory import StageSessions
 from .placement import describe_placement, resolve_placement
@@ -515,6 +516,14 @@ class Pipeline:
         model runs; at most ``max_batch`` images go through the UNet at once (image ``k`` is the same whatever
         batch it is in). ``callback(done, total)`` is told of each step; ``observer`` (a ``StepObserver``) also
         sees the latents; either returning False stops the call between two steps (``Cancelled``)."""
+        with call_notes.collecting() as notes:  # this call's own, whatever other threads' calls say
+            result = self._generate(settings, image=image, mask=mask, extend=extend, fill=fill, mask_blur=mask_blur,
+                                    keep_unmasked=keep_unmasked, latents=latents, controls=controls,
+                                    callback=callback, observer=observer)
+        return dataclasses.replace(result, notes=tuple(notes))
+
+    def _generate(self, settings: GenerationSettings, *, image, mask, extend, fill, mask_blur, keep_unmasked, latents,
+                  controls, callback, observer) -> Result:
         task = "outpaint" if extend is not None else "inpaint" if mask is not None else "img2img" if image is not None \
             else "txt2img"
         if task not in self.family.tasks and not (task == "outpaint" and "inpaint" in self.family.tasks):
@@ -771,7 +780,7 @@ class Pipeline:
             except PrecisionError as e:
                 if not self.fallback:
                     raise
-                warnings.warn(f"{e.component} at {e.precision} failed ({e}); rerunning it in fp32", stacklevel=4)
+                call_notes.add(f"{e.component} at {e.precision} failed ({e}); rerunning it in fp32", stacklevel=4)
                 with self._lock:
                     self.precision = self.precision | {e.component: "fp32"}
                     if self.sessions[e.component].variant.precision == e.precision:

@@ -51,6 +51,7 @@ class Result(Sequence):
     model: str = ""  # the artifact folder
     inputs: dict[str, Any] = field(default_factory=dict)  # the task's own inputs, for the record (image, mask, ...)
     loras: tuple[dict[str, Any], ...] = ()  # the LoRAs merged in: file and scale of each
+    notes: tuple[str, ...] = ()  # what this call should tell its caller (a prompt cut, a control image resized)
 
     def __getitem__(self, k):
         return self.images[k]

@@ -282,3 +282,14 @@ def test_sprint_img2img_matches_diffusers(tiny_sana_sprint, backend, steps, stre
         other = pipe.img2img(PROMPT, image=Image.new("RGB", (W, H), "white"), strength=strength, steps=steps,
                              seed=SEED, width=W, height=H, rng="torch")[0]
         assert psnr(got, np.asarray(other)) < 38
+
+
+def test_a_long_prompt_is_cut_as_diffusers_cuts_it_with_a_note(tiny_sana):
+    """Past its 300 tokens (after the instruction prefix) Gemma2 reads no more, in diffusers as here; the call's
+    Result says what was dropped."""
+    long = "a red circle on a blue background, " * 60
+    pipe = Pipeline.load(tiny_sana[1], backend="onnxruntime", device="cpu")
+    with pytest.warns(UserWarning, match="cut to Gemma2's"):
+        result = pipe.txt2img(long, steps=STEPS, guidance=GUIDANCE, seed=SEED, width=W, height=H, rng="torch")
+    assert len(result.notes) == 1 and "(its instruction prefix included)" in result.notes[0]
+    assert psnr(np.asarray(result[0]), reference(tiny_sana[0], prompt=long)[0]) >= 40

@@ -19,8 +19,6 @@ apply them), and a prompt longer than its tokens is cut, with a note naming what
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from ..conditioning import Call, DistilledGuidance, Guidance, per_image
@@ -72,14 +70,10 @@ class SanaConditioning:
         # Sana's paper, 3.1: the first token and the last max_sequence_length - 1
         keep = [0] + list(range(self.prompt_length - self.length + 1, self.prompt_length))
         hidden, mask = positive.hidden[:, keep].astype(np.float32), positive.mask[:, keep]
-        for note in positive.notes:
-            warnings.warn(note, stacklevel=2)
         uncond = uncond_mask = None
         if cfg.enabled:
             negatives = [p.lower().strip() for p in settings.negative_prompts or [""] * len(prompts)]
             negative = self.gemma.encode(call, negatives, self.length)
-            for note in negative.notes:
-                warnings.warn(note, stacklevel=2)
             uncond, uncond_mask = per_image(negative.hidden.astype(np.float32), settings), per_image(negative.mask,
                                                                                                     settings)
         return {"encoder_hidden_states": cfg.embeddings(per_image(hidden, settings), uncond),

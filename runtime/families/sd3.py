@@ -18,10 +18,9 @@ the transformer is fed, as diffusers feeds it.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
+from .. import notes as call_notes
 from ..conditioning import Call, Guidance, per_image
 from ..encoders import T5Encoder, plain_text
 from ..manifest import ArtifactError, Manifest
@@ -52,7 +51,7 @@ class SD3Conditioning:
             rows = [tok.truncated(t) for t in plain]
             for prompt, (_, cut) in zip(texts, rows):
                 if cut:
-                    warnings.warn(f"the prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} was cut to CLIP's "
+                    call_notes.add(f"the prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} was cut to CLIP's "
                                   f"{tok.max_length} tokens for {component} (as diffusers cuts it; T5 reads more); "
                                   f"dropped: {cut[:200]!r}", stacklevel=2)
             out = call(component, input_ids=np.stack([ids for ids, _ in rows]))
