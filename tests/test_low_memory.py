@@ -68,6 +68,31 @@ def test_low_memory_draws_the_same_image_one_stage_at_a_time(backend):
     assert np.asarray(img[0]).shape == np.asarray(result[0]).shape and "unet_shallow" in low.describe()
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_low_memory_is_safe_under_concurrent_calls(backend):
+    """Four threads on one low-memory pipeline, each asking for another stage's graphs while the others run theirs:
+    every image is the one its seed draws alone (a stage's release never pulls a session from under a call)."""
+    import threading
+
+    pipe = Pipeline.load(backend=backend, device="cpu", low_memory=True, cache=False)
+    alone = {s: np.asarray(pipe.txt2img(PROMPT, steps=3, seed=s)[0]) for s in range(4)}
+    together, errors = {}, []
+
+    def run(seed: int) -> None:
+        try:
+            together[seed] = np.asarray(pipe.txt2img(PROMPT, steps=3, seed=seed)[0])
+        except Exception as e:  # noqa: BLE001 - reported below, with the thread's seed
+            errors.append(f"seed {seed}: {e!r:.300}")
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in alone]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert all(np.array_equal(together[s], alone[s]) for s in alone)
+
+
 def test_low_memory_tiles_the_vae_above_the_native_size():
     pipe = Pipeline.load(backend="onnxruntime", device="cpu", low_memory=True)
     result = pipe.txt2img(PROMPT, steps=8, width=256, height=256)
