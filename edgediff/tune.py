@@ -77,8 +77,9 @@ def applicable(pipe: Pipeline, steps: int, guidance: float) -> tuple[dict[str, t
         levels["unet"] = variants
     else:
         skipped["unet"] = f"no reduced-precision {unet} that runs on {pipe.backend} (edgediff quantize)"
-    if guidance <= 1.0:
-        skipped["cfg_until"] = f"guidance {guidance:g}: no classifier-free guidance to cut"
+    if not pipe.family.guidance(guidance).enabled:  # a scale of 1 or below, or guidance distilled into the model
+        skipped["cfg_until"] = f"guidance {guidance:g}: no classifier-free guidance to cut" + (
+            f" ({pipe.family.title} takes it as a model input)" if guidance > 1.0 else "")
     else:
         levels["cfg_until"] = LEVELS["cfg_until"]
     return levels, skipped

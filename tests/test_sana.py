@@ -293,3 +293,18 @@ def test_a_long_prompt_is_cut_as_diffusers_cuts_it_with_a_note(tiny_sana):
         result = pipe.txt2img(long, steps=STEPS, guidance=GUIDANCE, seed=SEED, width=W, height=H, rng="torch")
     assert len(result.notes) == 1 and "(its instruction prefix included)" in result.notes[0]
     assert psnr(np.asarray(result[0]), reference(tiny_sana[0], prompt=long)[0]) >= 40
+
+
+def test_tune_on_sprint_measures_the_dit_and_skips_the_cfg_cut_off(tiny_sana_sprint, tmp_path):
+    """tune covers the DiTs: the transformer's fp16 variant is measured against full compute; CFG's cut-off is not
+    tried on a model whose guidance is an input (there is no unconditional pass to cut)."""
+    root = tmp_path / "sprint"
+    shutil.copytree(tiny_sana_sprint[1], root)
+    gate = ("--steps", "2", "--seeds", "1", "--prompts", PROMPT)
+    assert run_cli("quantize", str(root), "--precision", "fp16", "--components", "transformer", *gate).exit_code == 0
+    r = run_cli("tune", str(root))
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "cfg_until not tried: guidance 4.5: no classifier-free guidance to cut (Sana-Sprint takes it as a model" \
+        in text
+    assert "unet=fp16" in text and "cfg_until=0.4" not in text
