@@ -28,6 +28,10 @@ Each method is ONNX Runtime's own tooling, not a hand-written converter:
   weight-only for the linear layers, full int8 for convolutions and attention.
 - ``ov-fp16`` (OpenVINO only, saved as OpenVINO IR): the same graph with fp16 weights, computed as before (f32,
   or bf16 where the CPU has it): half the weights' memory on OpenVINO (``convert_ov_fp16``).
+- ``nncf-w8`` (OpenVINO only, saved as OpenVINO IR): NNCF's int8 weight compression (``compress_weights``,
+  INT8_ASYM: every MatMul/embedding weight int8 with a per-channel scale and zero point, decompressed on the fly;
+  activations stay f32/bf16), no calibration. A quarter of the fp32 weights' memory, for the encoders whose
+  activations overflow fp16 (T5, Gemma2) as for the DiTs (``compress_nncf_w8``).
 - ``fp16-cuda`` (ONNX Runtime on CUDA only): the UNet through ONNX Runtime's transformer optimizer for UNets
   (fused attention, GroupNorm, BiasSplitGelu, NHWC convolutions) and fp16, as its Stable Diffusion CUDA demo
   (``quantize/cuda_fp16.py``). Its gate runs on the CUDA GPU; without one it is refused unless ``force``,
@@ -75,10 +79,10 @@ from . import cuda_fp16
 
 
 PRECISIONS = ("fp16", "int8", "int8-static", "int8-static-attn", "int4", "nncf-int8", "nncf-hybrid", "fp16-cuda",
-              "ov-fp16")
+              "ov-fp16", "nncf-w8")
 CUDA_PRECISIONS = ("fp16-cuda",)  # fused CUDA-only kernels (quantize/cuda_fp16.py): gated on ONNX Runtime's CUDA EP
 NNCF_PRECISIONS = ("nncf-int8", "nncf-hybrid")  # OpenVINO IR variants made with NNCF
-IR_PRECISIONS = NNCF_PRECISIONS + ("ov-fp16",)  # saved as OpenVINO IR (.xml + .bin)
+IR_PRECISIONS = NNCF_PRECISIONS + ("ov-fp16", "nncf-w8")  # saved as OpenVINO IR (.xml + .bin)
 CALIBRATED = ("int8-static", "int8-static-attn") + NNCF_PRECISIONS  # need recorded UNet inputs
 # the roles (edgediff.runtime.manifest.ROLES) each precision suits by default
 DEFAULT_ROLES = {
@@ -91,6 +95,7 @@ DEFAULT_ROLES = {
     "nncf-hybrid": ("denoiser",),
     "fp16-cuda": ("denoiser",),
     "ov-fp16": ("text_encoder", "denoiser", "shallow_denoiser"),
+    "nncf-w8": ("text_encoder", "denoiser", "shallow_denoiser"),
 }
 # precisions that compute in fp16, which T5's and Gemma2's activations overflow (such text encoders are left out)
 FP16_COMPUTE = ("fp16", "fp16-cuda")
@@ -287,6 +292,20 @@ def convert_ov_fp16(src: Path, dst: Path) -> dict[str, Any]:
             "backends": ["openvino"], "weights": "fp16", "compute": "as the device chooses (f32, or bf16)"}
 
 
+def compress_nncf_w8(src: Path, dst: Path) -> dict[str, Any]:
+    """The graph as OpenVINO IR with NNCF's int8 weight compression (INT8_ASYM, every weight of a MatMul or an
+    embedding), activations as the device computes them (f32 or bf16): no calibration, and nothing an fp16
+    activation could overflow."""
+    import nncf
+    import openvino as ov
+
+    model = nncf.compress_weights(ov.convert_model(str(src)), mode=nncf.CompressWeightsMode.INT8_ASYM)
+    ov.save_model(model, str(dst), compress_to_fp16=False)
+    return {"tool": f"nncf {nncf.__version__} compress_weights(INT8_ASYM)", "format": "OpenVINO IR",
+            "backends": ["openvino"], "weights": "int8 (asymmetric, per output channel)",
+            "compute": "as the device chooses (f32, or bf16)"}
+
+
 def quantize_nncf(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], hybrid: bool) -> dict[str, Any]:
     """NNCF post-training quantization of an ONNX graph into OpenVINO IR (``dst`` .xml + .bin)."""
     import nncf
@@ -465,7 +484,8 @@ def _quantize(root: Path, precision: str, components: tuple[str, ...] | None, fo
     if precision in IR_PRECISIONS:
         import importlib.util
 
-        missing = [m for m in ("nncf", "openvino")[precision not in NNCF_PRECISIONS:] if importlib.util.find_spec(m) is None]
+        uses_nncf = precision in NNCF_PRECISIONS or precision == "nncf-w8"
+        missing = [m for m in ("nncf", "openvino")[not uses_nncf:] if importlib.util.find_spec(m) is None]
         if missing:
             raise ValueError(f"{precision} needs {' and '.join(missing)}: pip install 'edgediff[openvino,quantize]'")
     unmeasured = None  # why the gate cannot run here (then only --force adds the variant, recorded as not measured)
@@ -554,6 +574,8 @@ def _convert(root: Path, manifest: Manifest, src: Path, partial: Path, precision
         return quantize_int4(src, partial)
     if precision == "ov-fp16":
         return convert_ov_fp16(src, partial)
+    if precision == "nncf-w8":
+        return compress_nncf_w8(src, partial)
     if precision == "fp16-cuda":
         return cuda_fp16.convert_cuda_fp16(src, partial)
     progress("unet: recording calibration inputs along denoising runs")

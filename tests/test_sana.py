@@ -308,3 +308,19 @@ def test_tune_on_sprint_measures_the_dit_and_skips_the_cfg_cut_off(tiny_sana_spr
     assert "cfg_until not tried: guidance 4.5: no classifier-free guidance to cut (Sana-Sprint takes it as a model" \
         in text
     assert "unet=fp16" in text and "cfg_until=0.4" not in text
+
+
+def test_int8_weight_compression_takes_gemma_and_the_dit(tiny_sana, tmp_path):
+    """nncf-w8 (NNCF's int8 weights, activations left f32/bf16: nothing for Gemma2 to overflow) is offered for the
+    text encoder and the DiT by default, gated against fp32 and run by OpenVINO."""
+    root = tmp_path / "sana"
+    shutil.copytree(tiny_sana[1], root)
+    r = run_cli("quantize", str(root), "--precision", "nncf-w8", "--steps", "2", "--seeds", "1", "--prompts", PROMPT)
+    assert r.exit_code == 0, r.output
+    m = load_manifest(root)
+    for component in ("text_encoder", "transformer"):
+        variant = m.components[component]["nncf-w8"]
+        assert variant.file.endswith(".xml") and variant.backends == ("openvino",)
+        assert variant.quality["psnr_db"] >= 40
+    pipe = Pipeline.load(root, backend="openvino", device="cpu", precision="nncf-w8")
+    assert np.asarray(pipe.txt2img(PROMPT, steps=2, seed=SEED, width=W, height=H)[0]).std() > 5
