@@ -65,7 +65,8 @@ from edgediff.bench import PeakMemory, machine, machine_label
 from edgediff.runtime import Pipeline
 args = json.loads(sys.argv[1])
 memory = PeakMemory().start()
-row = {"machine": machine_label(machine()), "backend": args["backend"], "size": args["size"], "steps": 2}
+row = {"machine": machine_label(machine()), "backend": args["backend"], "size": args["size"], "steps": 2,
+       "gemma_weights": args.get("gemma_precision", "fp32")}
 if args["backend"] == "openvino":
     import openvino as ov
     core = ov.Core()
@@ -131,6 +132,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1, help="timed runs after one warm-up (the best is kept)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefix-tokens", type=int, default=PREFIX_TOKENS)
+    ap.add_argument("--gemma-precision", default="fp32", choices=("fp32", "nncf-w8"),
+                    help="Gemma2-2B's graph: fp32, or int8 weights (OpenVINO configurations only)")
     ap.add_argument("--tiny-vae", default="random", help="a taesana decoder file, or 'random' (its architecture)")
     args = ap.parse_args()
     work = args.work
@@ -139,6 +142,14 @@ def main() -> None:
     if not gemma.exists():
         print("exporting Gemma2-2B alone", flush=True)
         run(EXPORT_GEMMA, str(work / "gemma2-2b"))
+    if args.gemma_precision == "nncf-w8":  # edgediff quantize's int8 weight compression, applied to the lone graph
+        compressed = gemma.with_name("model.nncf-w8.xml")
+        if not compressed.exists():
+            print("compressing Gemma2-2B's weights to int8 (nncf-w8)", flush=True)
+            from edgediff.quantize.quantize import compress_nncf_w8
+
+            compress_nncf_w8(gemma, compressed)
+        gemma = compressed
     artifact = work / "artifact"
     if not (artifact / "manifest.json").exists():
         print("building and exporting the DiT and DC-AE (Gemma2 stand-in)", flush=True)
@@ -157,6 +168,7 @@ def main() -> None:
     rows = []
     for backend, size, vae, memory in configs:
         spec = {"backend": backend, "size": int(size), "vae": vae, "low_memory": memory == "low",
+                "gemma_precision": args.gemma_precision,
                 "artifact": str(artifact), "gemma": str(gemma), "threads": args.threads,
                 "runs": args.runs, "gemma_tokens": args.prefix_tokens + 298}
         row = run(RUN, json.dumps(spec))[0]
@@ -164,7 +176,8 @@ def main() -> None:
         rows.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(rows, indent=1))
-    lines = [f"Sana-Sprint 0.6B, 2 steps, guidance 4.5 (distilled), {rows[0]['machine']}, {args.threads} threads",
+    lines = [f"Sana-Sprint 0.6B, 2 steps, guidance 4.5 (distilled), {rows[0]['machine']}, {args.threads} threads, "
+             f"Gemma2-2B {args.gemma_precision}",
              f"(Gemma2-2B fed {args.prefix_tokens + 298} tokens: the instruction prefix + 298)", "",
              "| backend | size | decoder | low memory | Gemma2-2B s | DiT step s | decoder s | end to end s | peak GB |",
              "|---|---|---|---|---|---|---|---|---|"]
