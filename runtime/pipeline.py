@@ -294,6 +294,8 @@ class Pipeline:
         compiled again; the others stay as they are. Everything is checked first: a bad file changes nothing."""
         specs = [LoraSpec.parse(x) for x in loras]
         patches = combine(lora_plan(specs, self.root, self.manifest, self.precision), self._embedding_patches)
+        if self.load_options is not None:  # what the pipeline says it was opened with follows its LoRAs
+            self.load_options = dataclasses.replace(self.load_options, loras=tuple(loras))
         with self._lock:
             if self.low_memory:  # nothing stays loaded between stages: the next stage opens with the new weights
                 self.sessions.release()

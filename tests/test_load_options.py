@@ -53,6 +53,11 @@ def test_open_and_load_give_the_same_pipeline():
     a = opened.txt2img("a red circle on a blue background", steps=2, seed=1)[0]
     b = loaded.txt2img("a red circle on a blue background", steps=2, seed=1)[0]
     assert a.tobytes() == b.tobytes()
+    from edgediff.models import default_model_path
+
+    lora = str(default_model_path().parent / "loras" / "diamond.safetensors")
+    opened.set_loras([lora])  # the options it reports follow its LoRAs
+    assert opened.load_options.loras == (lora,) and opened.load_options.max_batch == 2
     with pytest.raises(ValueError, match="options must be a LoadOptions"):
         Pipeline.open(None, {"backend": "onnxruntime"})
 
