@@ -107,7 +107,8 @@ for _ in range(args["runs"]):
         best = (total, result.timings.stages)
 total, stages = best
 row.update(vae=args["vae"], low_memory=args["low_memory"],
-           transformer_s=round(sum(stages["transformer"]), 3), transformer_step_s=round(float(np.median(stages["transformer"])), 3),
+           transformer_s=round(sum(stages["transformer"]), 3),
+           transformer_step_s=round(float(np.median(stages["transformer"])), 3),
            decoder_s=round(sum(stages["vae_decoder"]), 3), stand_in_text_s=round(sum(stages["text_encoder"]), 3),
            pipeline_s=round(total, 3))
 row["end_to_end_s"] = round(row["gemma2_2b_s"] + total - row["stand_in_text_s"], 3)

@@ -113,8 +113,8 @@ def prepare(controls: list[Control], manifest: Manifest, width: int, height: int
             image = canny(image, control.low, control.high)
         image = image.convert("RGB")
         if image.size != (width, height):
-            call_notes.add(f"control image for {control.name} ({_label(control.image)}) is {image.width}x{image.height};"
-                          f" resized to the generation's {width}x{height}", stacklevel=3)
+            call_notes.add(f"control image for {control.name} ({_label(control.image)}) is "
+                           f"{image.width}x{image.height}; resized to the generation's {width}x{height}", stacklevel=3)
             image = image.resize((width, height), Image.LANCZOS)
         array = (np.asarray(image, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None]
         prepared.append(PreparedControl(control, spec.name, np.ascontiguousarray(array)))
@@ -151,8 +151,8 @@ class ControlledInputs(DenoiserInputs):
         for control, component, image in self.controls:
             if not keeps(control, k, n):
                 continue
-            given = {"sample": x_in, "timestep": timestep, **{k: self.cfg.rows(v) for k, v in self.conditioning.items()},
-                     "controlnet_cond": self.cfg.rows(image)}
+            conditioning = {k: self.cfg.rows(v) for k, v in self.conditioning.items()}
+            given = {"sample": x_in, "timestep": timestep, **conditioning, "controlnet_cond": self.cfg.rows(image)}
             outputs = self.job.call(component, **{name: v for name, v in given.items() if name in self.takes[component]})
             scale = np.float32(control.scale)
             scaled = {t.name: outputs[t.name] * scale for t in self.specs}

@@ -3,8 +3,8 @@
 A ``Family`` says what varies between model families and nothing else: its conditioner (text encoders ->
 the denoiser's conditioning inputs), the prediction types its denoisers make, how the guidance scale steers them
 (classifier-free guidance, or an input of a guidance-distilled model), the tasks its pipelines do, and the first
-denoiser call of an image-to-image run. The pipeline asks the family once, at load (``family_of``); the tasks and the denoising
-loop never branch on it. The runtime contract with the denoiser graph is the same for every family (NCHW
+denoiser call of an image-to-image run. The pipeline asks the family once, at load (``family_of``); the tasks and
+the denoising loop never branch on it. The runtime contract with the denoiser graph is the same for every family (NCHW
 latents ``sample``, ``timestep`` and the conditioning in, ``out_sample`` out): a family's own layout
 (packed patches, position ids) is folded into its exported graph.
 
