@@ -170,7 +170,11 @@ def test_ctrl_c_while_the_files_go_in_place_leaves_none_of_them(tmp_path, monkey
 
 def test_ctrl_c_during_generate_says_nothing_written(tmp_path):
     out = tmp_path / "o.png"
-    p = subprocess.Popen([*CLI, "generate", "x", "--backend", "onnxruntime", "--steps", "1000", "-o", str(out)],
+    # 1000 steps at 256x256 (about 0.04 s a step here, 40 s in all): the Ctrl-C lands mid-run even when the progress
+    # bar's first lines reach the pipe late (at the embedded model's own 128x128 a CI run ended all 1000 steps in 7 s,
+    # before the signal came)
+    p = subprocess.Popen([*CLI, "generate", "x", "--backend", "onnxruntime", "--steps", "1000", "--width", "256",
+                          "--height", "256", "-o", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ | {"FORCE_COLOR": "1"})
     seen, t0 = b"", time.monotonic()
     while b"denoising" not in seen:  # the progress bar: the model is loaded and the steps run
