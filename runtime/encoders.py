@@ -22,6 +22,7 @@ before each prompt (``count``), and feeds the graph a sequence of that length.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -144,6 +145,9 @@ class GemmaEncoder:
             raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary of {tokenizer} "
                              f"({self._tok.get_vocab_size()} tokens)")
         self.pad_token_id = pad_token_id
+        # the tokenizer's truncation and padding are state set per call (the prefixed prompt and the negative have
+        # different lengths): one call at a time sets and uses them, whatever threads share this encoder
+        self._lock = threading.Lock()
 
     @staticmethod
     def _checked(max_length: int, component: str) -> int:
@@ -154,9 +158,10 @@ class GemmaEncoder:
     def count(self, text: str) -> int:
         """``len(tokenizer.encode(text))`` as transformers counts it: ``<bos>`` included, nothing cut or padded
         (Sana sizes its sequence by the instruction prefix's count)."""
-        self._tok.no_truncation()
-        self._tok.no_padding()
-        return len(self._tok.encode(text).ids)
+        with self._lock:
+            self._tok.no_truncation()
+            self._tok.no_padding()
+            return len(self._tok.encode(text).ids)
 
     def tokenize(self, prompts: Sequence[str], max_length: int | None = None,
                  prefix: str = "") -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
@@ -165,10 +170,11 @@ class GemmaEncoder:
         length = self._checked(self.max_length if max_length is None else max_length, self.component)
         texts = [prefix + plain_text(p, "Gemma2") for p in prompts]
         # transformers' padding="max_length", truncation=True, padding_side="right", on the same backend
-        self._tok.enable_truncation(length)
-        self._tok.enable_padding(length=length, pad_id=self.pad_token_id, pad_token=self._pad, direction="right")
-        return padded_batch(self._tok, texts, prompts, length, f"Gemma2's {length} tokens"
-                            f"{' (its instruction prefix included)' if prefix else ''}, as diffusers cuts it")
+        with self._lock:
+            self._tok.enable_truncation(length)
+            self._tok.enable_padding(length=length, pad_id=self.pad_token_id, pad_token=self._pad, direction="right")
+            return padded_batch(self._tok, texts, prompts, length, f"Gemma2's {length} tokens"
+                                f"{' (its instruction prefix included)' if prefix else ''}, as diffusers cuts it")
 
     def encode(self, call: Call, prompts: Sequence[str], max_length: int | None = None, prefix: str = "") -> Encoded:
         ids, mask, notes = self.tokenize(prompts, max_length, prefix)

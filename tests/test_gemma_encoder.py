@@ -308,3 +308,31 @@ def test_the_contract_refuses_what_is_not_gemmas_decoder():
     config.use_bidirectional_attention = True
     with pytest.raises(ExportError, match="use_bidirectional_attention"):
         gemma_encoder_contract(transformers.Gemma2Model(config), 16)
+
+
+@pytest.mark.fast
+def test_threads_tokenizing_at_different_lengths_do_not_mix(fast_tokenizer):
+    """Sana tokenizes the prefixed prompt and the negative at two lengths, through one encoder shared by a
+    pipeline's concurrent calls: each call gets its own length's ids, whatever the others set meanwhile."""
+    import threading
+
+    enc = GemmaEncoder("text_encoder", fast_tokenizer, 16)
+    alone = {n: enc.tokenize(["a red circle on a blue background"], n, "prefix ")[0] for n in (9, 40)}
+    errors, wrong = [], []
+
+    def run(n: int) -> None:
+        for _ in range(200):
+            try:
+                ids = enc.tokenize(["a red circle on a blue background"], n, "prefix ")[0]
+                if not np.array_equal(ids, alone[n]):
+                    wrong.append(n)
+            except Exception as e:  # noqa: BLE001 - a reshape to the other call's length
+                errors.append(repr(e)[:200])
+            enc.count("prefix ")
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in (9, 40, 9, 40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and wrong == []
